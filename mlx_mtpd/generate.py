@@ -1,0 +1,228 @@
+"""`mlx_mtpd generate` and the `generate` / `stream_generate` API, mirroring mlx-lm's."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Generator, List, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .engine import SpecStats, mtp_generate_step
+from .errors import MTPDError
+from .heads import HeadSet
+
+DEFAULT_NUM_DRAFT = 3
+
+
+@dataclass
+class GenerationResponse:
+    """mlx-lm's GenerationResponse plus the acceptance statistics so far."""
+
+    text: str
+    token: int
+    logprobs: mx.array
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: Optional[str] = None
+    stats: Optional[SpecStats] = None
+
+
+def _encode(tokenizer, prompt) -> mx.array:
+    if isinstance(prompt, mx.array):
+        return prompt
+    if isinstance(prompt, str):
+        if not prompt:
+            raise MTPDError("the prompt is empty: give some text")
+        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+    if len(prompt) == 0:
+        raise MTPDError("the prompt is empty: give at least one token")
+    return mx.array(prompt)
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: Union[str, mx.array, List[int]],
+    max_tokens: int = 256,
+    heads: Optional[HeadSet] = None,
+    num_draft: Optional[int] = None,
+    **kwargs,
+) -> Generator[GenerationResponse, None, None]:
+    """Stream text like `mlx_lm.stream_generate`, drafting with MTP heads.
+
+    Stop conditions, EOS and streaming detokenization are mlx-lm's.  Extra
+    keyword arguments go to :func:`mlx_mtpd.engine.mtp_generate_step`
+    (`loop`, `temp`, `top_p`, `top_k`, `min_p`, `prefill_step_size`).
+    """
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    if max_tokens == 0:
+        raise MTPDError("--max-tokens must be non-zero (use -1 for no limit)")
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    prompt = _encode(tokenizer, prompt)
+    if num_draft is None:
+        num_draft = DEFAULT_NUM_DRAFT if heads is not None else 0
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    stats = SpecStats()
+    gen = mtp_generate_step(
+        prompt, model, heads, num_draft=num_draft, max_tokens=max_tokens, stats=stats, **kwargs
+    )
+    tic = time.perf_counter()
+    n = -1
+    token, logprobs, from_draft = None, None, False
+    prompt_tps = 0.0
+    for n, (token, logprobs, from_draft) in enumerate(gen):
+        if n == 0:
+            prompt_time = time.perf_counter() - tic
+            prompt_tps = prompt.size / prompt_time
+            tic = time.perf_counter()
+        if token in tokenizer.eos_token_ids:
+            break
+        detokenizer.add_token(token)
+        if (n + 1) == max_tokens:
+            break
+        yield GenerationResponse(
+            text=detokenizer.last_segment,
+            token=token,
+            logprobs=logprobs,
+            from_draft=from_draft,
+            prompt_tokens=prompt.size,
+            prompt_tps=prompt_tps,
+            generation_tokens=n + 1,
+            generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            stats=stats,
+        )
+    gen.close()
+    detokenizer.finalize()
+    yield GenerationResponse(
+        text=detokenizer.last_segment,
+        token=token,
+        logprobs=logprobs,
+        from_draft=from_draft,
+        prompt_tokens=prompt.size,
+        prompt_tps=prompt_tps,
+        generation_tokens=n + 1,
+        generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
+        peak_memory=mx.get_peak_memory() / 1e9,
+        finish_reason="stop" if token in tokenizer.eos_token_ids else "length",
+        stats=stats,
+    )
+
+
+def acceptance_line(stats: SpecStats) -> str:
+    if not stats.rounds:
+        return f"Acceptance: no drafting (num_draft={stats.num_draft})"
+    ar = " ".join(f"{x:.2f}" for x in stats.acceptance_rates)
+    car = " ".join(f"{x:.2f}" for x in stats.cumulative_acceptance)
+    return (
+        f"Acceptance: tau {stats.mean_accepted_length:.2f} tokens/forward, "
+        f"{stats.emitted} tokens in {stats.forwards + 1} backbone forwards, "
+        f"AR_k [{ar}], CAR_k [{car}]"
+    )
+
+
+def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
+    """Generate a complete response, as `mlx_lm.generate` does."""
+    if verbose:
+        print("=" * 10)
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose and response is not None:
+        print()
+        print("=" * 10)
+        if len(text) == 0:
+            print("No text generated for this prompt")
+        print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+        print(
+            f"Generation: {response.generation_tokens} tokens, "
+            f"{response.generation_tps:.3f} tokens-per-sec"
+        )
+        print(f"Peak memory: {response.peak_memory:.3f} GB")
+        print(acceptance_line(response.stats))
+    return text
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlx_mtpd generate", description="Generate text, drafting with MTP heads.")
+    p.add_argument("--model", default=None, help="MLX model folder or hub id (default: SmolLM2-135M-Instruct).")
+    p.add_argument("--heads", default=None, help="Head set folder (default: the model folder's, if any).")
+    p.add_argument("--prompt", "-p", default="Once upon a time", help="Prompt text ('-' reads stdin).")
+    p.add_argument("--system-prompt", default=None, help="System message for the chat template.")
+    p.add_argument("--max-tokens", "-m", type=int, default=256, help="Maximum tokens to generate.")
+    p.add_argument("--temp", type=float, default=0.0, help="Sampling temperature (0: greedy).")
+    p.add_argument("--top-p", type=float, default=0.0, help="Nucleus sampling threshold.")
+    p.add_argument("--top-k", type=int, default=0, help="Sample from the top k tokens.")
+    p.add_argument("--min-p", type=float, default=0.0, help="Min-p sampling threshold.")
+    p.add_argument("--num-draft", type=int, default=None,
+                   help=f"Tokens drafted per step (default {DEFAULT_NUM_DRAFT} with heads, 0 without).")
+    p.add_argument("--loop", choices=("last", "cycle"), default=None,
+                   help="How depths beyond the trained heads reuse them (default: the head set's).")
+    p.add_argument("--seed", type=int, default=None, help="Random seed.")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="Dtype of the default model when it is first imported.")
+    p.add_argument("--ignore-chat-template", action="store_true", help="Feed the prompt as raw text.")
+    p.add_argument("--chat-template", dest="ignore_chat_template", action="store_false",
+                   help="Use the model's chat template (the default when it has one).")
+    p.add_argument("--verbose", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True,
+                   default=True, help="Print timing and acceptance (default true).")
+    return p
+
+
+def render_prompt(tokenizer, prompt: str, system: Optional[str], use_template: bool):
+    if use_template and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return prompt
+
+
+def main(argv=None) -> None:
+    from . import _blas
+    from .cli import run_main
+
+    args = setup_arg_parser().parse_args(argv)
+
+    def run():
+        from .utils import load
+
+        if args.max_tokens == 0:
+            raise MTPDError("--max-tokens must be non-zero (use -1 for no limit)")
+        if args.num_draft is not None and args.num_draft < 0:
+            raise MTPDError(f"--num-draft must be >= 0 (got {args.num_draft})")
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if not prompt:
+            raise MTPDError("the prompt is empty: pass --prompt TEXT")
+        if args.seed is not None:
+            mx.random.seed(args.seed)
+        model, tokenizer, heads = load(args.model, heads=args.heads, dtype=args.dtype)
+        if args.verbose:
+            print(f"[mlx_mtpd] BLAS: {_blas.describe()}", file=sys.stderr)
+            if heads is None:
+                print("[mlx_mtpd] no MTP heads: plain decoding", file=sys.stderr)
+        text_prompt = render_prompt(tokenizer, prompt, args.system_prompt, not args.ignore_chat_template)
+        out = generate(
+            model, tokenizer, text_prompt, verbose=args.verbose, max_tokens=args.max_tokens,
+            heads=heads, num_draft=args.num_draft, loop=args.loop, temp=args.temp,
+            top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        )
+        if not args.verbose:
+            print(out)
+
+    run_main("generate", run)

@@ -1,0 +1,351 @@
+"""MTP-D heads: cascaded multi-token-prediction modules built from the backbone.
+
+Head k maps (hidden state h^{k-1}_j, token t_{j+k}) to h^k_j:
+
+    h^k_j = Block_k( W_k [RMSNorm(Emb(t_{j+k})) ; RMSNorm(h^{k-1}_j)] )
+
+and predicts t_{j+k+1} through the backbone's own output projection applied to
+FinalNorm_k(h^k_j).  Block_k is one decoder layer of the backbone's own
+architecture (a copy of its last layer), so every decoder-only model mlx-lm
+supports gets heads without per-architecture code.  Everything that differs
+between architectures is handled in `Backbone`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import MTPDError
+from .utils import HEADS_CONFIG, HEADS_WEIGHTS, atomic_dir, write_json_atomic
+
+FORMAT_VERSION = 1
+LOOP_POLICIES = ("last", "cycle")
+
+
+class Backbone:
+    """The few things the heads need from any mlx-lm decoder-only model.
+
+    - `forward(tokens, cache)` returns logits and the hidden state *before* the
+      final norm (the state fed to depth 1), captured generically at the input
+      of the model's final norm module.
+    - `project(x)` is the model's output projection (tied or untied, with
+      logit soft-capping where the architecture has it).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        inner = getattr(model, "model", None)
+        if inner is None and hasattr(model, "language_model"):
+            inner = model.language_model.model
+        if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "norm"):
+            raise MTPDError(
+                f"{type(model).__module__} has no model.layers/model.norm: "
+                "MTP heads need a decoder-only transformer"
+            )
+        self.inner = inner
+        self.embed = inner.embed_tokens
+        self.norm = inner.norm
+        self.lm_head = model.lm_head if "lm_head" in model else None
+        args = getattr(model, "args", None)
+        self.softcap = getattr(args, "final_logit_softcapping", None)
+        self.model_type = getattr(args, "model_type", type(model).__module__.split(".")[-1])
+        self.hidden_size = int(self.embed.weight.shape[-1] * _pack_factor(self.embed))
+        self.vocab_size = int(self.embed.weight.shape[0])
+        self._tap_norm()
+
+    def _tap_norm(self) -> None:
+        # Record the final norm's input without changing the parameter tree:
+        # swap the instance's class for a subclass whose __call__ stores it.
+        norm = self.norm
+        if getattr(type(norm), "_mtpd_tap", False):
+            self.norm_class = type(norm).__mro__[1]
+            return
+        base = type(norm)
+        self.norm_class = base
+
+        def tapped(module, x):
+            module.__dict__["_mtpd_last_input"] = x
+            return base.__call__(module, x)
+
+        norm.__class__ = type(f"Tapped{base.__name__}", (base,), {"__call__": tapped, "_mtpd_tap": True})
+
+    def forward(self, tokens: mx.array, cache: List[Any]):
+        logits = self.model(tokens[None], cache=cache)
+        hidden = self.norm.__dict__.pop("_mtpd_last_input")
+        return logits[0], hidden[0]
+
+    def project(self, x: mx.array) -> mx.array:
+        logits = self.lm_head(x) if self.lm_head is not None else self.embed.as_linear(x)
+        return self._cap(logits)
+
+    def _cap(self, logits: mx.array) -> mx.array:
+        if self.softcap:
+            logits = mx.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def projection_rows(self, ids: Optional[mx.array]):
+        """The output projection restricted to rows `ids` (None: the full vocabulary)."""
+        if ids is None:
+            return self.project
+        layer = self.lm_head if self.lm_head is not None else self.embed
+        if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            w, s = layer.weight[ids], layer.scales[ids]
+            b = layer.biases[ids] if layer.get("biases") is not None else None
+            gs, bits, mode = layer.group_size, layer.bits, getattr(layer, "mode", "affine")
+
+            def proj(x):
+                return self._cap(
+                    mx.quantized_matmul(x, w, s, b, transpose=True, group_size=gs, bits=bits, mode=mode)
+                )
+        else:
+            w = layer.weight[ids]
+
+            def proj(x):
+                return self._cap(x @ w.T)
+
+        return proj
+
+    def embed_tokens(self, tokens: mx.array) -> mx.array:
+        return self.embed(tokens)
+
+    def fingerprint(self) -> Dict[str, Any]:
+        w = self.embed.weight
+        sample = mx.concatenate([w[:4].reshape(-1), w[-4:].reshape(-1)]).astype(mx.float32)
+        digest = hashlib.sha256(bytes(memoryview(_np(sample)))).hexdigest()[:16]
+        return {
+            "model_type": self.model_type,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "num_layers": len(self.inner.layers),
+            "embedding_hash": digest,
+        }
+
+
+def _np(x: mx.array):
+    import numpy as np
+
+    return np.array(x)
+
+
+def _pack_factor(layer) -> int:
+    return 32 // layer.bits if isinstance(layer, (nn.QuantizedEmbedding, nn.QuantizedLinear)) else 1
+
+
+def _dequantized(block: nn.Module) -> nn.Module:
+    """Replace quantized linears in a copied block by float ones (heads stay float)."""
+    from mlx_lm.utils import dequantize_model
+
+    return dequantize_model(block)
+
+
+class MTPHead(nn.Module):
+    def __init__(self, block: nn.Module, final_norm: nn.Module, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.enorm = nn.RMSNorm(hidden_size, eps=eps)
+        self.hnorm = nn.RMSNorm(hidden_size, eps=eps)
+        self.eh_proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        self.block = block
+        self.norm = final_norm
+
+    def __call__(self, hidden: mx.array, emb: mx.array, cache) -> mx.array:
+        """hidden, emb: (L, H) for consecutive positions; returns h^k (L, H)."""
+        from mlx_lm.models.base import create_attention_mask
+
+        x = self.eh_proj(mx.concatenate([self.enorm(emb), self.hnorm(hidden)], axis=-1))[None]
+        mask = create_attention_mask(x, cache)
+        return self.block(x, mask, cache)[0]
+
+
+class HeadSet(nn.Module):
+    """K trained heads plus how to use them: loop policy, draft vocabulary, fingerprint."""
+
+    def __init__(self, heads: List[MTPHead], config: Dict[str, Any]):
+        super().__init__()
+        self.heads = heads
+        self.config = config
+        ids = config.get("draft_vocab")
+        self._draft_ids = None if ids is None else mx.array(ids, dtype=mx.int32)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
+
+    @property
+    def draft_ids(self) -> Optional[mx.array]:
+        return self._draft_ids
+
+    def head_for_depth(self, depth: int, loop: Optional[str] = None) -> MTPHead:
+        """Depth d (1-based) > K loops the trained heads: `last` or `cycle`."""
+        loop = loop or self.config.get("loop", "last")
+        if loop not in LOOP_POLICIES:
+            raise MTPDError(f"unknown loop policy {loop!r}: choose from {', '.join(LOOP_POLICIES)}")
+        k = self.num_heads
+        if depth <= k:
+            return self.heads[depth - 1]
+        return self.heads[k - 1] if loop == "last" else self.heads[(depth - 1) % k]
+
+
+def new_head(backbone: Backbone) -> MTPHead:
+    """A head initialised as METHOD.md says: a copy of the last decoder layer and
+    the final norm, with W = [0 ; I] so the hidden path passes through."""
+    last = backbone.inner.layers[-1]
+    block = _dequantized(copy.deepcopy(last))
+    final_norm = copy.deepcopy(backbone.norm)
+    final_norm.__class__ = backbone.norm_class  # a plain copy, without the tap
+    h = backbone.hidden_size
+    eps = float(getattr(backbone.norm, "eps", 1e-6))
+    head = MTPHead(block, final_norm, h, eps)
+    dtype = _compute_dtype(backbone)
+    eye = mx.eye(h, dtype=dtype)
+    head.eh_proj.weight = mx.concatenate([mx.zeros((h, h), dtype=dtype), eye], axis=1)
+    head.enorm.weight = head.enorm.weight.astype(dtype)
+    head.hnorm.weight = head.hnorm.weight.astype(dtype)
+    return head
+
+
+def _compute_dtype(backbone: Backbone):
+    norm_w = backbone.norm.weight
+    return norm_w.dtype if mx.issubdtype(norm_w.dtype, mx.floating) else mx.float32
+
+
+def init_heads(
+    model: nn.Module,
+    num_heads: int,
+    *,
+    loop: str = "last",
+    draft_vocab: Optional[int] = None,
+) -> HeadSet:
+    if num_heads < 1:
+        raise MTPDError(f"--num-heads must be at least 1 (got {num_heads})")
+    if loop not in LOOP_POLICIES:
+        raise MTPDError(f"unknown loop policy {loop!r}: choose from {', '.join(LOOP_POLICIES)}")
+    backbone = Backbone(model)
+    heads = [new_head(backbone) for _ in range(num_heads)]
+    config = {
+        "format_version": FORMAT_VERSION,
+        "num_heads": num_heads,
+        "loop": loop,
+        "hidden_state": "pre_norm",
+        "concat_order": "embedding_hidden",
+        "backbone": backbone.fingerprint(),
+        "draft_vocab": _draft_vocab(backbone, draft_vocab),
+        "trained": False,
+    }
+    hs = HeadSet(heads, config)
+    mx.eval(hs.parameters())
+    return hs
+
+
+def _draft_vocab(backbone: Backbone, size: Optional[int]) -> Optional[List[int]]:
+    """Byte-level BPE gives low ids to early (frequent) merges: the first `size`
+    ids are a fair draft vocabulary until training counts real frequencies."""
+    if size is None or size <= 0 or size >= backbone.vocab_size:
+        return None
+    return list(range(size))
+
+
+def _head_skeleton(backbone: Backbone, config: Dict[str, Any]) -> HeadSet:
+    heads = [new_head(backbone) for _ in range(int(config["num_heads"]))]
+    return HeadSet(heads, config)
+
+
+def save_heads(head_set: HeadSet, out: Path, force: bool = True) -> Path:
+    """Write mtp_heads.safetensors + mtp_config.json into `out`.
+
+    A new folder is built whole and renamed; into an existing model folder the
+    two files are each written to a temporary name and renamed.
+    """
+    out = Path(out)
+    weights = dict(tree_flatten(head_set.parameters()))
+    if out.exists() and (out / "config.json").exists():
+        tmp = out / f".{HEADS_WEIGHTS}.tmp"
+        mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
+        tmp.rename(out / HEADS_WEIGHTS)
+        write_json_atomic(out / HEADS_CONFIG, head_set.config)
+        return out
+    with atomic_dir(out, force=force) as tmp:
+        mx.save_safetensors(str(tmp / HEADS_WEIGHTS), weights, metadata={"format": "mlx"})
+        (tmp / HEADS_CONFIG).write_text(json.dumps(head_set.config, indent=2))
+    return out
+
+
+def check_fingerprint(config: Dict[str, Any], backbone: Backbone, where: Path) -> None:
+    want = config.get("backbone", {})
+    have = backbone.fingerprint()
+    for key in ("model_type", "hidden_size", "vocab_size", "embedding_hash"):
+        if key in want and want[key] != have[key]:
+            raise MTPDError(
+                f"head set {where} was made for another backbone ({key}: "
+                f"{want[key]!r} there, {have[key]!r} here): use heads made for this model"
+            )
+
+
+def load_heads(path: Path, model: nn.Module) -> HeadSet:
+    path = Path(path)
+    cfg_file, w_file = path / HEADS_CONFIG, path / HEADS_WEIGHTS
+    if not path.exists():
+        raise MTPDError(f"heads folder {path} not found: check --heads")
+    if not cfg_file.exists() or not w_file.exists():
+        raise MTPDError(
+            f"{path} holds no head set ({HEADS_CONFIG} and {HEADS_WEIGHTS} needed): "
+            "create one with `mlx_mtpd init-heads` or train one"
+        )
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise MTPDError(f"{cfg_file} is not valid JSON ({e})") from None
+    backbone = Backbone(model)
+    check_fingerprint(config, backbone, path)
+    try:
+        weights = mx.load(str(w_file))
+    except Exception as e:
+        raise MTPDError(f"{w_file} is truncated or corrupt ({e})") from None
+    head_set = _head_skeleton(backbone, config)
+    if "quantization" in config:
+        q = config["quantization"]
+        nn.quantize(head_set, group_size=q["group_size"], bits=q["bits"],
+                    class_predicate=lambda p, m: isinstance(m, nn.Linear) and f"{p}.scales" in weights)
+    try:
+        head_set.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise MTPDError(f"{w_file} does not match {HEADS_CONFIG} or this backbone ({e})") from None
+    mx.eval(head_set.parameters())
+    return head_set
+
+
+def quantize_head_file(src: Path, dst: Path, bits: int, group_size: int) -> None:
+    """Quantize a head file's linear weights to `bits` (16: keep them float)."""
+    config = json.loads((Path(src) / HEADS_CONFIG).read_text())
+    weights = mx.load(str(Path(src) / HEADS_WEIGHTS))
+    if bits < 16:
+        out = {}
+        for k, v in weights.items():
+            if k.endswith(".weight") and v.ndim == 2 and v.shape[-1] % group_size == 0:
+                stem = k[: -len(".weight")]
+                out[k], out[f"{stem}.scales"], out[f"{stem}.biases"] = mx.quantize(
+                    v, group_size=group_size, bits=bits
+                )
+            else:
+                out[k] = v
+        weights = out
+        config["quantization"] = {"group_size": group_size, "bits": bits}
+    mx.save_safetensors(str(Path(dst) / HEADS_WEIGHTS), weights, metadata={"format": "mlx"})
+    (Path(dst) / HEADS_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+__all__ = [
+    "Backbone",
+    "MTPHead",
+    "HeadSet",
+    "init_heads",
+    "save_heads",
+    "load_heads",
+]
