@@ -23,6 +23,8 @@ from mlx_mtpd.utils import HEADS_CONFIG, HEADS_WEIGHTS, atomic_dir, default_dtyp
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_HEAD_BITS = 8
+# What a conversion needs from a hub repository (weights, head sets included).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
 def _model_class(config: Dict[str, Any]):
@@ -112,13 +114,9 @@ def _fetch(hf_path: str, revision: Optional[str] = None) -> Path:
         raise MTPDError(f"{hf_path} not found: give a checkpoint folder or a hub id org/name")
     import huggingface_hub
 
-    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
-
     try:
         return Path(
-            huggingface_hub.snapshot_download(
-                hf_path, revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS
-            )
+            huggingface_hub.snapshot_download(hf_path, revision=revision, allow_patterns=HUB_PATTERNS)
         )
     except Exception as e:
         raise MTPDError(f"cannot download {hf_path} from the hub ({type(e).__name__}: {e})") from None

@@ -9,6 +9,7 @@ from typing import Callable
 SUBCOMMANDS = {
     "convert": "mlx_mtpd.convert",
     "generate": "mlx_mtpd.generate",
+    "init-heads": "mlx_mtpd.init_heads",
     "doctor": "mlx_mtpd.doctor",
 }
 

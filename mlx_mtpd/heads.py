@@ -14,7 +14,6 @@ between architectures is handled in `Backbone`.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -27,6 +26,8 @@ from .errors import MTPDError
 from .utils import HEADS_CONFIG, HEADS_WEIGHTS, atomic_dir, write_json_atomic
 
 FORMAT_VERSION = 1
+DRAFT_VOCAB_KEY = "draft_vocab"
+PROBE_TOLERANCE = 0.05  # 4-bit quantization moves row norms by about 1%
 LOOP_POLICIES = ("last", "cycle")
 
 
@@ -116,23 +117,23 @@ class Backbone:
     def embed_tokens(self, tokens: mx.array) -> mx.array:
         return self.embed(tokens)
 
+    def embedding_rows(self, ids: mx.array) -> mx.array:
+        """Rows of the (possibly quantized) embedding table as float32."""
+        return self.embed(ids).astype(mx.float32)
+
     def fingerprint(self) -> Dict[str, Any]:
-        w = self.embed.weight
-        sample = mx.concatenate([w[:4].reshape(-1), w[-4:].reshape(-1)]).astype(mx.float32)
-        digest = hashlib.sha256(bytes(memoryview(_np(sample)))).hexdigest()[:16]
+        """What identifies the backbone a head set was made for.  The embedding
+        probe (norms of 32 fixed rows) survives quantization and dtype casts
+        within a few percent, and differs between any two trained models."""
+        ids = mx.array([int(i * (self.vocab_size - 1) / 31) for i in range(32)])
+        norms = mx.sqrt((self.embedding_rows(ids) ** 2).sum(-1))
         return {
             "model_type": self.model_type,
             "hidden_size": self.hidden_size,
             "vocab_size": self.vocab_size,
             "num_layers": len(self.inner.layers),
-            "embedding_hash": digest,
+            "embedding_probe": [round(float(x), 5) for x in norms.tolist()],
         }
-
-
-def _np(x: mx.array):
-    import numpy as np
-
-    return np.array(x)
 
 
 def _pack_factor(layer) -> int:
@@ -167,12 +168,14 @@ class MTPHead(nn.Module):
 class HeadSet(nn.Module):
     """K trained heads plus how to use them: loop policy, draft vocabulary, fingerprint."""
 
-    def __init__(self, heads: List[MTPHead], config: Dict[str, Any]):
+    def __init__(self, heads: List[MTPHead], config: Dict[str, Any], draft_ids: Optional[mx.array] = None):
         super().__init__()
         self.heads = heads
         self.config = config
-        ids = config.get("draft_vocab")
-        self._draft_ids = None if ids is None else mx.array(ids, dtype=mx.int32)
+        # Token ids the heads draft over (None: the whole vocabulary).  Stored
+        # beside the weights as `draft_vocab`; not a parameter.
+        self._draft_ids = None if draft_ids is None else draft_ids.astype(mx.int32)
+        self.config["draft_vocab_size"] = None if draft_ids is None else int(draft_ids.size)
 
     @property
     def num_heads(self) -> int:
@@ -236,25 +239,31 @@ def init_heads(
         "hidden_state": "pre_norm",
         "concat_order": "embedding_hidden",
         "backbone": backbone.fingerprint(),
-        "draft_vocab": _draft_vocab(backbone, draft_vocab),
         "trained": False,
     }
-    hs = HeadSet(heads, config)
+    hs = HeadSet(heads, config, _draft_vocab(backbone, draft_vocab))
     mx.eval(hs.parameters())
     return hs
 
 
-def _draft_vocab(backbone: Backbone, size: Optional[int]) -> Optional[List[int]]:
+def _draft_vocab(backbone: Backbone, size: Optional[int]) -> Optional[mx.array]:
     """Byte-level BPE gives low ids to early (frequent) merges: the first `size`
     ids are a fair draft vocabulary until training counts real frequencies."""
     if size is None or size <= 0 or size >= backbone.vocab_size:
         return None
-    return list(range(size))
+    return mx.arange(size, dtype=mx.int32)
 
 
-def _head_skeleton(backbone: Backbone, config: Dict[str, Any]) -> HeadSet:
+def _head_skeleton(backbone: Backbone, config: Dict[str, Any], draft_ids) -> HeadSet:
     heads = [new_head(backbone) for _ in range(int(config["num_heads"]))]
-    return HeadSet(heads, config)
+    return HeadSet(heads, config, draft_ids)
+
+
+def _weights_to_save(head_set: HeadSet) -> Dict[str, mx.array]:
+    weights = dict(tree_flatten(head_set.parameters()))
+    if head_set.draft_ids is not None:
+        weights[DRAFT_VOCAB_KEY] = head_set.draft_ids
+    return weights
 
 
 def save_heads(head_set: HeadSet, out: Path, force: bool = True) -> Path:
@@ -264,9 +273,9 @@ def save_heads(head_set: HeadSet, out: Path, force: bool = True) -> Path:
     two files are each written to a temporary name and renamed.
     """
     out = Path(out)
-    weights = dict(tree_flatten(head_set.parameters()))
+    weights = _weights_to_save(head_set)
     if out.exists() and (out / "config.json").exists():
-        tmp = out / f".{HEADS_WEIGHTS}.tmp"
+        tmp = out / ".mtp_heads.tmp.safetensors"  # mlx appends .safetensors otherwise
         mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
         tmp.rename(out / HEADS_WEIGHTS)
         write_json_atomic(out / HEADS_CONFIG, head_set.config)
@@ -280,11 +289,19 @@ def save_heads(head_set: HeadSet, out: Path, force: bool = True) -> Path:
 def check_fingerprint(config: Dict[str, Any], backbone: Backbone, where: Path) -> None:
     want = config.get("backbone", {})
     have = backbone.fingerprint()
-    for key in ("model_type", "hidden_size", "vocab_size", "embedding_hash"):
+    for key in ("model_type", "hidden_size", "vocab_size", "num_layers"):
         if key in want and want[key] != have[key]:
             raise MTPDError(
                 f"head set {where} was made for another backbone ({key}: "
                 f"{want[key]!r} there, {have[key]!r} here): use heads made for this model"
+            )
+    probe_want, probe_have = want.get("embedding_probe"), have["embedding_probe"]
+    if probe_want is not None:
+        worst = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(probe_want, probe_have))
+        if worst > PROBE_TOLERANCE:
+            raise MTPDError(
+                f"head set {where} was made for another backbone (its embedding differs by "
+                f"{worst:.0%}): use heads made for this model"
             )
 
 
@@ -308,7 +325,10 @@ def load_heads(path: Path, model: nn.Module) -> HeadSet:
         weights = mx.load(str(w_file))
     except Exception as e:
         raise MTPDError(f"{w_file} is truncated or corrupt ({e})") from None
-    head_set = _head_skeleton(backbone, config)
+    draft_ids = weights.pop(DRAFT_VOCAB_KEY, None)
+    if draft_ids is not None and (draft_ids.ndim != 1 or int(draft_ids.max()) >= backbone.vocab_size):
+        raise MTPDError(f"{w_file}: draft_vocab holds ids outside this backbone's vocabulary")
+    head_set = _head_skeleton(backbone, config, draft_ids)
     if "quantization" in config:
         q = config["quantization"]
         nn.quantize(head_set, group_size=q["group_size"], bits=q["bits"],
@@ -328,7 +348,7 @@ def quantize_head_file(src: Path, dst: Path, bits: int, group_size: int) -> None
     if bits < 16:
         out = {}
         for k, v in weights.items():
-            if k.endswith(".weight") and v.ndim == 2 and v.shape[-1] % group_size == 0:
+            if k.endswith("proj.weight") and v.ndim == 2 and v.shape[-1] % group_size == 0:
                 stem = k[: -len(".weight")]
                 out[k], out[f"{stem}.scales"], out[f"{stem}.biases"] = mx.quantize(
                     v, group_size=group_size, bits=bits
