@@ -69,12 +69,13 @@ def bind() -> dict:
     try:
         _handle = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
-        if choice:
-            raise RuntimeError(
-                f"MLX_MTPD_BLAS={choice!r} cannot be loaded ({e}); "
-                "point it at a libopenblas.so or set MLX_MTPD_BLAS=0"
-            ) from None
         state["reason"] = f"could not load {path}: {e}"
+        if choice:  # asked for explicitly: say so, once, and carry on without it
+            print(
+                f"mlx_mtpd: warning: MLX_MTPD_BLAS={choice!r} cannot be loaded; "
+                "using MLX's bundled BLAS (point it at a libopenblas.so or set MLX_MTPD_BLAS=0)",
+                file=sys.stderr,
+            )
         return state
     state["library"] = path
     state["reason"] = "bound before mlx.core was imported"

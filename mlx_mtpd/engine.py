@@ -50,6 +50,7 @@ class SpecStats:
     reached: List[int] = field(default_factory=list)  # drafted with all earlier ones accepted
     accepted: List[int] = field(default_factory=list)
     step_time: float = 0.0  # seconds in draft + verify + rollback steps
+    fallback: Optional[str] = None  # why drafting stopped early, if it did
 
     def record(self, num_draft: int, accepted: int) -> None:
         if len(self.drafted) < num_draft:
@@ -94,6 +95,7 @@ class SpecStats:
             "acceptance_rates": self.acceptance_rates,
             "cumulative_acceptance": self.cumulative_acceptance,
             "mean_accepted_length": self.mean_accepted_length,
+            "fallback": self.fallback,
         }
 
 
@@ -187,21 +189,38 @@ class DraftState:
         if self.max_depth:
             self.project = self.backbone.projection_rows(head_set.draft_ids)
             self.draft_ids = head_set.draft_ids
-        if self.max_depth:
-            from mlx_lm.models.cache import can_trim_prompt_cache
+        if self.max_depth and not all(_headroom(c) > 0 for c in self.cache):
+            kinds = {type(c).__name__ for c in self.cache if not _headroom(c)}
+            raise MTPDError(
+                f"this model's caches ({', '.join(sorted(kinds))}) cannot be rolled back, "
+                "so drafts cannot be verified: use --num-draft 0"
+            )
 
-            if not can_trim_prompt_cache(self.cache):
-                kinds = {type(c).__name__ for c in self.cache if not c.is_trimmable()}
-                raise MTPDError(
-                    f"this model's caches ({', '.join(sorted(kinds))}) cannot be rolled back, "
-                    "so drafts cannot be verified: use --num-draft 0"
-                )
+    def can_verify(self, d: int) -> bool:
+        """Whether d drafts can be verified and rolled back.  A rotating
+        (sliding-window) cache can be trimmed only until it wraps: once the
+        verify forward would fill it, drafting stops for the rest of the
+        generation and decoding goes on plainly, which is always lossless."""
+        return all(_headroom(c) > d for c in self.cache)
 
     def _next_committed(self, k: int) -> int:
         return self.committed[k + 1] if k < self.max_depth else self.committed[k]
 
     def tail_start(self, k: int) -> int:
         return self._next_committed(k) if k else self.committed[1]
+
+
+def _headroom(cache) -> float:
+    """How many more tokens `cache` takes while staying trimmable."""
+    inner = getattr(cache, "caches", None)
+    if inner is not None:  # CacheList
+        return min(_headroom(c) for c in inner)
+    if not cache.is_trimmable():
+        return 0
+    max_size = getattr(cache, "max_size", None)
+    if max_size is None:
+        return float("inf")
+    return max_size - cache.offset - 1
 
 
 def _concat(a: Optional[mx.array], b: mx.array) -> mx.array:
@@ -223,12 +242,15 @@ def mtp_generate_step(
     min_tokens_to_keep: int = 1,
     prefill_step_size: int = 2048,
     stats: Optional[SpecStats] = None,
+    state: Optional[DraftState] = None,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield (token, logprobs, from_draft) like mlx-lm's `speculative_generate_step`.
 
     num_draft = 0 is plain decoding through the same loop.  num_draft may
     exceed the number of heads: deeper depths loop the trained heads
-    (`loop`: 'last' or 'cycle', default from the head set).
+    (`loop`: 'last' or 'cycle', default from the head set).  `state`, when
+    given, is a fresh :class:`DraftState` the loop fills, so callers can
+    inspect or keep the caches.
     """
     if num_draft < 0:
         raise MTPDError(f"--num-draft must be >= 0 (got {num_draft})")
@@ -240,7 +262,7 @@ def mtp_generate_step(
     transform = make_logprobs_transform(temp, top_p, top_k, min_p, min_tokens_to_keep)
     stats = stats if stats is not None else SpecStats()
     stats.num_draft = num_draft
-    st = DraftState(model, head_set, num_draft, loop)
+    st = state if state is not None else DraftState(model, head_set, num_draft, loop)
     st.tokens = list(prompt_list)
 
     def forward(tokens: mx.array):
@@ -275,6 +297,9 @@ def mtp_generate_step(
     while max_tokens < 0 or emitted < max_tokens:
         remaining = max_tokens - emitted if max_tokens >= 0 else num_draft + 1
         d = min(num_draft, remaining - 1)
+        if d and not st.can_verify(d):
+            d = 0
+            stats.fallback = "sliding-window cache full: plain decoding"
         tic = time.perf_counter()
         out = _step(st, d, transform)
         new_tokens, a, rows = out
