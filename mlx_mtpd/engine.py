@@ -287,6 +287,9 @@ def mtp_generate_step(
         hiddens.append(h)
         st.tail[0] = mx.concatenate(hiddens, axis=0) if len(hiddens) > 1 else hiddens[0]
     first, lp = _pick(logits[-1:], transform)
+    if st.max_depth == 0:
+        yield from _plain_decode(st, first, lp, transform, max_tokens, stats)
+        return
     mx.eval(first)
     token = first.item()
     st.tokens.append(token)
@@ -310,6 +313,35 @@ def mtp_generate_step(
             emitted += 1
             if max_tokens >= 0 and emitted >= max_tokens:
                 return
+
+
+def _plain_decode(st: DraftState, y: mx.array, lp: mx.array, transform, max_tokens: int, stats):
+    """num_draft = 0: one token per forward, the next forward queued with
+    mx.async_eval before the current token is read, as mlx-lm's generate_step."""
+
+    def step(y):
+        logits = st.model(y[None].astype(mx.uint32), cache=st.cache)[0]
+        return _pick(logits[-1:], transform)
+
+    mx.async_eval(y, lp)
+    n = 0
+    while True:
+        if max_tokens < 0 or n + 1 < max_tokens:
+            next_y, next_lp = step(y)
+            mx.async_eval(next_y, next_lp)
+        token = y.item()
+        st.tokens.append(token)
+        if n:
+            stats.record(0, 0)
+        else:
+            stats.emitted += 1
+        yield token, lp[0], False
+        n += 1
+        if max_tokens >= 0 and n >= max_tokens:
+            return
+        if n % 256 == 0:
+            mx.clear_cache()
+        y, lp = next_y, next_lp
 
 
 def _pick(logits: mx.array, transform):
