@@ -10,6 +10,8 @@ SUBCOMMANDS = {
     "convert": "mlx_mtpd.convert",
     "generate": "mlx_mtpd.generate",
     "init-heads": "mlx_mtpd.init_heads",
+    "gen-data": "mlx_mtpd.gen_data",
+    "train": "mlx_mtpd.train",
     "doctor": "mlx_mtpd.doctor",
 }
 

@@ -156,13 +156,17 @@ class MTPHead(nn.Module):
         self.block = block
         self.norm = final_norm
 
-    def __call__(self, hidden: mx.array, emb: mx.array, cache) -> mx.array:
-        """hidden, emb: (L, H) for consecutive positions; returns h^k (L, H)."""
+    def __call__(self, hidden: mx.array, emb: mx.array, cache=None) -> mx.array:
+        """hidden, emb: (L, H) or (B, L, H) for consecutive positions; returns h^k
+        of the same shape.  Attention is causal within the depth's own stream."""
         from mlx_lm.models.base import create_attention_mask
 
-        x = self.eh_proj(mx.concatenate([self.enorm(emb), self.hnorm(hidden)], axis=-1))[None]
+        batched = hidden.ndim == 3
+        x = self.eh_proj(mx.concatenate([self.enorm(emb), self.hnorm(hidden)], axis=-1))
+        x = x if batched else x[None]
         mask = create_attention_mask(x, cache)
-        return self.block(x, mask, cache)[0]
+        out = self.block(x, mask, cache)
+        return out if batched else out[0]
 
 
 class HeadSet(nn.Module):
@@ -171,10 +175,12 @@ class HeadSet(nn.Module):
     def __init__(self, heads: List[MTPHead], config: Dict[str, Any], draft_ids: Optional[mx.array] = None):
         super().__init__()
         self.heads = heads
-        self.config = config
+        # Plain attributes, outside the module tree (a dict or array attribute
+        # would otherwise join the parameters the optimizer walks).
+        object.__setattr__(self, "config", config)
         # Token ids the heads draft over (None: the whole vocabulary).  Stored
         # beside the weights as `draft_vocab`; not a parameter.
-        self._draft_ids = None if draft_ids is None else draft_ids.astype(mx.int32)
+        object.__setattr__(self, "_draft_ids", None if draft_ids is None else draft_ids.astype(mx.int32))
         self.config["draft_vocab_size"] = None if draft_ids is None else int(draft_ids.size)
 
     @property
@@ -266,23 +272,25 @@ def _weights_to_save(head_set: HeadSet) -> Dict[str, mx.array]:
     return weights
 
 
-def save_heads(head_set: HeadSet, out: Path, force: bool = True) -> Path:
-    """Write mtp_heads.safetensors + mtp_config.json into `out`.
+def write_head_files(head_set: HeadSet, folder: Path) -> None:
+    """Write mtp_heads.safetensors + mtp_config.json into `folder`, each under a
+    temporary name first and renamed, so a reader never sees half a file."""
+    folder = Path(folder)
+    tmp = folder / ".mtp_heads.tmp.safetensors"  # mlx appends .safetensors otherwise
+    mx.save_safetensors(str(tmp), _weights_to_save(head_set), metadata={"format": "mlx"})
+    tmp.rename(folder / HEADS_WEIGHTS)
+    write_json_atomic(folder / HEADS_CONFIG, head_set.config)
 
-    A new folder is built whole and renamed; into an existing model folder the
-    two files are each written to a temporary name and renamed.
-    """
+
+def save_heads(head_set: HeadSet, out: Path, force: bool = True) -> Path:
+    """Save a head set: into an existing model folder beside the backbone, or as
+    a new folder built whole and renamed into place."""
     out = Path(out)
-    weights = _weights_to_save(head_set)
     if out.exists() and (out / "config.json").exists():
-        tmp = out / ".mtp_heads.tmp.safetensors"  # mlx appends .safetensors otherwise
-        mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
-        tmp.rename(out / HEADS_WEIGHTS)
-        write_json_atomic(out / HEADS_CONFIG, head_set.config)
+        write_head_files(head_set, out)
         return out
     with atomic_dir(out, force=force) as tmp:
-        mx.save_safetensors(str(tmp / HEADS_WEIGHTS), weights, metadata={"format": "mlx"})
-        (tmp / HEADS_CONFIG).write_text(json.dumps(head_set.config, indent=2))
+        write_head_files(head_set, tmp)
     return out
 
 

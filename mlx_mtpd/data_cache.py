@@ -1,0 +1,217 @@
+"""Training data for the heads: token sequences, and the frozen backbone's
+outputs on them cached to disk.
+
+The backbone runs once per sequence, without gradients.  What is cached per
+token is its hidden state (float16, what depth 1 takes) and the teacher's top-N
+token ids and logits (what the MTP-D loss needs); nothing of the size of the
+vocabulary.  Shards are streamed back, so memory stays bounded for any dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import MTPDError
+from .utils import atomic_dir
+
+CACHE_INDEX = "index.json"
+MAX_CACHED_TOP_N = 1024  # above this the teacher is recomputed from the hidden state
+
+
+def read_sequences(paths: List[str], tokenizer, seq_len: int) -> Tuple[List[List[int]], Dict[str, int]]:
+    """Token sequences from gen-data output (token ids), JSONL (`text` or chat
+    `messages`, rendered with the chat template) and plain text files.
+
+    Returns (sequences, counts) where counts says what was skipped and why."""
+    seqs: List[List[int]] = []
+    counts = {"records": 0, "skipped_invalid": 0, "skipped_long_prompt": 0, "truncated": 0}
+    eos = tokenizer.eos_token_id
+    for p in paths:
+        path = Path(p)
+        files = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.txt")) if path.is_dir() else [path]
+        if not files or not all(f.exists() for f in files):
+            raise MTPDError(f"training data {path} not found (or holds no .jsonl/.txt files)")
+        for f in files:
+            if f.stat().st_size == 0:
+                raise MTPDError(f"training data file {f} is empty")
+            if f.suffix == ".jsonl":
+                _read_jsonl(f, tokenizer, seq_len, eos, seqs, counts)
+            else:
+                ids = tokenizer.encode(f.read_text())
+                for i in range(0, len(ids) - 1, seq_len):
+                    if len(ids[i : i + seq_len]) > 1:
+                        seqs.append(ids[i : i + seq_len])
+                        counts["records"] += 1
+    if not seqs:
+        raise MTPDError(f"no usable training sequences in {', '.join(map(str, paths))} ({counts})")
+    return seqs, counts
+
+
+def _read_jsonl(f: Path, tokenizer, seq_len, eos, seqs, counts) -> None:
+    with open(f) as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                counts["skipped_invalid"] += 1
+                continue
+            if not isinstance(obj, dict):
+                counts["skipped_invalid"] += 1
+                continue
+            if "prompt_tokens" in obj and "completion_tokens" in obj:
+                prompt = list(obj["prompt_tokens"])
+                ids = prompt + list(obj["completion_tokens"])
+                if obj.get("finish_reason") == "stop" and eos is not None:
+                    ids.append(eos)
+            elif isinstance(obj.get("messages"), list):
+                try:
+                    ids = list(tokenizer.apply_chat_template(obj["messages"]))
+                    prompt = list(tokenizer.apply_chat_template(obj["messages"][:-1], add_generation_prompt=True))
+                except Exception:
+                    counts["skipped_invalid"] += 1
+                    continue
+            elif isinstance(obj.get("text"), str):
+                ids, prompt = tokenizer.encode(obj["text"]), []
+            else:
+                counts["skipped_invalid"] += 1
+                continue
+            if len(prompt) >= seq_len - 1:
+                counts["skipped_long_prompt"] += 1
+                continue
+            if len(ids) > seq_len:
+                counts["truncated"] += 1
+                ids = ids[:seq_len]
+            if len(ids) > 2:
+                seqs.append(ids)
+                counts["records"] += 1
+
+
+def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_size: int = 4,
+                  shard_size: int = 64, force: bool = False, desc: str = "backbone") -> Path:
+    """Run the frozen backbone over `seqs` and write the cache (atomically)."""
+    from tqdm import tqdm
+
+    from .heads import Backbone
+
+    bb = Backbone(model)
+    vocab = bb.vocab_size
+    top_n = min(top_n, vocab)
+    cache_top_n = top_n if top_n <= MAX_CACHED_TOP_N else 0
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths batch well
+    n_tokens = sum(len(s) for s in seqs)
+    tic = time.perf_counter()
+    shards, shard, shard_id, in_shard = [], {}, 0, 0
+    with atomic_dir(out, force=force) as tmp, tqdm(total=n_tokens, desc=desc, unit="tok") as bar:
+        def flush():
+            nonlocal shard, shard_id, in_shard
+            if shard:
+                name = f"shard_{shard_id:05d}.safetensors"
+                mx.save_safetensors(str(tmp / name), shard)
+                shards.append({"file": name, "sequences": in_shard})
+                shard, shard_id, in_shard = {}, shard_id + 1, 0
+
+        n_seq = 0
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            L = max(len(seqs[i]) for i in idx)
+            toks = np.zeros((len(idx), L), np.int32)
+            for r, i in enumerate(idx):
+                toks[r, : len(seqs[i])] = seqs[i]
+            logits, hidden = _backbone_batch(bb, mx.array(toks))
+            if cache_top_n:
+                ids = mx.argpartition(-logits, kth=cache_top_n - 1, axis=-1)[..., :cache_top_n]
+                vals = mx.take_along_axis(logits, ids, axis=-1)
+                mx.eval(hidden, ids, vals)
+            else:
+                mx.eval(hidden)
+            for r, i in enumerate(idx):
+                n = len(seqs[i])
+                key = f"{n_seq:07d}"
+                shard[f"{key}.tokens"] = mx.array(seqs[i], dtype=mx.int32)
+                shard[f"{key}.hidden"] = hidden[r, :n].astype(mx.float16)
+                if cache_top_n:
+                    shard[f"{key}.top_ids"] = ids[r, :n].astype(mx.int32)
+                    shard[f"{key}.top_logits"] = vals[r, :n].astype(mx.float16)
+                n_seq += 1
+                in_shard += 1
+                if in_shard == shard_size:
+                    flush()
+            bar.update(sum(len(seqs[i]) for i in idx))
+            bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - tic):.0f}")
+            mx.clear_cache()
+        flush()
+        elapsed = time.perf_counter() - tic
+        index = {
+            "sequences": len(seqs), "tokens": n_tokens, "top_n": top_n, "cached_top_n": cache_top_n,
+            "hidden_size": bb.hidden_size, "vocab_size": vocab, "backbone": bb.fingerprint(),
+            "shards": shards, "prep_seconds": elapsed, "prep_tokens_per_s": n_tokens / max(elapsed, 1e-9),
+        }
+        (tmp / CACHE_INDEX).write_text(json.dumps(index, indent=2))
+    print(f"[mlx_mtpd] {desc}: {n_tokens} tokens in {elapsed:.0f} s "
+          f"({n_tokens / max(elapsed, 1e-9):.0f} tokens/s) -> {out}", file=sys.stderr)
+    return Path(out)
+
+
+def _backbone_batch(bb, toks: mx.array):
+    """Logits and pre-norm hidden states of a (B, L) batch (right-padded: causal
+    attention keeps the padding out of every real position)."""
+    logits = bb.model(toks)
+    hidden = bb.norm.__dict__.pop("_mtpd_last_input")
+    return logits.astype(mx.float32), hidden
+
+
+def open_cache(path: Path, backbone=None) -> dict:
+    path = Path(path)
+    if not (path / CACHE_INDEX).exists():
+        raise MTPDError(f"{path} is not a prepared data cache (no {CACHE_INDEX})")
+    index = json.loads((path / CACHE_INDEX).read_text())
+    if backbone is not None:
+        from .heads import check_fingerprint
+
+        check_fingerprint({"backbone": index["backbone"]}, backbone, path)
+    index["path"] = str(path)
+    return index
+
+
+def epoch_order(index: dict, seed: int, epoch: int) -> List[int]:
+    """Shard-major shuffled order: shards permuted, sequences permuted within
+    each, so one shard at a time is in memory.  Deterministic in (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    starts, start = [], 0
+    for s in index["shards"]:
+        starts.append((start, s["sequences"]))
+        start += s["sequences"]
+    order = []
+    for j in rng.permutation(len(starts)):
+        lo, n = starts[j]
+        order.extend(int(lo + k) for k in rng.permutation(n))
+    return order
+
+
+def iter_sequences(index: dict, order: Optional[List[int]] = None) -> Iterator[Dict[str, mx.array]]:
+    """Sequences from the cache in `order` (global sequence numbers), one shard
+    in memory at a time when the order is shard-major."""
+    path = Path(index["path"])
+    bounds, start = [], 0
+    for s in index["shards"]:
+        bounds.append((start, start + s["sequences"], s["file"]))
+        start += s["sequences"]
+    order = list(range(index["sequences"])) if order is None else order
+    loaded_file, data = None, None
+    for i in order:
+        for lo, hi, f in bounds:
+            if lo <= i < hi:
+                break
+        if f != loaded_file:
+            data, loaded_file = mx.load(str(path / f)), f
+        key = f"{i:07d}"
+        yield {k.split(".", 1)[1]: v for k, v in data.items() if k.startswith(key + ".")}

@@ -1,0 +1,175 @@
+"""`mlx_mtpd gen-data`: the backbone answers prompts; its answers are training text.
+
+Self-distillation needs no labels: the heads learn exactly what they will be
+asked to draft.  Generation is batched with mlx-lm's BatchGenerator (on a CPU a
+batch of 16 or more makes several times more tokens per second than one
+sequence), greedy and sampled, with the model's chat template.  Records are
+appended as they finish, so an interrupted run keeps its work and `--resume`
+skips what is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, List
+
+from .errors import MTPDError
+
+DATA_DIR = Path(__file__).parent / "data"
+OUTPUT_FILE = "data.jsonl"
+
+
+def read_prompts(path: Path) -> List[str]:
+    """Prompts from a .jsonl file (`prompt`, `text` or chat `messages`) or a text file (one a line)."""
+    path = Path(path)
+    if not path.exists():
+        raise MTPDError(f"prompts file {path} not found")
+    prompts = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise MTPDError(f"{path}:{i}: invalid JSON ({e.msg}): fix or remove the line") from None
+                if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+                    prompts.append(obj["prompt"])
+                elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
+                    prompts.append(obj["text"])
+                elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+                    prompts.append(obj["messages"])
+                else:
+                    raise MTPDError(f"{path}:{i}: expected an object with 'prompt', 'text' or 'messages'")
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise MTPDError(f"{path} holds no prompts")
+    return prompts
+
+
+def _messages(prompt, system=None):
+    msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    return ([{"role": "system", "content": system}] if system else []) + msgs
+
+
+def generate_answers(model, tokenizer, jobs: List[dict], max_tokens: int, batch_size: int,
+                     temp: float, seed: int) -> Iterable[dict]:
+    """Yield finished records as the batch generator completes them."""
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import make_sampler
+
+    mx.random.seed(seed)
+    gen = BatchGenerator(
+        model,
+        max_tokens=max_tokens,
+        stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+        sampler=make_sampler(temp=temp),
+        completion_batch_size=batch_size,
+        prefill_batch_size=min(batch_size, 8),
+    )
+    try:
+        prompt_ids = [tokenizer.apply_chat_template(j["messages"], add_generation_prompt=True) for j in jobs]
+        uids = gen.insert(prompt_ids, [max_tokens] * len(jobs))
+        by_uid = {u: (j, p) for u, j, p in zip(uids, jobs, prompt_ids)}
+        tokens = {u: [] for u in uids}
+        while responses := gen.next_generated():
+            for r in responses:
+                if r.finish_reason != "stop":
+                    tokens[r.uid].append(r.token)
+                if r.finish_reason is not None:
+                    job, pids = by_uid[r.uid]
+                    out = tokens.pop(r.uid)
+                    yield {
+                        **job,
+                        "messages": job["messages"] + [{"role": "assistant", "content": tokenizer.decode(out)}],
+                        "prompt_tokens": list(pids),
+                        "completion_tokens": out,
+                        "finish_reason": "stop" if r.finish_reason == "stop" else "length",
+                    }
+    finally:
+        gen.close()
+
+
+def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, temps=(0.0, 0.7),
+             seed=0, limit=None, system=None, resume=False, force=False) -> Path:
+    from tqdm import tqdm
+
+    from .utils import load
+
+    out = Path(out)
+    target = out / OUTPUT_FILE
+    if target.exists() and not (resume or force):
+        raise MTPDError(f"{target} already exists: pass --resume to add to it or --force to start over")
+    prompts = read_prompts(prompts_file)[: limit or None]
+    model, tokenizer, _ = load(model_path)
+    jobs = [{"id": f"{i}-t{t}", "temp": t, "messages": _messages(p, system)}
+            for t in temps for i, p in enumerate(prompts)]
+    done = set()
+    if target.exists() and resume:
+        with open(target) as f:
+            for line in f:
+                try:
+                    done.add(json.loads(line)["id"])
+                except (json.JSONDecodeError, KeyError):
+                    continue  # a line cut by an interruption; its job runs again
+    if force and target.exists():
+        target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [j for j in jobs if j["id"] not in done]
+    n_tokens, tic = 0, time.perf_counter()
+    with open(target, "a") as f, tqdm(total=len(todo), desc="gen-data", unit="answer") as bar:
+        for t in temps:
+            group = [j for j in todo if j["temp"] == t]
+            if not group:
+                continue
+            for rec in generate_answers(model, tokenizer, group, max_tokens, batch_size, t, seed):
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                n_tokens += len(rec["completion_tokens"])
+                bar.update(1)
+                bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - tic):.1f}")
+    elapsed = time.perf_counter() - tic
+    print(f"[mlx_mtpd] {len(todo)} answers, {n_tokens} tokens in {elapsed:.0f} s "
+          f"({n_tokens / max(elapsed, 1e-9):.1f} tokens/s) -> {target}", file=sys.stderr)
+    return target
+
+
+def main(argv=None) -> None:
+    from .cli import run_main
+
+    p = argparse.ArgumentParser(prog="mlx_mtpd gen-data", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="MLX model folder (default: SmolLM2-135M-Instruct).")
+    p.add_argument("--prompts", default=str(DATA_DIR / "prompts_train.jsonl"),
+                   help="Prompts: .jsonl (prompt/text/messages) or text, one per line "
+                        "(default: this project's training prompts).")
+    p.add_argument("--out", required=True, help="Output folder (data.jsonl inside).")
+    p.add_argument("--max-tokens", type=int, default=256, help="Tokens per answer (default 256).")
+    p.add_argument("--batch-size", type=int, default=16, help="Sequences generated together (default 16).")
+    p.add_argument("--temps", default="0,0.7", help="Comma-separated temperatures; one answer each (default 0,0.7).")
+    p.add_argument("--system-prompt", default=None, help="System message for the chat template.")
+    p.add_argument("--limit", type=int, default=None, help="Use only the first N prompts.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="Keep finished answers and generate the rest.")
+    p.add_argument("--force", action="store_true", help="Start over, replacing data.jsonl.")
+    args = p.parse_args(argv)
+
+    def run():
+        try:
+            temps = tuple(float(x) for x in args.temps.split(","))
+        except ValueError:
+            raise MTPDError(f"--temps must be numbers separated by commas (got {args.temps!r})") from None
+        if args.max_tokens < 1 or args.batch_size < 1:
+            raise MTPDError("--max-tokens and --batch-size must be positive")
+        gen_data(args.model, args.prompts, args.out, max_tokens=args.max_tokens,
+                 batch_size=args.batch_size, temps=temps, seed=args.seed, limit=args.limit,
+                 system=args.system_prompt, resume=args.resume, force=args.force)
+
+    run_main("gen-data", run)

@@ -1,0 +1,431 @@
+"""`mlx_mtpd train`: on-device MTP-D training of the heads, backbone frozen.
+
+    L = sum_k alpha_k CE(P^k_i, t_{i+k+1}) + sum_k beta_k KL(softmax(Q~_{i+k}) || softmax(P~^k_i))
+
+Q is the frozen main head's logits (teacher, stop-gradient), P^k head k's, and
+~ restricts both to the teacher's top-N tokens at that position.  The student's
+logits are computed only on the rows of the shared output projection that the
+batch's top-N sets (and targets) use, a gather instead of the full vocabulary;
+CE is restricted to the same set.  `--top-n` at or above the vocabulary size
+gives the full-vocabulary loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .data_cache import epoch_order, iter_sequences, open_cache
+from .errors import MTPDError
+from .heads import Backbone, HeadSet, init_heads, load_heads, write_head_files
+from .utils import atomic_dir
+
+STATE_FILE = "trainer_state.json"
+OPT_FILE = "optimizer.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    num_heads: int = 1
+    alpha: List[float] = field(default_factory=lambda: [1.0])
+    beta: List[float] = field(default_factory=lambda: [1.0])
+    top_n: int = 10000
+    kl: str = "forward"
+    learning_rate: float = 1e-3
+    warmup: int = 50
+    steps: int = 1000
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    seed: int = 0
+    eval_every: int = 100
+    save_every: int = 100
+    trainable: List[int] = field(default_factory=list)  # 0-based heads that train (empty: all)
+
+
+def per_head(values: Sequence[float], k: int, name: str) -> List[float]:
+    values = list(values)
+    if len(values) == 1:
+        return values * k
+    if len(values) != k:
+        raise MTPDError(f"--{name} needs one value or one per head ({k}), got {len(values)}")
+    return values
+
+
+def mtpd_loss(
+    student: mx.array, target_idx: mx.array, teacher_logits: mx.array, teacher_idx: mx.array,
+    mask: mx.array, alpha: float, beta: float, kl: str = "forward",
+):
+    """The MTP-D loss of one head, in one place.
+
+    student: (B, L, U) logits over the batch's token set U; teacher_idx: (B, L, N)
+    positions in U of the teacher's top-N; teacher_logits: (B, L, N); target_idx:
+    (B, L) position in U of the true next token; mask: (B, L) valid positions.
+    Returns (loss, ce, kl, top-1 agreement with the teacher) averaged over valid positions.
+    """
+    n = teacher_idx.shape[-1]
+    s_top = mx.take_along_axis(student, teacher_idx, axis=-1)  # (B, L, N)
+    # CE over the same set, with the target added where the teacher's top-N misses it.
+    in_top = (teacher_idx == target_idx[..., None]).any(axis=-1)
+    s_tgt = mx.take_along_axis(student, target_idx[..., None], axis=-1)
+    s_tgt_extra = mx.where(in_top[..., None], -mx.inf, s_tgt)
+    lse_ce = mx.logsumexp(mx.concatenate([s_top, s_tgt_extra], axis=-1), axis=-1)
+    ce = lse_ce - s_tgt[..., 0]
+    # KL between the teacher and the student, both renormalized on the top-N.
+    log_t = teacher_logits - mx.logsumexp(teacher_logits, axis=-1, keepdims=True)
+    log_s = s_top - mx.logsumexp(s_top, axis=-1, keepdims=True)
+    if kl == "forward":
+        kl_term = (mx.exp(log_t) * (log_t - log_s)).sum(-1)
+    else:
+        kl_term = (mx.exp(log_s) * (log_s - log_t)).sum(-1)
+    denom = mx.maximum(mask.sum(), 1)
+    ce_m = (ce * mask).sum() / denom
+    kl_m = (kl_term * mask).sum() / denom
+    agree = ((mx.argmax(s_top, -1) == mx.argmax(teacher_logits, -1)) * mask).sum() / denom
+    del n
+    return alpha * ce_m + beta * kl_m, ce_m, kl_m, agree
+
+
+def make_batch(records: List[Dict[str, mx.array]], backbone: Backbone, top_n: int, num_heads: int):
+    """Pad a list of cached sequences into arrays, with each head's targets and
+    teacher top-N mapped into the batch's token set U."""
+    L = max(int(r["tokens"].shape[0]) for r in records)
+    B = len(records)
+    toks = np.zeros((B, L), np.int32)
+    lens = np.zeros(B, np.int32)
+    hid_rows = []
+    for i, r in enumerate(records):
+        n = int(r["tokens"].shape[0])
+        toks[i, :n] = np.array(r["tokens"])
+        lens[i] = n
+        hid_rows.append(mx.pad(r["hidden"].astype(mx.float32), [(0, L - n), (0, 0)]))
+    hidden = mx.stack(hid_rows)
+    if "top_ids" in records[0]:
+        ids = mx.stack([mx.pad(r["top_ids"], [(0, L - r["top_ids"].shape[0]), (0, 0)]) for r in records])
+        vals = mx.stack([mx.pad(r["top_logits"].astype(mx.float32), [(0, L - r["top_logits"].shape[0]), (0, 0)])
+                         for r in records])
+        if ids.shape[-1] > top_n:  # a cache prepared with a larger N serves a smaller one
+            order = mx.argsort(-vals, axis=-1)[..., :top_n]
+            ids, vals = mx.take_along_axis(ids, order, -1), mx.take_along_axis(vals, order, -1)
+    else:  # the teacher from the hidden state: the backbone's own norm and projection
+        logits = backbone.project(backbone.norm(hidden))
+        if top_n >= backbone.vocab_size:
+            ids = mx.broadcast_to(mx.arange(backbone.vocab_size), logits.shape)
+            vals = logits
+        else:
+            ids = mx.argpartition(-logits, kth=top_n - 1, axis=-1)[..., :top_n]
+            vals = mx.take_along_axis(logits, ids, axis=-1)
+    ids = mx.stop_gradient(ids)
+    vals = mx.stop_gradient(vals)
+    ids_np = np.array(ids)
+    union = np.unique(np.concatenate([ids_np.reshape(-1), toks.reshape(-1)]))
+    return {
+        "tokens": mx.array(toks), "lens": mx.array(lens), "hidden": hidden,
+        "union": mx.array(union.astype(np.int32)),
+        "teacher_idx": mx.array(np.searchsorted(union, ids_np).astype(np.int32)),
+        "teacher_logits": vals,
+        "token_idx": mx.array(np.searchsorted(union, toks).astype(np.int32)),
+        "num_tokens": int(lens.sum()),
+    }
+
+
+def forward_heads(head_set: HeadSet, backbone: Backbone, batch, cfg: TrainConfig, frozen_outputs=None):
+    """Teacher-forced cascade over whole sequences; returns the summed loss and per-head metrics."""
+    tokens, hidden = batch["tokens"], batch["hidden"]
+    B, L = tokens.shape
+    w_rows = backbone.projection_rows(batch["union"])
+    prev = hidden
+    total = mx.array(0.0)
+    metrics = []
+    pos = mx.arange(L)[None]
+    for k in range(1, len(head_set.heads) + 1):
+        head = head_set.heads[k - 1]
+        m = L - k  # positions 0..L-k-1 have an input token t_{i+k}
+        if m < 2:
+            break
+        x = head(prev[:, :m], backbone.embed_tokens(tokens[:, k : k + m]))
+        prev = x
+        # position i predicts t_{i+k+1}; teacher at i+k; valid while i+k+1 < len
+        student = w_rows(head.norm(x[:, : m - 1]))
+        mask = (pos[:, : m - 1] + k + 1 < batch["lens"][:, None]).astype(mx.float32)
+        loss, ce, kl, agree = mtpd_loss(
+            student, batch["token_idx"][:, k + 1 : k + m], batch["teacher_logits"][:, k : k + m - 1],
+            batch["teacher_idx"][:, k : k + m - 1], mask, cfg.alpha[k - 1], cfg.beta[k - 1], cfg.kl,
+        )
+        if not cfg.trainable or (k - 1) in cfg.trainable:
+            total = total + loss
+        metrics.append((ce, kl, agree))
+    return total, metrics
+
+
+class Trainer:
+    def __init__(self, model, head_set: HeadSet, cfg: TrainConfig, out: Path, train_cache: dict,
+                 eval_cache: Optional[dict] = None, group=None):
+        self.model, self.heads, self.cfg, self.out = model, head_set, cfg, Path(out)
+        self.backbone = Backbone(model)
+        self.train_cache, self.eval_cache = train_cache, eval_cache
+        self.group = group
+        self.rank = group.rank() if group is not None else 0
+        self.world = group.size() if group is not None else 1
+        for i, head in enumerate(head_set.heads):
+            if cfg.trainable and i not in cfg.trainable:
+                head.freeze()
+        warm = min(cfg.warmup, max(cfg.steps - 1, 0))
+        sched = optim.join_schedules(
+            [optim.linear_schedule(1e-7, cfg.learning_rate, max(warm, 1)),
+             optim.cosine_decay(cfg.learning_rate, max(cfg.steps - warm, 1), cfg.learning_rate * 0.05)],
+            [max(warm, 1)],
+        )
+        self.optimizer = optim.AdamW(learning_rate=sched, weight_decay=cfg.weight_decay)
+        self.step, self.epoch, self.cursor = 0, 0, 0
+        self.history: List[dict] = []
+        self.loss_and_grad = nn.value_and_grad(head_set, self._loss)
+
+    def _loss(self, batch):
+        total, metrics = forward_heads(self.heads, self.backbone, batch, self.cfg)
+        self._metrics = metrics
+        return total
+
+    # -- data ----------------------------------------------------------------
+    def _batches(self):
+        """Micro-batches forever, resumable at (epoch, cursor); each rank takes its share."""
+        bs = self.cfg.batch_size
+        while True:
+            order = epoch_order(self.train_cache, self.cfg.seed, self.epoch)
+            usable = len(order) - len(order) % (bs * self.world)
+            if usable == 0:
+                raise MTPDError(
+                    f"{self.train_cache['sequences']} training sequences cannot fill one batch of "
+                    f"{bs} x {self.world} processes: lower --batch-size or add data"
+                )
+            while self.cursor < usable:
+                chunk = order[self.cursor : self.cursor + bs * self.world]
+                mine = chunk[self.rank * bs : (self.rank + 1) * bs]
+                self.cursor += bs * self.world
+                yield list(iter_sequences(self.train_cache, mine))
+            self.epoch, self.cursor = self.epoch + 1, 0
+
+    # -- checkpoints -----------------------------------------------------------
+    def save(self, path: Optional[Path] = None) -> None:
+        if self.rank != 0:
+            return
+        path = Path(path or self.out)
+        with atomic_dir(path, force=True) as tmp:
+            self.heads.config["trained"] = True
+            self.heads.config["training"] = asdict(self.cfg) | {"step": self.step}
+            write_head_files(self.heads, tmp)
+            opt_state = dict(tree_flatten(self.optimizer.state))
+            mx.save_safetensors(str(tmp / OPT_FILE), {k: v for k, v in opt_state.items() if isinstance(v, mx.array)})
+            state = {"step": self.step, "epoch": self.epoch, "cursor": self.cursor,
+                     "config": asdict(self.cfg), "history": self.history,
+                     "rng": np.array(mx.random.state[0]).tolist()}
+            (tmp / STATE_FILE).write_text(json.dumps(state))
+
+    def restore(self, path: Path) -> None:
+        path = Path(path)
+        state = json.loads((path / STATE_FILE).read_text())
+        self.step, self.epoch, self.cursor = state["step"], state["epoch"], state["cursor"]
+        self.history = state["history"]
+        opt = mx.load(str(path / OPT_FILE))
+        self.optimizer.init(self.heads.trainable_parameters())
+        self.optimizer.state = tree_unflatten(list(opt.items()))
+        mx.random.state[0] = mx.array(np.array(state["rng"], dtype=np.uint32))
+
+    # -- evaluation ------------------------------------------------------------
+    def evaluate(self, max_sequences: int = 64) -> Dict[str, List[float]]:
+        if self.eval_cache is None:
+            return {}
+        agree = [[0.0, 0.0] for _ in self.heads.heads]
+        order = list(range(min(max_sequences, self.eval_cache["sequences"])))
+        recs = list(iter_sequences(self.eval_cache, order))
+        for b in range(0, len(recs), self.cfg.batch_size):
+            batch = make_batch(recs[b : b + self.cfg.batch_size], self.backbone, self.cfg.top_n, len(self.heads.heads))
+            _, metrics = forward_heads(self.heads, self.backbone, batch, self.cfg)
+            n = batch["num_tokens"]
+            for k, (_, _, a) in enumerate(metrics):
+                agree[k][0] += a.item() * n
+                agree[k][1] += n
+        return {"eval_agreement": [a / max(n, 1) for a, n in agree]}
+
+    # -- the loop --------------------------------------------------------------
+    def train(self, progress: bool = True) -> List[dict]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        batches = self._batches()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
+                   disable=not progress or self.rank != 0)
+        tok_count, tic = 0, time.perf_counter()
+        last_good = self.step
+        while self.step < cfg.steps:
+            grads, loss_sum, metrics_sum = None, 0.0, None
+            for _ in range(cfg.grad_accum):
+                batch = make_batch(next(batches), self.backbone, cfg.top_n, len(self.heads.heads))
+                loss, g = self.loss_and_grad(batch)
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                mx.eval(loss, grads)
+                loss_sum += loss.item()
+                tok_count += batch["num_tokens"] * self.world
+                m = [(c.item(), kl.item(), a.item()) for c, kl, a in self._metrics]
+                metrics_sum = m if metrics_sum is None else [tuple(x + y for x, y in zip(p, q)) for p, q in zip(metrics_sum, m)]
+            scale = 1.0 / cfg.grad_accum
+            if self.world > 1:
+                grads = tree_map(lambda x: mx.distributed.all_sum(x, group=self.group), grads)
+                scale /= self.world
+                loss_sum = mx.distributed.all_sum(mx.array(loss_sum), group=self.group).item() / self.world
+            grads = tree_map(lambda x: x * scale, grads)
+            loss_val = loss_sum / cfg.grad_accum
+            if not math.isfinite(loss_val):
+                bar.close()
+                raise MTPDError(
+                    f"loss became {loss_val} at step {self.step + 1}; the last good checkpoint "
+                    f"(step {last_good}) is kept in {self.out}: lower --learning-rate and --resume"
+                )
+            self.optimizer.update(self.heads, grads)
+            mx.eval(self.heads.parameters(), self.optimizer.state)
+            self.step += 1
+            rec = {"step": self.step, "loss": loss_val,
+                   "ce": [m[0] / cfg.grad_accum for m in metrics_sum],
+                   "kl": [m[1] / cfg.grad_accum for m in metrics_sum],
+                   "agreement": [m[2] / cfg.grad_accum for m in metrics_sum],
+                   "tokens_per_s": tok_count / (time.perf_counter() - tic)}
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                rec.update(self.evaluate())
+            self.history.append(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_val:.3f}", acc="/".join(f"{a:.2f}" for a in rec["agreement"]),
+                            tok_s=f"{rec['tokens_per_s']:.0f}")
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save()
+                last_good = self.step
+        bar.close()
+        self.save()
+        return self.history
+
+
+def build_heads(model, args) -> HeadSet:
+    """New heads, or heads from --init-from, extended to --extend-to by copying."""
+    if args.init_from:
+        hs = load_heads(Path(args.init_from), model)
+        k_old = hs.num_heads
+        if args.extend_to:
+            if args.extend_to <= k_old:
+                raise MTPDError(f"--extend-to {args.extend_to} must exceed the {k_old} heads of --init-from")
+            import copy
+
+            for i in range(k_old, args.extend_to):
+                hs.heads.append(copy.deepcopy(hs.heads[i % k_old]))
+            hs.config["num_heads"] = args.extend_to
+            hs.config["extended_from"] = k_old
+        return hs
+    return init_heads(model, args.num_heads, draft_vocab=args.draft_vocab)
+
+
+def main(argv=None) -> None:
+    from .cli import run_main
+
+    p = argparse.ArgumentParser(prog="mlx_mtpd train", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="MLX model folder (default: SmolLM2-135M-Instruct).")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="gen-data folders/files, .jsonl (text or messages) or .txt files.")
+    p.add_argument("--eval-data", nargs="+", default=None, help="Held-out data for evaluation.")
+    p.add_argument("--out", required=True, help="Output head set / checkpoint folder.")
+    p.add_argument("--cache-dir", default=None, help="Where the backbone's outputs are cached (default OUT.cache).")
+    p.add_argument("--num-heads", type=int, default=1)
+    p.add_argument("--init-from", default=None, help="Start from this head set (fine-tune or extend).")
+    p.add_argument("--extend-to", type=int, default=None,
+                   help="Copy heads 1..K into K+1..this, train only the new ones.")
+    p.add_argument("--alpha", type=float, nargs="+", default=[1.0], help="CE weight(s), per head or one.")
+    p.add_argument("--beta", type=float, nargs="+", default=None,
+                   help="KL weight(s) (default 1.0 with one head, 0.5 with more).")
+    p.add_argument("--top-n", type=int, default=10000, help="Teacher top-N for the loss (clipped to the vocabulary).")
+    p.add_argument("--kl", choices=("forward", "reverse"), default="forward")
+    p.add_argument("--learning-rate", "--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--draft-vocab", type=int, default=8192)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="Continue from the checkpoint in --out.")
+    p.add_argument("--force", action="store_true", help="Replace an existing --out.")
+    args = p.parse_args(argv)
+    run_main("train", lambda: train_cli(args))
+
+
+def train_cli(args) -> None:
+    from .data_cache import prepare_cache, read_sequences
+    from .utils import load
+
+    group = None
+    if mx.distributed.is_available():
+        g = mx.distributed.init()
+        group = g if g.size() > 1 else None
+    rank = group.rank() if group else 0
+    out = Path(args.out)
+    if out.exists() and not (args.resume or args.force):
+        raise MTPDError(f"{out} already exists: pass --resume to continue it or --force to start over")
+    if args.resume and not (out / STATE_FILE).exists():
+        raise MTPDError(f"nothing to resume in {out} (no {STATE_FILE})")
+    mx.random.seed(args.seed)
+    model, tokenizer, _ = load(args.model)
+    model.freeze()
+    backbone = Backbone(model)
+    heads = load_heads(out, model) if args.resume else build_heads(model, args)
+    k = heads.num_heads
+    beta = args.beta or [1.0 if k == 1 else 0.5]
+    # copy-and-train: only the new heads learn; the old ones stay as they were
+    trainable = list(range(heads.config["extended_from"], k)) if args.extend_to and not args.resume else []
+    cfg = TrainConfig(
+        num_heads=k, alpha=per_head(args.alpha, k, "alpha"), beta=per_head(beta, k, "beta"),
+        top_n=min(args.top_n, backbone.vocab_size), kl=args.kl, learning_rate=args.learning_rate,
+        warmup=args.warmup, steps=args.steps, weight_decay=args.weight_decay, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, seed=args.seed, eval_every=args.eval_every,
+        save_every=args.save_every, trainable=trainable,
+    )
+    if args.resume:
+        saved = json.loads((out / STATE_FILE).read_text())["config"]
+        cfg = TrainConfig(**saved) if saved else cfg
+        cfg.steps = args.steps
+    cache_root = Path(args.cache_dir) if args.cache_dir else out.with_name(out.name + ".cache")
+
+    def cache_for(name, paths):
+        path = cache_root / name
+        if (path / "index.json").exists():
+            return open_cache(path, backbone)
+        if rank != 0:
+            raise MTPDError(f"prepare the data cache {path} first (run once with one process)")
+        seqs, counts = read_sequences(paths, tokenizer, args.seq_len)
+        skipped = {k2: v for k2, v in counts.items() if k2 != "records" and v}
+        print(f"[mlx_mtpd] {name}: {counts['records']} sequences" +
+              (f" (skipped/truncated: {skipped})" if skipped else ""), file=sys.stderr)
+        prepare_cache(model, seqs, path, cfg.top_n, desc=f"backbone ({name})")
+        return open_cache(path, backbone)
+
+    train_cache = cache_for("train", args.data)
+    eval_cache = cache_for("eval", args.eval_data) if args.eval_data else None
+    trainer = Trainer(model, heads, cfg, out, train_cache, eval_cache, group)
+    if args.resume:
+        trainer.restore(out)
+    history = trainer.train()
+    if rank == 0 and history:
+        last = history[-1]
+        print(f"[mlx_mtpd] step {last['step']}: loss {last['loss']:.4f}, agreement "
+              f"{' '.join(f'{a:.3f}' for a in last['agreement'])}, {last['tokens_per_s']:.0f} tokens/s "
+              f"-> {out}", file=sys.stderr)
