@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "init-heads": "mlx_mtpd.init_heads",
     "gen-data": "mlx_mtpd.gen_data",
     "train": "mlx_mtpd.train",
+    "eval-heads": "mlx_mtpd.eval_heads",
     "doctor": "mlx_mtpd.doctor",
 }
 

@@ -170,6 +170,22 @@ def forward_heads(head_set: HeadSet, backbone: Backbone, batch, cfg: TrainConfig
     return total, metrics
 
 
+def teacher_forced_agreement(heads: HeadSet, backbone: Backbone, cache: dict, cfg: TrainConfig,
+                             max_sequences: Optional[int] = None) -> List[float]:
+    """Per-head top-1 agreement with the teacher's greedy token, over a cached set."""
+    agree = [[0.0, 0.0] for _ in heads.heads]
+    n_seq = cache["sequences"] if max_sequences is None else min(max_sequences, cache["sequences"])
+    recs = list(iter_sequences(cache, list(range(n_seq))))
+    for b in range(0, len(recs), cfg.batch_size):
+        batch = make_batch(recs[b : b + cfg.batch_size], backbone, cfg.top_n, len(heads.heads))
+        _, metrics = forward_heads(heads, backbone, batch, cfg)
+        n = batch["num_tokens"]
+        for k, (_, _, a) in enumerate(metrics):
+            agree[k][0] += a.item() * n
+            agree[k][1] += n
+    return [a / max(n, 1) for a, n in agree]
+
+
 class Trainer:
     def __init__(self, model, head_set: HeadSet, cfg: TrainConfig, out: Path, train_cache: dict,
                  eval_cache: Optional[dict] = None, group=None):
@@ -229,8 +245,7 @@ class Trainer:
             opt_state = dict(tree_flatten(self.optimizer.state))
             mx.save_safetensors(str(tmp / OPT_FILE), {k: v for k, v in opt_state.items() if isinstance(v, mx.array)})
             state = {"step": self.step, "epoch": self.epoch, "cursor": self.cursor,
-                     "config": asdict(self.cfg), "history": self.history,
-                     "rng": np.array(mx.random.state[0]).tolist()}
+                     "config": asdict(self.cfg), "history": self.history}
             (tmp / STATE_FILE).write_text(json.dumps(state))
 
     def restore(self, path: Path) -> None:
@@ -241,23 +256,14 @@ class Trainer:
         opt = mx.load(str(path / OPT_FILE))
         self.optimizer.init(self.heads.trainable_parameters())
         self.optimizer.state = tree_unflatten(list(opt.items()))
-        mx.random.state[0] = mx.array(np.array(state["rng"], dtype=np.uint32))
+        # training draws no random numbers (data order is numpy's, seeded per epoch)
 
     # -- evaluation ------------------------------------------------------------
     def evaluate(self, max_sequences: int = 64) -> Dict[str, List[float]]:
         if self.eval_cache is None:
             return {}
-        agree = [[0.0, 0.0] for _ in self.heads.heads]
-        order = list(range(min(max_sequences, self.eval_cache["sequences"])))
-        recs = list(iter_sequences(self.eval_cache, order))
-        for b in range(0, len(recs), self.cfg.batch_size):
-            batch = make_batch(recs[b : b + self.cfg.batch_size], self.backbone, self.cfg.top_n, len(self.heads.heads))
-            _, metrics = forward_heads(self.heads, self.backbone, batch, self.cfg)
-            n = batch["num_tokens"]
-            for k, (_, _, a) in enumerate(metrics):
-                agree[k][0] += a.item() * n
-                agree[k][1] += n
-        return {"eval_agreement": [a / max(n, 1) for a, n in agree]}
+        return {"eval_agreement": teacher_forced_agreement(self.heads, self.backbone, self.eval_cache,
+                                                           self.cfg, max_sequences)}
 
     # -- the loop --------------------------------------------------------------
     def train(self, progress: bool = True) -> List[dict]:
@@ -295,6 +301,12 @@ class Trainer:
                 )
             self.optimizer.update(self.heads, grads)
             mx.eval(self.heads.parameters(), self.optimizer.state)
+            if not _all_finite(self.heads.trainable_parameters()):
+                bar.close()
+                raise MTPDError(
+                    f"parameters became NaN/inf at step {self.step + 1}; the last good checkpoint "
+                    f"(step {last_good}) is kept in {self.out}: lower --learning-rate and --resume"
+                )
             self.step += 1
             rec = {"step": self.step, "loss": loss_val,
                    "ce": [m[0] / cfg.grad_accum for m in metrics_sum],
@@ -313,6 +325,11 @@ class Trainer:
         bar.close()
         self.save()
         return self.history
+
+
+def _all_finite(params) -> bool:
+    checks = [mx.isfinite(v).all() for _, v in tree_flatten(params)]
+    return bool(mx.all(mx.stack(checks)).item()) if checks else True
 
 
 def build_heads(model, args) -> HeadSet:

@@ -1,0 +1,160 @@
+"""`mlx_mtpd eval-heads`: how well a head set drafts, on held-out prompts.
+
+Teacher-forced: each head's top-1 agreement with the backbone's greedy token.
+In real decoding (greedy, lossless): AR_k, CAR_k and the mean accepted length
+tau for D = 1..8 with each loop policy.  JSON for scripts, a PNG plot of
+acceptance by draft position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+
+from .errors import MTPDError
+
+EVAL_PROMPTS = Path(__file__).parent / "data" / "prompts_eval.jsonl"
+
+
+def decoding_acceptance(model, tokenizer, heads, prompts: List[str], *, max_tokens: int,
+                        drafts: List[int], loops: List[str], progress: bool = True) -> Dict[str, dict]:
+    """Aggregate SpecStats over `prompts` for every (D, loop); loop only matters for D > K."""
+    from tqdm import tqdm
+
+    from .engine import SpecStats, mtp_generate_step
+
+    ids = [mx.array(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
+           for p in prompts]
+    configs = [(d, lp) for d in drafts for lp in (loops if d > heads.num_heads else loops[:1])]
+    results = {}
+    bar = tqdm(total=len(configs) * len(ids), desc="decode", unit="run", disable=not progress)
+    for d, lp in configs:
+        total = SpecStats()
+        for p in ids:
+            st = SpecStats()
+            for _ in mtp_generate_step(p, model, heads, num_draft=d, loop=lp, max_tokens=max_tokens, stats=st):
+                pass
+            _merge(total, st)
+            bar.update(1)
+        results[f"D={d},loop={lp}"] = {"num_draft": d, "loop": lp, **total.as_dict()}
+    bar.close()
+    return results
+
+
+def _merge(total, st) -> None:
+    n = max(len(total.drafted), len(st.drafted))
+    for name in ("drafted", "reached", "accepted"):
+        a, b = getattr(total, name), getattr(st, name)
+        setattr(total, name, [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)])
+    total.rounds += st.rounds
+    total.forwards += st.forwards
+    total.emitted += st.emitted
+    total.num_draft = st.num_draft
+
+
+def plot(results: Dict[str, dict], agreement: Optional[List[float]], path: Path, title: str,
+         num_heads: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for loop, style in (("last", "o-"), ("cycle", "s--")):
+        best = [r for r in results.values() if r["loop"] == loop or r["num_draft"] <= num_heads]
+        if not best:
+            continue
+        deepest = max(best, key=lambda r: r["num_draft"])
+        k = range(1, len(deepest["acceptance_rates"]) + 1)
+        a1.plot(k, deepest["acceptance_rates"], style, label=f"AR_k ({loop})")
+        a1.plot(k, deepest["cumulative_acceptance"], style, alpha=0.5, label=f"CAR_k ({loop})")
+        by_d = sorted(best, key=lambda r: r["num_draft"])
+        a2.plot([r["num_draft"] for r in by_d], [r["mean_accepted_length"] for r in by_d], style, label=loop)
+    if agreement:
+        a1.plot(range(1, len(agreement) + 1), agreement, "k^", label="teacher-forced agreement")
+    a1.set(xlabel="draft position k", ylabel="rate", ylim=(0, 1), title="acceptance by draft position")
+    a2.set(xlabel="draft length D", ylabel="mean accepted length tau", title="tau by draft length")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    from .cli import run_main
+
+    p = argparse.ArgumentParser(prog="mlx_mtpd eval-heads", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--heads", default=None, help="Head set (default: the model's own).")
+    p.add_argument("--prompts", default=str(EVAL_PROMPTS), help="Held-out prompts (.jsonl or text).")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="Held-out gen-data for teacher-forced agreement (optional).")
+    p.add_argument("--num-prompts", type=int, default=12)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--num-draft", default="1,2,3,4,5,6,7,8", help="Comma-separated draft lengths.")
+    p.add_argument("--loops", default="last,cycle")
+    p.add_argument("--json", default=None, help="Write the results here.")
+    p.add_argument("--plot", default=None, help="Write a PNG plot here.")
+    args = p.parse_args(argv)
+
+    def run():
+        from .gen_data import read_prompts
+        from .utils import load
+
+        model, tok, heads = load(args.model, heads=args.heads)
+        if heads is None:
+            raise MTPDError("no head set to evaluate: pass --heads")
+        drafts = [int(x) for x in args.num_draft.split(",")]
+        loops = args.loops.split(",")
+        prompts = [p for p in read_prompts(args.prompts) if isinstance(p, str)][: args.num_prompts]
+        out = {"heads": str(args.heads), "num_heads": heads.num_heads, "prompts": len(prompts),
+               "max_tokens": args.max_tokens}
+        agreement = None
+        if args.data:
+            agreement = teacher_forced(model, tok, heads, args.data)
+            out["teacher_forced_agreement"] = agreement
+        out["decoding"] = decoding_acceptance(model, tok, heads, prompts, max_tokens=args.max_tokens,
+                                              drafts=drafts, loops=loops)
+        best = max(out["decoding"].values(), key=lambda r: r["mean_accepted_length"])
+        out["best"] = {"num_draft": best["num_draft"], "loop": best["loop"],
+                       "mean_accepted_length": best["mean_accepted_length"],
+                       "AR_1": best["acceptance_rates"][0] if best["acceptance_rates"] else 0.0}
+        for key, r in out["decoding"].items():
+            ar = " ".join(f"{a:.2f}" for a in r["acceptance_rates"])
+            print(f"{key:<18} tau {r['mean_accepted_length']:.2f}  AR_k {ar}")
+        if agreement:
+            print("teacher-forced agreement: " + " ".join(f"{a:.3f}" for a in agreement))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+        if args.plot:
+            plot(out["decoding"], agreement, Path(args.plot), f"{heads.num_heads} heads, {len(prompts)} prompts",
+                 heads.num_heads)
+        print(f"best: D={best['num_draft']} loop={best['loop']} tau {best['mean_accepted_length']:.2f}",
+              file=sys.stderr)
+
+    run_main("eval-heads", run)
+
+
+def teacher_forced(model, tokenizer, heads, data: List[str], seq_len: int = 512, top_n: int = 256) -> List[float]:
+    """Per-head top-1 agreement with the backbone's greedy token, teacher-forced."""
+    import tempfile
+
+    from .data_cache import open_cache, prepare_cache, read_sequences
+    from .heads import Backbone
+    from .train import TrainConfig, teacher_forced_agreement
+
+    seqs, _ = read_sequences(data, tokenizer, seq_len)
+    with tempfile.TemporaryDirectory() as d:
+        path = prepare_cache(model, seqs, Path(d) / "eval", top_n, desc="backbone (eval)")
+        cache = open_cache(path)
+        k = heads.num_heads
+        cfg = TrainConfig(num_heads=k, alpha=[1.0] * k, beta=[1.0] * k, top_n=top_n)
+        return teacher_forced_agreement(heads, Backbone(model), cache, cfg)

