@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from .errors import MTPDError
 from .utils import HEADS_CONFIG, HEADS_WEIGHTS, atomic_dir, write_json_atomic
@@ -180,8 +180,11 @@ class HeadSet(nn.Module):
         object.__setattr__(self, "config", config)
         # Token ids the heads draft over (None: the whole vocabulary).  Stored
         # beside the weights as `draft_vocab`; not a parameter.
-        object.__setattr__(self, "_draft_ids", None if draft_ids is None else draft_ids.astype(mx.int32))
-        self.config["draft_vocab_size"] = None if draft_ids is None else int(draft_ids.size)
+        self.set_draft_vocab(draft_ids)
+
+    def set_draft_vocab(self, ids: Optional[mx.array]) -> None:
+        object.__setattr__(self, "_draft_ids", None if ids is None else ids.astype(mx.int32))
+        self.config["draft_vocab_size"] = None if ids is None else int(ids.size)
 
     @property
     def num_heads(self) -> int:
@@ -272,25 +275,30 @@ def _weights_to_save(head_set: HeadSet) -> Dict[str, mx.array]:
     return weights
 
 
-def write_head_files(head_set: HeadSet, folder: Path) -> None:
+def write_head_files(head_set: HeadSet, folder: Path, dtype: Optional[str] = None) -> None:
     """Write mtp_heads.safetensors + mtp_config.json into `folder`, each under a
-    temporary name first and renamed, so a reader never sees half a file."""
+    temporary name first and renamed, so a reader never sees half a file.
+    `dtype` stores float weights at that precision (e.g. float16 to ship)."""
     folder = Path(folder)
+    weights = _weights_to_save(head_set)
+    if dtype is not None:
+        t = getattr(mx, dtype)
+        weights = {k: v.astype(t) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     tmp = folder / ".mtp_heads.tmp.safetensors"  # mlx appends .safetensors otherwise
-    mx.save_safetensors(str(tmp), _weights_to_save(head_set), metadata={"format": "mlx"})
+    mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
     tmp.rename(folder / HEADS_WEIGHTS)
     write_json_atomic(folder / HEADS_CONFIG, head_set.config)
 
 
-def save_heads(head_set: HeadSet, out: Path, force: bool = True) -> Path:
+def save_heads(head_set: HeadSet, out: Path, force: bool = True, dtype: Optional[str] = None) -> Path:
     """Save a head set: into an existing model folder beside the backbone, or as
     a new folder built whole and renamed into place."""
     out = Path(out)
     if out.exists() and (out / "config.json").exists():
-        write_head_files(head_set, out)
+        write_head_files(head_set, out, dtype)
         return out
     with atomic_dir(out, force=force) as tmp:
-        write_head_files(head_set, tmp)
+        write_head_files(head_set, tmp, dtype)
     return out
 
 
@@ -345,6 +353,10 @@ def load_heads(path: Path, model: nn.Module) -> HeadSet:
         head_set.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise MTPDError(f"{w_file} does not match {HEADS_CONFIG} or this backbone ({e})") from None
+    # Heads may be stored at 16 bits; they compute in the backbone's dtype.
+    dtype = _compute_dtype(backbone)
+    head_set.update(tree_map(lambda v: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v,
+                             head_set.parameters()))
     mx.eval(head_set.parameters())
     return head_set
 

@@ -327,6 +327,18 @@ class Trainer:
         return self.history
 
 
+def frequent_tokens(cache: dict, size: int, tokenizer) -> mx.array:
+    """The `size` most frequent tokens of the training text (ties: lower id), plus
+    the end-of-sequence tokens: the heads' draft vocabulary."""
+    counts = np.zeros(cache["vocab_size"], np.int64)
+    for rec in iter_sequences(cache):
+        np.add.at(counts, np.array(rec["tokens"]), 1)
+    for t in getattr(tokenizer, "eos_token_ids", []) or []:
+        counts[t] = counts.max() + 1
+    order = np.lexsort((np.arange(len(counts)), -counts))[:size]
+    return mx.array(np.sort(order).astype(np.int32))
+
+
 def _all_finite(params) -> bool:
     checks = [mx.isfinite(v).all() for _, v in tree_flatten(params)]
     return bool(mx.all(mx.stack(checks)).item()) if checks else True
@@ -380,6 +392,10 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--export", default=None,
+                   help="Also write the trained heads alone (no optimizer state) to this folder.")
+    p.add_argument("--export-dtype", choices=("float32", "float16", "bfloat16"), default="float16",
+                   help="Precision of the exported heads (default float16).")
     p.add_argument("--resume", action="store_true", help="Continue from the checkpoint in --out.")
     p.add_argument("--force", action="store_true", help="Replace an existing --out.")
     args = p.parse_args(argv)
@@ -436,11 +452,17 @@ def train_cli(args) -> None:
         return open_cache(path, backbone)
 
     train_cache = cache_for("train", args.data)
+    if not (args.resume or args.init_from) and 0 < args.draft_vocab < backbone.vocab_size:
+        heads.set_draft_vocab(frequent_tokens(train_cache, args.draft_vocab, tokenizer))
     eval_cache = cache_for("eval", args.eval_data) if args.eval_data else None
     trainer = Trainer(model, heads, cfg, out, train_cache, eval_cache, group)
     if args.resume:
         trainer.restore(out)
     history = trainer.train()
+    if rank == 0 and args.export:
+        from .heads import save_heads
+
+        save_heads(heads, Path(args.export), force=True, dtype=args.export_dtype)
     if rank == 0 and history:
         last = history[-1]
         print(f"[mlx_mtpd] step {last['step']}: loss {last['loss']:.4f}, agreement "

