@@ -1,0 +1,51 @@
+"""gen-data: the backbone answers prompts; records carry token ids; resume; bad input."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli, write_hf_checkpoint
+
+
+def test_gen_data_greedy_and_sampled_then_resume(tmp_path):
+    model = tmp_path / "model"
+    write_hf_checkpoint(model, "qwen2", vocab_size=300, seed=6)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"tell me about the {w}"})
+                                 for w in ["sea", "moon", "tea", "cats", "rain"]) + "\n")
+    out = tmp_path / "data"
+    r = run_cli("gen-data", "--model", model, "--prompts", prompts, "--out", out, "--max-tokens", 12,
+                "--batch-size", 4, "--temps", "0,1.0", "--limit", 3)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in (out / "data.jsonl").read_text().splitlines()]
+    assert len(recs) == 6 and {r["temp"] for r in recs} == {0.0, 1.0}
+    for rec in recs:
+        assert rec["messages"][-1]["role"] == "assistant"
+        assert 0 < len(rec["completion_tokens"]) <= 12 and rec["prompt_tokens"]
+    # greedy answers are the backbone's own greedy continuation
+    from conftest import greedy_tokens
+    import mlx_lm
+
+    m, tok = mlx_lm.load(str(model))
+    g = next(r for r in recs if r["temp"] == 0.0)
+    ref = greedy_tokens(m, g["prompt_tokens"], len(g["completion_tokens"]))
+    assert sum(a == b for a, b in zip(ref, g["completion_tokens"])) >= len(ref) - 2  # batch numerics
+    # a second run without --resume refuses; with --resume adds only what is missing
+    r = run_cli("gen-data", "--model", model, "--prompts", prompts, "--out", out, "--limit", 3)
+    assert r.returncode == 1 and "--resume" in r.stderr
+    r = run_cli("gen-data", "--model", model, "--prompts", prompts, "--out", out, "--max-tokens", 12,
+                "--batch-size", 4, "--temps", "0,1.0", "--limit", 5, "--resume")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in (out / "data.jsonl").read_text().splitlines()]
+    assert len(recs) == 10 and len({r["id"] for r in recs}) == 10
+
+
+def test_gen_data_bad_prompts(tmp_path):
+    model = tmp_path / "model"
+    write_hf_checkpoint(model, "qwen2", vocab_size=300, seed=6)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{oops\n')
+    r = run_cli("gen-data", "--model", model, "--prompts", bad, "--out", tmp_path / "o")
+    assert r.returncode == 1 and "bad.jsonl:2: invalid JSON" in r.stderr
+    r = run_cli("gen-data", "--model", model, "--prompts", tmp_path / "none.txt", "--out", tmp_path / "o")
+    assert r.returncode == 1 and "not found" in r.stderr
