@@ -112,7 +112,7 @@ def make_batch(records: List[Dict[str, mx.array]], backbone: Backbone, top_n: in
         lens[i] = n
         hid_rows.append(mx.pad(r["hidden"].astype(mx.float32), [(0, L - n), (0, 0)]))
     hidden = mx.stack(hid_rows)
-    if "top_ids" in records[0]:
+    if "top_ids" in records[0] and records[0]["top_ids"].shape[-1] >= top_n:
         ids = mx.stack([mx.pad(r["top_ids"], [(0, L - r["top_ids"].shape[0]), (0, 0)]) for r in records])
         vals = mx.stack([mx.pad(r["top_logits"].astype(mx.float32), [(0, L - r["top_logits"].shape[0]), (0, 0)])
                          for r in records])
@@ -129,6 +129,10 @@ def make_batch(records: List[Dict[str, mx.array]], backbone: Backbone, top_n: in
             vals = mx.take_along_axis(logits, ids, axis=-1)
     ids = mx.stop_gradient(ids)
     vals = mx.stop_gradient(vals)
+    if ids.shape[-1] >= backbone.vocab_size:  # the full-vocabulary loss: U is the vocabulary
+        return {"tokens": mx.array(toks), "lens": mx.array(lens), "hidden": hidden,
+                "union": mx.arange(backbone.vocab_size, dtype=mx.int32), "teacher_idx": ids.astype(mx.int32),
+                "teacher_logits": vals, "token_idx": mx.array(toks), "num_tokens": int(lens.sum())}
     ids_np = np.array(ids)
     union = np.unique(np.concatenate([ids_np.reshape(-1), toks.reshape(-1)]))
     return {

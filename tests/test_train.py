@@ -215,3 +215,30 @@ def test_training_reduces_the_loss_on_the_default_model(smol_path, tmp_path):
     assert last < first, (first, last)
     cache = json.loads((tmp_path / "heads.cache" / "train" / "index.json").read_text())
     assert cache["cached_top_n"] == 256 and cache["prep_tokens_per_s"] > 0
+
+
+def test_eval_heads_json_and_plot(tiny_ckpt, tmp_path):
+    r = _train(tiny_ckpt, tmp_path / "h", "--steps", 3, "--num-heads", 1)
+    assert r.returncode == 0, r.stderr
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat\nthe theme\nan inn\n")
+    out, png = tmp_path / "eval.json", tmp_path / "acc.png"
+    r = run_cli("eval-heads", "--model", tiny_ckpt / "model", "--heads", tmp_path / "h", "--prompts", prompts,
+                "--data", tiny_ckpt / "data.jsonl", "--num-draft", "1,2,3", "--max-tokens", 10,
+                "--json", out, "--plot", png)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert set(res["decoding"]) == {"D=1,loop=last", "D=2,loop=last", "D=2,loop=cycle",
+                                    "D=3,loop=last", "D=3,loop=cycle"}
+    for v in res["decoding"].values():
+        assert len(v["acceptance_rates"]) == v["num_draft"] and v["mean_accepted_length"] >= 1
+    assert len(res["teacher_forced_agreement"]) == 1
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_full_vocabulary_loss_runs(tiny_ckpt, tmp_path):
+    """--top-n at the vocabulary size: the teacher comes from the cached hidden state."""
+    r = _train(tiny_ckpt, tmp_path / "full", "--steps", 2, "--num-heads", 1, "--top-n", 300,
+               "--cache-dir", tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "c" / "train" / "index.json").read_text())["top_n"] == 300
