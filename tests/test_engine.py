@@ -353,3 +353,26 @@ def test_generate_cli_with_heads(tmp_path, smol_path):
     assert "Generation:" in r.stdout and "Acceptance: tau" in r.stdout
     r = run_cli("init-heads", "--model", smol_path, "--out", heads)
     assert r.returncode == 1 and "already exists" in r.stderr
+
+
+def test_stream_generate_mirrors_mlx_lm(smol_chat):
+    """Same text pieces, token counts and finish reason as mlx_lm.stream_generate,
+    for an answer that ends with EOS and one cut by max_tokens."""
+    import mlx_lm
+
+    from mlx_mtpd.generate import stream_generate
+
+    model, tok, prompts = smol_chat
+    heads = fit_heads(model, [p + greedy_tokens(model, p, 24) for p in prompts[:3]], num_heads=2)
+    paris = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        add_generation_prompt=True)
+    for prompt, n in [(paris, 40), (prompts[0], 9)]:
+        ref = list(mlx_lm.stream_generate(model, tok, prompt, max_tokens=n))
+        got = list(stream_generate(model, tok, prompt, max_tokens=n, heads=heads, num_draft=3))
+        assert [r.text for r in got] == [r.text for r in ref]
+        assert [r.token for r in got] == [r.token for r in ref]
+        assert got[-1].finish_reason == ref[-1].finish_reason
+        assert got[-1].generation_tokens == ref[-1].generation_tokens
+        assert got[-1].stats.emitted >= got[-1].generation_tokens
+    assert ref[-1].finish_reason == "length"

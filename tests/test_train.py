@@ -242,3 +242,30 @@ def test_full_vocabulary_loss_runs(tiny_ckpt, tmp_path):
                "--cache-dir", tmp_path / "c")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "c" / "train" / "index.json").read_text())["top_n"] == 300
+
+
+def test_backbone_parameters_stay_byte_equal_in_process(tiny_ckpt, tmp_path):
+    """Train in this process and compare the backbone's arrays before and after."""
+    import mlx_lm
+    from mlx.utils import tree_flatten
+
+    from mlx_mtpd.data_cache import open_cache, prepare_cache, read_sequences
+    from mlx_mtpd.heads import init_heads
+    from mlx_mtpd.train import TrainConfig, Trainer
+
+    model, tok = mlx_lm.load(str(tiny_ckpt / "model"))
+    model.freeze()
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    seqs, _ = read_sequences([str(tiny_ckpt / "data.jsonl")], tok, 64)
+    cache = open_cache(prepare_cache(model, seqs, tmp_path / "c", 64))
+    heads = init_heads(model, 2)
+    head0 = {k: np.array(v) for k, v in tree_flatten(heads.heads[0].parameters())}
+    cfg = TrainConfig(num_heads=2, alpha=[1.0, 1.0], beta=[0.5, 0.5], top_n=64, steps=4, warmup=1,
+                      batch_size=2, eval_every=0, save_every=0, trainable=[1])
+    hist = Trainer(model, heads, cfg, tmp_path / "out", cache).train(progress=False)
+    assert len(hist) == 4
+    after = dict(tree_flatten(model.parameters()))
+    for k, v in before.items():
+        assert np.array(after[k]).tobytes() == v.tobytes(), k
+    for k, v in tree_flatten(heads.heads[0].parameters()):  # head 1 frozen (trainable=[1])
+        assert np.array(v).tobytes() == head0[k].tobytes(), k
