@@ -69,7 +69,7 @@ def main():
     totals = {k: [0, 0.0] for k in settings}
     timed(generate_step(prompts[0], model, max_tokens=8))  # warm-up
     mismatches = []
-    for r in range(args.rounds):
+    for _ in range(args.rounds):
         for pi, p in enumerate(prompts):
             ref = []
             for name, d in settings.items():

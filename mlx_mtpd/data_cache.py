@@ -9,6 +9,7 @@ vocabulary.  Shards are streamed back, so memory stays bounded for any dataset.
 
 from __future__ import annotations
 
+import bisect
 import json
 import sys
 import time
@@ -207,10 +208,9 @@ def iter_sequences(index: dict, order: Optional[List[int]] = None) -> Iterator[D
         start += s["sequences"]
     order = list(range(index["sequences"])) if order is None else order
     loaded_file, data = None, None
+    starts = [lo for lo, _, _ in bounds]
     for i in order:
-        for lo, hi, f in bounds:
-            if lo <= i < hi:
-                break
+        f = bounds[bisect.bisect_right(starts, i) - 1][2]
         if f != loaded_file:
             data, loaded_file = mx.load(str(path / f)), f
         key = f"{i:07d}"

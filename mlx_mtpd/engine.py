@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, List, Optional, Tuple
+from typing import Callable, Generator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -289,13 +289,15 @@ class Trainer:
                 loss_sum += loss.item()
                 tok_count += batch["num_tokens"] * self.world
                 m = [(c.item(), kl.item(), a.item()) for c, kl, a in self._metrics]
-                metrics_sum = m if metrics_sum is None else [tuple(x + y for x, y in zip(p, q)) for p, q in zip(metrics_sum, m)]
+                metrics_sum = m if metrics_sum is None else [
+                    tuple(x + y for x, y in zip(p, q)) for p, q in zip(metrics_sum, m)
+                ]
             scale = 1.0 / cfg.grad_accum
             if self.world > 1:
                 grads = tree_map(lambda x: mx.distributed.all_sum(x, group=self.group), grads)
                 scale /= self.world
                 loss_sum = mx.distributed.all_sum(mx.array(loss_sum), group=self.group).item() / self.world
-            grads = tree_map(lambda x: x * scale, grads)
+            grads = tree_map(lambda x, s=scale: x * s, grads)
             loss_val = loss_sum / cfg.grad_accum
             if not math.isfinite(loss_val):
                 bar.close()

@@ -15,12 +15,6 @@ import numpy as np
 from mlx_mtpd.heads import Backbone, init_heads
 
 
-def own_text(model, prompts, n=40):
-    from conftest import greedy_tokens
-
-    return [list(p) + greedy_tokens(model, p, n) for p in prompts]
-
-
 def fit_heads(model, seqs, num_heads=2, ridge=1e-2, loop="last", draft_vocab=None):
     bb = Backbone(model)
     hs = init_heads(model, num_heads, loop=loop, draft_vocab=draft_vocab)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import greedy_tokens, run_cli, tiny_model
-from heads_util import fit_heads, own_text
+from heads_util import fit_heads
 from mlx_mtpd.engine import TIE_TOLERANCE, DraftState, SpecStats, mtp_generate_step
 from mlx_mtpd.errors import MTPDError
 from mlx_mtpd.heads import init_heads
