@@ -70,8 +70,8 @@ def stream_generate(
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     prompt = _encode(tokenizer, prompt)
-    if num_draft is None:
-        num_draft = DEFAULT_NUM_DRAFT if heads is not None else 0
+    if num_draft is None:  # the head set's measured best, else the default
+        num_draft = int(heads.config.get("num_draft", DEFAULT_NUM_DRAFT)) if heads is not None else 0
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     stats = SpecStats()
@@ -170,7 +170,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="Sample from the top k tokens.")
     p.add_argument("--min-p", type=float, default=0.0, help="Min-p sampling threshold.")
     p.add_argument("--num-draft", type=int, default=None,
-                   help=f"Tokens drafted per step (default {DEFAULT_NUM_DRAFT} with heads, 0 without).")
+                   help="Tokens drafted per step (default: the head set's measured best, "
+                        f"else {DEFAULT_NUM_DRAFT}; 0 without heads).")
     p.add_argument("--loop", choices=("last", "cycle"), default=None,
                    help="How depths beyond the trained heads reuse them (default: the head set's).")
     p.add_argument("--seed", type=int, default=None, help="Random seed.")
