@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "gen-data": "mlx_mtpd.gen_data",
     "train": "mlx_mtpd.train",
     "eval-heads": "mlx_mtpd.eval_heads",
+    "bench": "mlx_mtpd.bench",
     "doctor": "mlx_mtpd.doctor",
 }
 

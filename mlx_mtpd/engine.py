@@ -69,6 +69,19 @@ class SpecStats:
             if i < accepted:
                 self.accepted[i] += 1
 
+    def add(self, other: "SpecStats") -> "SpecStats":
+        """Accumulate another generation's counts into this one."""
+        n = max(len(self.drafted), len(other.drafted))
+        for name in ("drafted", "reached", "accepted"):
+            a, b = getattr(self, name), getattr(other, name)
+            setattr(self, name, [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)])
+        self.rounds += other.rounds
+        self.forwards += other.forwards
+        self.emitted += other.emitted
+        self.step_time += other.step_time
+        self.num_draft = other.num_draft
+        return self
+
     @property
     def acceptance_rates(self) -> List[float]:
         """AR_k: acceptance at position k given positions < k were accepted."""

@@ -39,22 +39,11 @@ def decoding_acceptance(model, tokenizer, heads, prompts: List[str], *, max_toke
             st = SpecStats()
             for _ in mtp_generate_step(p, model, heads, num_draft=d, loop=lp, max_tokens=max_tokens, stats=st):
                 pass
-            _merge(total, st)
+            total.add(st)
             bar.update(1)
         results[f"D={d},loop={lp}"] = {"num_draft": d, "loop": lp, **total.as_dict()}
     bar.close()
     return results
-
-
-def _merge(total, st) -> None:
-    n = max(len(total.drafted), len(st.drafted))
-    for name in ("drafted", "reached", "accepted"):
-        a, b = getattr(total, name), getattr(st, name)
-        setattr(total, name, [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)])
-    total.rounds += st.rounds
-    total.forwards += st.forwards
-    total.emitted += st.emitted
-    total.num_draft = st.num_draft
 
 
 def plot(results: Dict[str, dict], agreement: Optional[List[float]], path: Path, title: str,

@@ -376,3 +376,24 @@ def test_stream_generate_mirrors_mlx_lm(smol_chat):
         assert got[-1].generation_tokens == ref[-1].generation_tokens
         assert got[-1].stats.emitted >= got[-1].generation_tokens
     assert ref[-1].finish_reason == "length"
+
+
+def test_bench_cli_json_and_plot(tmp_path):
+    from conftest import write_hf_checkpoint
+
+    model = tmp_path / "m"
+    write_hf_checkpoint(model, "llama", vocab_size=300, seed=8)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the cat"}\n{"messages": [{"role": "user", "content": "an inn"}]}\n')
+    r = run_cli("bench", "--model", model, "--heads", "untrained", "--prompts", prompts, "--max-tokens", 12,
+                "--num-draft", "0,1,3", "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
+    assert r.returncode == 0, r.stderr
+    res = __import__("json").loads((tmp_path / "b.json").read_text())
+    for key in ("plain_tokens_per_s", "mtp_tokens_per_s", "speedup", "mean_accepted_length",
+                "acceptance_by_position", "identical_outputs", "num_prompts", "device", "blas"):
+        assert key in res
+    assert res["num_prompts"] == 2 and set(res["by_num_draft"]) == {"D=0", "D=1", "D=3"}
+    assert res["identical_outputs"] is True
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    r = run_cli("bench", "--model", model, "--heads", "untrained", "--prompts", prompts, "--num-draft", "x")
+    assert r.returncode == 1 and "--num-draft must be integers" in r.stderr

@@ -1,0 +1,190 @@
+"""`mlx_mtpd bench`: this engine against plain mlx-lm decoding, in one run.
+
+For every prompt, plain `mlx_lm` decoding and this engine at each draft length
+run back to back (the order alternates between prompts to cancel drift), on the
+same model and machine.  Greedy outputs are compared token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+
+from .engine import SpecStats, mtp_generate_step
+from .errors import MTPDError
+
+BENCH_PROMPTS = Path(__file__).parent / "data" / "prompts_bench.jsonl"
+
+
+def _run(gen) -> tuple:
+    """(tokens, total seconds, decode seconds after the first token)."""
+    toks: List[int] = []
+    tic = time.perf_counter()
+    first = None
+    for item in gen:
+        if first is None:
+            first = time.perf_counter()
+        toks.append(int(item[0]))
+    end = time.perf_counter()
+    return toks, end - tic, end - (first or end)
+
+
+def _plain(prompt, model, max_tokens, temp):
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    return generate_step(prompt, model, max_tokens=max_tokens, sampler=make_sampler(temp=temp))
+
+
+def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: List[int], temp: float = 0.0,
+          loop: Optional[str] = None, seed: int = 0, progress: bool = True) -> Dict:
+    from tqdm import tqdm
+
+    from . import _blas
+    from .gen_data import _messages
+
+    ids = [mx.array(tokenizer.apply_chat_template(_messages(p), add_generation_prompt=True)) for p in prompts]
+    names = ["plain"] + [f"D={d}" for d in drafts]
+    totals = {n: {"tokens": 0, "time": 0.0, "decode_tokens": 0, "decode_time": 0.0} for n in names}
+    stats = {n: SpecStats() for n in names[1:]}
+    mismatches = []
+    _run(_plain(ids[0], model, 4, 0.0))  # warm-up
+    bar = tqdm(total=len(ids) * len(names), desc="bench", unit="run", disable=not progress)
+    for i, p in enumerate(ids):
+        order = names if i % 2 == 0 else names[::-1]
+        outs = {}
+        for name in order:
+            mx.random.seed(seed + i)
+            if name == "plain":
+                toks, t, td = _run(_plain(p, model, max_tokens, temp))
+            else:
+                d = int(name[2:])
+                st = SpecStats()
+                toks, t, td = _run(mtp_generate_step(p, model, heads if d else None, num_draft=d, loop=loop,
+                                                     max_tokens=max_tokens, temp=temp, stats=st))
+                stats[name].add(st)
+            outs[name] = toks
+            tot = totals[name]
+            tot["tokens"] += len(toks)
+            tot["time"] += t
+            tot["decode_tokens"] += max(len(toks) - 1, 0)
+            tot["decode_time"] += td
+            bar.update(1)
+        if temp == 0:
+            mismatches += [{"prompt": i, "setting": n} for n in names[1:] if outs[n] != outs["plain"]]
+    bar.close()
+    plain = totals["plain"]
+    per_d = {}
+    for name in names[1:]:
+        t, s = totals[name], stats[name]
+        per_d[name] = {
+            "num_draft": int(name[2:]),
+            "tokens_per_s": t["tokens"] / t["time"],
+            "decode_tokens_per_s": t["decode_tokens"] / max(t["decode_time"], 1e-9),
+            "speedup": plain["time"] / t["time"],
+            "mean_accepted_length": s.mean_accepted_length,
+            "acceptance_by_position": s.cumulative_acceptance,
+            "acceptance_rates": s.acceptance_rates,
+        }
+    best = max(per_d.values(), key=lambda r: r["speedup"])
+    return {
+        "plain_tokens_per_s": plain["tokens"] / plain["time"],
+        "plain_decode_tokens_per_s": plain["decode_tokens"] / max(plain["decode_time"], 1e-9),
+        "mtp_tokens_per_s": best["tokens_per_s"],
+        "speedup": best["speedup"],
+        "num_draft": best["num_draft"],
+        "mean_accepted_length": best["mean_accepted_length"],
+        "acceptance_by_position": best["acceptance_by_position"],
+        "identical_outputs": (not mismatches) if temp == 0 else None,
+        "mismatches": mismatches,
+        "num_prompts": len(ids),
+        "max_tokens": max_tokens,
+        "temp": temp,
+        "device": str(mx.default_device()),
+        "blas": _blas.describe(),
+        "by_num_draft": per_d,
+    }
+
+
+def plot(result: Dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(result["by_num_draft"].values(), key=lambda r: r["num_draft"])
+    d = [r["num_draft"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(d, [r["tokens_per_s"] for r in rows], "o-", label="this engine")
+    ax.axhline(result["plain_tokens_per_s"], color="gray", ls="--", label="plain mlx-lm")
+    ax.set(xlabel="draft length D", ylabel="tokens/s", title=f"{result['num_prompts']} prompts, {result['device']}")
+    ax2 = ax.twinx()
+    ax2.plot(d, [r["mean_accepted_length"] for r in rows], "s:", color="C1", label="tau")
+    ax2.set_ylabel("mean accepted length tau")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    from .cli import run_main
+
+    p = argparse.ArgumentParser(prog="mlx_mtpd bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--heads", default=None,
+                   help="Head set (default: the model's own); 'untrained' makes one untrained head.")
+    p.add_argument("--prompts", default=str(BENCH_PROMPTS), help="JSONL with 'prompt' or 'messages' per line.")
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--num-draft", default="1,2,3", help="Draft length(s), comma-separated; 0 = plain loop.")
+    p.add_argument("--loop", choices=("last", "cycle"), default=None)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None)
+    args = p.parse_args(argv)
+
+    def run():
+        from .gen_data import read_prompts
+        from .heads import init_heads
+        from .utils import load
+
+        if args.num_draft.strip() == "auto":
+            raise MTPDError("--num-draft auto is not implemented yet: give draft lengths, e.g. 1,2,3")
+        try:
+            drafts = [int(x) for x in args.num_draft.split(",")]
+        except ValueError:
+            raise MTPDError(f"--num-draft must be integers separated by commas (got {args.num_draft!r})") from None
+        untrained = args.heads == "untrained"
+        model, tok, heads = load(args.model, heads=None if untrained else args.heads)
+        if untrained:
+            heads = init_heads(model, 1, draft_vocab=8192)
+        if heads is None and any(drafts):
+            raise MTPDError("no head set: pass --heads (or --heads untrained)")
+        prompts = read_prompts(args.prompts)[: args.num_prompts]
+        res = bench(model, tok, heads, prompts, max_tokens=args.max_tokens, drafts=drafts, temp=args.temp,
+                    loop=args.loop, seed=args.seed)
+        print(f"device {res['device']}, BLAS: {res['blas']}, {res['num_prompts']} prompts, temp {args.temp}")
+        print(f"plain mlx-lm: {res['plain_tokens_per_s']:.2f} tokens/s")
+        for name, r in res["by_num_draft"].items():
+            print(f"{name:<5} {r['tokens_per_s']:7.2f} tokens/s  speedup {r['speedup']:.3f}x  "
+                  f"tau {r['mean_accepted_length']:.2f}")
+        if args.temp == 0:
+            print("greedy outputs identical:", "yes" if res["identical_outputs"] else f"no {res['mismatches']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2))
+        if args.plot:
+            plot(res, Path(args.plot))
+        print(f"best: D={res['num_draft']} speedup {res['speedup']:.3f}x", file=sys.stderr)
+
+    run_main("bench", run)
