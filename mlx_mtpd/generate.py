@@ -82,6 +82,22 @@ def stream_generate(
     n = -1
     token, logprobs, from_draft = None, None, False
     prompt_tps = 0.0
+
+    def response(n, token, logprobs, from_draft, finish_reason=None) -> GenerationResponse:
+        return GenerationResponse(
+            text=detokenizer.last_segment,
+            token=token,
+            logprobs=logprobs,
+            from_draft=from_draft,
+            prompt_tokens=prompt.size,
+            prompt_tps=prompt_tps,
+            generation_tokens=n + 1,
+            generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish_reason,
+            stats=stats,
+        )
+
     for n, (token, logprobs, from_draft) in enumerate(gen):
         if n == 0:
             prompt_time = time.perf_counter() - tic
@@ -92,33 +108,11 @@ def stream_generate(
         detokenizer.add_token(token)
         if (n + 1) == max_tokens:
             break
-        yield GenerationResponse(
-            text=detokenizer.last_segment,
-            token=token,
-            logprobs=logprobs,
-            from_draft=from_draft,
-            prompt_tokens=prompt.size,
-            prompt_tps=prompt_tps,
-            generation_tokens=n + 1,
-            generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
-            peak_memory=mx.get_peak_memory() / 1e9,
-            stats=stats,
-        )
+        yield response(n, token, logprobs, from_draft)
     gen.close()
     detokenizer.finalize()
-    yield GenerationResponse(
-        text=detokenizer.last_segment,
-        token=token,
-        logprobs=logprobs,
-        from_draft=from_draft,
-        prompt_tokens=prompt.size,
-        prompt_tps=prompt_tps,
-        generation_tokens=n + 1,
-        generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
-        peak_memory=mx.get_peak_memory() / 1e9,
-        finish_reason="stop" if token in tokenizer.eos_token_ids else "length",
-        stats=stats,
-    )
+    finish = "stop" if token in tokenizer.eos_token_ids else "length"
+    yield response(n, token, logprobs, from_draft, finish)
 
 
 def acceptance_line(stats: SpecStats) -> str:
