@@ -42,22 +42,26 @@ test: setup
 # and eval-heads measures them on held-out prompts.  About an hour on 2 cores.
 RUNS ?= runs/smollm2
 SHIPPED := mlx_mtpd/heads_data/smollm2-135m-instruct
-HEADS_ARGS ?= --num-heads 2 --top-n 256 --steps 1200 --batch-size 8 --learning-rate 5e-4 --warmup 60
+HEADS_ARGS ?= --num-heads 1 --top-n 256 --steps 500 --batch-size 8 --learning-rate 1e-3 --warmup 30
 heads: setup
 	$(BIN)/mlx_mtpd gen-data --out $(RUNS)/data --batch-size 64 --max-tokens 256 --temps 0,0.7 --resume
 	$(BIN)/mlx_mtpd gen-data --prompts mlx_mtpd/data/prompts_eval.jsonl --out $(RUNS)/eval \
 	  --batch-size 60 --max-tokens 256 --temps 0 --resume
 	$(BIN)/mlx_mtpd train --data $(RUNS)/data --eval-data $(RUNS)/eval --out $(RUNS)/mtpd \
-	  --cache-dir $(RUNS)/cache $(HEADS_ARGS) --eval-every 200 --save-every 200 --force \
+	  --cache-dir $(RUNS)/cache $(HEADS_ARGS) --eval-every 100 --save-every 100 --force \
 	  --export $(SHIPPED)
-	$(BIN)/mlx_mtpd eval-heads --heads $(SHIPPED) --data $(RUNS)/eval \
-	  --json $(SHIPPED)/eval.json --plot docs/acceptance.png
+	$(BIN)/mlx_mtpd eval-heads --heads $(SHIPPED) --num-prompts 8 --max-tokens 64 --num-draft 1,2,3,4 \
+	  --json $(SHIPPED)/eval.json --plot $(SHIPPED)/acceptance.png
+	$(BIN)/mlx_mtpd bench --heads $(SHIPPED) --num-draft 0,1,2 --num-prompts 12 --max-tokens 128 \
+	  --json $(SHIPPED)/bench_cpu.json
+	@echo "set num_draft in $(SHIPPED)/mtp_config.json to the best D of bench_cpu.json (0 if none beats plain)"
 
 # The paper's ablation in miniature: CE-only heads (beta = 0), same data and budget.
 ablation: setup
 	$(BIN)/mlx_mtpd train --data $(RUNS)/data --eval-data $(RUNS)/eval --out $(RUNS)/ce-only \
-	  --cache-dir $(RUNS)/cache $(HEADS_ARGS) --beta 0 --eval-every 200 --save-every 200 --force
-	$(BIN)/mlx_mtpd eval-heads --heads $(RUNS)/ce-only --data $(RUNS)/eval --json $(RUNS)/ce-only/eval.json
+	  --cache-dir $(RUNS)/cache $(HEADS_ARGS) --beta 0 --eval-every 100 --save-every 100 --force
+	$(BIN)/mlx_mtpd eval-heads --heads $(RUNS)/ce-only --num-prompts 8 --max-tokens 64 --num-draft 1,2,3,4 \
+	  --json $(RUNS)/ce-only/eval.json
 
 clean:
 	rm -rf $(VENV) *.egg-info
