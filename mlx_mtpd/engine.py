@@ -28,6 +28,7 @@ from typing import Callable, Generator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import trim_prompt_cache
 
 from .errors import MTPDError
 from .heads import Backbone, HeadSet
@@ -216,11 +217,13 @@ class DraftState:
         generation and decoding goes on plainly, which is always lossless."""
         return all(_headroom(c) > d for c in self.cache)
 
-    def _next_committed(self, k: int) -> int:
-        return self.committed[k + 1] if k < self.max_depth else self.committed[k]
-
-    def tail_start(self, k: int) -> int:
-        return self._next_committed(k) if k else self.committed[1]
+    def tail_start(self, k: int, committed: Optional[List[int]] = None) -> int:
+        """First position of depth k's tail: the next depth's committed count
+        (the backbone's tail starts at depth 1's; the deepest keeps none)."""
+        c = self.committed if committed is None else committed
+        if k == 0:
+            return c[1]
+        return c[k + 1] if k < self.max_depth else c[k]
 
 
 def _headroom(cache) -> float:
@@ -424,8 +427,6 @@ def _step(st: DraftState, d: int, transform):
     new_tokens = draft_arr[:a].tolist() + [fixes[a].item()]
 
     # Roll back: the backbone keeps t_n and the accepted drafts.
-    from mlx_lm.models.cache import trim_prompt_cache
-
     if d - a:
         trim_prompt_cache(st.cache, d - a)
     if st.max_depth:
@@ -443,8 +444,12 @@ def _rollback_depths(st: DraftState, d: int, a: int, n: int, hidden: mx.array, s
     for k in range(1, d + 1):
         new[k] = min(n, n - k + 1 + a)
         st.depth_cache[k - 1].trim(n - new[k])
-    new_tail_start = lambda k: (new[k + 1] if k < st.max_depth else new[k]) if k else new[1]  # noqa: E731
-    old_tail_start = lambda k: (old[k + 1] if k < st.max_depth else old[k]) if k else old[1]  # noqa: E731
+    def new_tail_start(k):
+        return st.tail_start(k, new)
+
+    def old_tail_start(k):
+        return st.tail_start(k, old)
+
     # Backbone stream: positions [old c1, n-1] ++ verified hiddens [n, n+a].
     s0 = _concat(st.tail[0], hidden[: a + 1])
     st.committed = new
