@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 import mlx.core as mx
 
-from .engine import SpecStats, mtp_generate_step
+from .engine import DraftPlanner, SpecStats, mtp_generate_step
 from .errors import MTPDError
 
 BENCH_PROMPTS = Path(__file__).parent / "data" / "prompts_bench.jsonl"
@@ -42,8 +42,9 @@ def _plain(prompt, model, max_tokens, temp):
     return generate_step(prompt, model, max_tokens=max_tokens, sampler=make_sampler(temp=temp))
 
 
-def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: List[int], temp: float = 0.0,
-          loop: Optional[str] = None, seed: int = 0, progress: bool = True) -> Dict:
+def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: List, temp: float = 0.0,
+          loop: Optional[str] = None, seed: int = 0, progress: bool = True, draft: str = "heads") -> Dict:
+    """drafts: draft lengths and/or 'auto' (one planner for the whole run, as in a chat)."""
     from tqdm import tqdm
 
     from . import _blas
@@ -51,6 +52,7 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
 
     ids = [mx.array(tokenizer.apply_chat_template(_messages(p), add_generation_prompt=True)) for p in prompts]
     names = ["plain"] + [f"D={d}" for d in drafts]
+    planner = DraftPlanner("auto", draft) if "auto" in drafts else None
     totals = {n: {"tokens": 0, "time": 0.0, "decode_tokens": 0, "decode_time": 0.0} for n in names}
     stats = {n: SpecStats() for n in names[1:]}
     mismatches = []
@@ -64,10 +66,11 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
             if name == "plain":
                 toks, t, td = _run(_plain(p, model, max_tokens, temp))
             else:
-                d = int(name[2:])
+                d = name[2:] if name == "D=auto" else int(name[2:])
                 st = SpecStats()
                 toks, t, td = _run(mtp_generate_step(p, model, heads if d else None, num_draft=d, loop=loop,
-                                                     max_tokens=max_tokens, temp=temp, stats=st))
+                                                     max_tokens=max_tokens, temp=temp, stats=st, draft=draft,
+                                                     planner=planner if d == "auto" else None))
                 stats[name].add(st)
             outs[name] = toks
             tot = totals[name]
@@ -84,15 +87,17 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
     for name in names[1:]:
         t, s = totals[name], stats[name]
         per_d[name] = {
-            "num_draft": int(name[2:]),
+            "num_draft": name[2:] if name == "D=auto" else int(name[2:]),
             "tokens_per_s": t["tokens"] / t["time"],
             "decode_tokens_per_s": t["decode_tokens"] / max(t["decode_time"], 1e-9),
             "speedup": plain["time"] / t["time"],
             "mean_accepted_length": s.mean_accepted_length,
             "acceptance_by_position": s.cumulative_acceptance,
             "acceptance_rates": s.acceptance_rates,
+            "steps_by_source": dict(s.sources),
         }
-    best = max(per_d.values(), key=lambda r: r["speedup"])
+    # The headline is `auto` when it ran (what users get), else the best fixed D.
+    best = per_d["D=auto"] if "D=auto" in per_d else max(per_d.values(), key=lambda r: r["speedup"])
     return {
         "plain_tokens_per_s": plain["tokens"] / plain["time"],
         "plain_decode_tokens_per_s": plain["decode_tokens"] / max(plain["decode_time"], 1e-9),
@@ -106,6 +111,7 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
         "num_prompts": len(ids),
         "max_tokens": max_tokens,
         "temp": temp,
+        "draft": draft,
         "device": str(mx.default_device()),
         "blas": _blas.describe(),
         "by_num_draft": per_d,
@@ -118,11 +124,15 @@ def plot(result: Dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted(result["by_num_draft"].values(), key=lambda r: r["num_draft"])
+    rows = sorted((r for r in result["by_num_draft"].values() if r["num_draft"] != "auto"),
+                  key=lambda r: r["num_draft"])
     d = [r["num_draft"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(d, [r["tokens_per_s"] for r in rows], "o-", label="this engine")
+    ax.plot(d, [r["tokens_per_s"] for r in rows], "o-", label="this engine, fixed D")
     ax.axhline(result["plain_tokens_per_s"], color="gray", ls="--", label="plain mlx-lm")
+    auto = result["by_num_draft"].get("D=auto")
+    if auto is not None:
+        ax.axhline(auto["tokens_per_s"], color="C2", ls="-.", label="this engine, D=auto")
     ax.set(xlabel="draft length D", ylabel="tokens/s", title=f"{result['num_prompts']} prompts, {result['device']}")
     ax2 = ax.twinx()
     ax2.plot(d, [r["mean_accepted_length"] for r in rows], "s:", color="C1", label="tau")
@@ -136,6 +146,39 @@ def plot(result: Dict, path: Path) -> None:
     plt.close(fig)
 
 
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def results_table(res: Dict, command: str) -> str:
+    lines = [
+        f"`{command}` on {res['device']} ({res['blas']}), {res['num_prompts']} prompts x {res['max_tokens']} "
+        f"tokens, temperature {res['temp']}, draft source {res['draft']}:",
+        "",
+        "| setting | tokens/s | speedup vs plain mlx-lm | tau | acceptance by position |",
+        "|---|---|---|---|---|",
+        f"| plain mlx-lm | {res['plain_tokens_per_s']:.2f} | 1.000x | 1.00 | - |",
+    ]
+    for name, r in res["by_num_draft"].items():
+        acc = " ".join(f"{x:.2f}" for x in r["acceptance_by_position"]) or "-"
+        lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {r['speedup']:.3f}x | "
+                     f"{r['mean_accepted_length']:.2f} | {acc} |")
+    if res["identical_outputs"] is not None:
+        lines += ["", f"Greedy outputs identical to plain mlx-lm: {'yes' if res['identical_outputs'] else 'NO'}."]
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, res: Dict, command: str) -> None:
+    """Replace the text between the bench markers (atomically)."""
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise MTPDError(f"{path} has no {BEGIN} ... {END} markers: add them where the table goes")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(head + BEGIN + "\n" + results_table(res, command) + "\n" + END + tail)
+    tmp.replace(path)
+
+
 def main(argv=None) -> None:
     from .cli import run_main
 
@@ -146,7 +189,12 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", default=str(BENCH_PROMPTS), help="JSONL with 'prompt' or 'messages' per line.")
     p.add_argument("--num-prompts", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--num-draft", default="1,2,3", help="Draft length(s), comma-separated; 0 = plain loop.")
+    p.add_argument("--num-draft", default="1,2,3,auto",
+                   help="Draft lengths and/or 'auto', comma-separated; 0 = this engine's plain loop.")
+    p.add_argument("--draft", choices=("heads", "prompt-lookup", "heads+lookup"), default="heads",
+                   help="Draft source (default heads).")
+    p.add_argument("--readme", default=None,
+                   help="Rewrite the results table between the bench markers of this Markdown file.")
     p.add_argument("--loop", choices=("last", "cycle"), default=None)
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -159,21 +207,21 @@ def main(argv=None) -> None:
         from .heads import init_heads
         from .utils import load
 
-        if args.num_draft.strip() == "auto":
-            raise MTPDError("--num-draft auto is not implemented yet: give draft lengths, e.g. 1,2,3")
         try:
-            drafts = [int(x) for x in args.num_draft.split(",")]
+            drafts = [x.strip() if x.strip() == "auto" else int(x) for x in args.num_draft.split(",")]
         except ValueError:
-            raise MTPDError(f"--num-draft must be integers separated by commas (got {args.num_draft!r})") from None
+            raise MTPDError(f"--num-draft must be integers or 'auto', comma-separated (got {args.num_draft!r})") from None
+        if any(d != "auto" and d < 0 for d in drafts):
+            raise MTPDError(f"--num-draft values must be >= 0 (got {args.num_draft!r})")
         untrained = args.heads == "untrained"
         model, tok, heads = load(args.model, heads=None if untrained else args.heads)
         if untrained:
             heads = init_heads(model, 1, draft_vocab=8192)
-        if heads is None and any(drafts):
-            raise MTPDError("no head set: pass --heads (or --heads untrained)")
+        if heads is None and args.draft != "prompt-lookup" and any(d != "auto" and d for d in drafts):
+            raise MTPDError("no head set: pass --heads (or --heads untrained), or --draft prompt-lookup")
         prompts = read_prompts(args.prompts)[: args.num_prompts]
         res = bench(model, tok, heads, prompts, max_tokens=args.max_tokens, drafts=drafts, temp=args.temp,
-                    loop=args.loop, seed=args.seed)
+                    loop=args.loop, seed=args.seed, draft=args.draft)
         print(f"device {res['device']}, BLAS: {res['blas']}, {res['num_prompts']} prompts, temp {args.temp}")
         print(f"plain mlx-lm: {res['plain_tokens_per_s']:.2f} tokens/s")
         for name, r in res["by_num_draft"].items():
@@ -185,6 +233,8 @@ def main(argv=None) -> None:
             Path(args.json).write_text(json.dumps(res, indent=2))
         if args.plot:
             plot(res, Path(args.plot))
+        if args.readme:
+            update_readme(Path(args.readme), res, " ".join(["mlx_mtpd bench"] + list(argv or sys.argv[1:])))
         print(f"best: D={res['num_draft']} speedup {res['speedup']:.3f}x", file=sys.stderr)
 
     run_main("bench", run)

@@ -9,6 +9,8 @@ from typing import Callable
 SUBCOMMANDS = {
     "convert": "mlx_mtpd.convert",
     "generate": "mlx_mtpd.generate",
+    "chat": "mlx_mtpd.chat",
+    "server": "mlx_mtpd.server",
     "init-heads": "mlx_mtpd.init_heads",
     "gen-data": "mlx_mtpd.gen_data",
     "train": "mlx_mtpd.train",

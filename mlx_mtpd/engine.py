@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Generator, List, Optional, Tuple
+from typing import Callable, Generator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.cache import trim_prompt_cache
 
 from .errors import MTPDError
@@ -52,6 +53,7 @@ class SpecStats:
     accepted: List[int] = field(default_factory=list)
     step_time: float = 0.0  # seconds in draft + verify + rollback steps
     fallback: Optional[str] = None  # why drafting stopped early, if it did
+    sources: dict = field(default_factory=dict)  # steps by kind: plain, heads, lookup
 
     def record(self, num_draft: int, accepted: int) -> None:
         if len(self.drafted) < num_draft:
@@ -81,6 +83,8 @@ class SpecStats:
         self.emitted += other.emitted
         self.step_time += other.step_time
         self.num_draft = other.num_draft
+        for kind, n_steps in other.sources.items():
+            self.sources[kind] = self.sources.get(kind, 0) + n_steps
         return self
 
     @property
@@ -110,6 +114,7 @@ class SpecStats:
             "cumulative_acceptance": self.cumulative_acceptance,
             "mean_accepted_length": self.mean_accepted_length,
             "fallback": self.fallback,
+            "steps_by_source": dict(self.sources),
         }
 
 
@@ -185,24 +190,26 @@ def accept_sampled(drafts: mx.array, draft_q: mx.array, logp: mx.array):
 
 
 class DraftState:
-    """Every cache the loop keeps: the backbone's, one per depth, and the
-    recent hidden outputs each depth has not yet handed to the next."""
+    """Every cache the loop keeps: the backbone's, one per depth, the backbone's
+    hidden states of every cached position (2.3 KB a token for SmolLM2, so a
+    later turn can rewind the depths to any common prefix), and the recent
+    outputs each depth has not yet handed to the next.
 
-    def __init__(self, model: nn.Module, head_set: Optional[HeadSet], max_depth: int, loop: str):
-        from mlx_lm.models.cache import KVCache, make_prompt_cache
+    A state outlives one generation: given again with a prompt that extends
+    what it holds (the next turn of a chat), only the new tokens are prefilled.
+    """
 
+    def __init__(self, model: nn.Module, head_set: Optional[HeadSet], max_depth: int, loop: Optional[str] = None):
         self.model = model
-        self.cache = make_prompt_cache(model)
+        self.head_set = head_set
         self.max_depth = max_depth if head_set is not None else 0
-        self.backbone = Backbone(model) if self.max_depth else None
+        self.loop = loop
+        self.backbone = Backbone(model) if head_set is not None else None
         self.heads = [head_set.head_for_depth(d, loop) for d in range(1, self.max_depth + 1)]
-        self.depth_cache = [KVCache() for _ in range(self.max_depth)]
-        self.committed = [0] * (self.max_depth + 2)  # c[k] for k = 1..D (c[0] unused)
-        self.tail: List[Optional[mx.array]] = [None] * (self.max_depth + 1)  # k = 0..D
-        self.tokens: List[int] = []
         if self.max_depth:
             self.project = self.backbone.projection_rows(head_set.draft_ids)
             self.draft_ids = head_set.draft_ids
+        self.reset()
         if self.max_depth and not all(_headroom(c) > 0 for c in self.cache):
             kinds = {type(c).__name__ for c in self.cache if not _headroom(c)}
             raise MTPDError(
@@ -210,6 +217,47 @@ class DraftState:
                 "so drafts cannot be verified: use --num-draft 0"
             )
 
+    def reset(self) -> None:
+        from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+        self.cache = make_prompt_cache(self.model)
+        self.length = 0  # tokens in the backbone cache
+        self.depth_cache = [KVCache() for _ in range(self.max_depth)]
+        self.committed = [0] * (self.max_depth + 2)  # c[k] for k = 1..D (c[0] unused)
+        self.tail: List[Optional[mx.array]] = [None] * (self.max_depth + 1)  # k = 1..D (0 unused: see hist)
+        self.tokens: List[int] = []
+        self.hist: List[mx.array] = []  # backbone hidden states, in chunks
+        self.hist_pos: List[int] = []  # first position of each chunk
+
+    # -- the backbone's hidden states -------------------------------------------
+    def push_hidden(self, h: mx.array) -> None:
+        start = self.hist_pos[-1] + self.hist[-1].shape[0] if self.hist else 0
+        self.hist.append(h)
+        self.hist_pos.append(start)
+        if len(self.hist) > 64:  # merge the recent chunks: one more chunk per 64 steps
+            merged = mx.concatenate(self.hist[-64:], axis=0)
+            self.hist[-64:] = [merged]
+            self.hist_pos[-64:] = [self.hist_pos[-64]]
+
+    def hidden_range(self, lo: int, hi: int) -> mx.array:
+        parts = []
+        for h, s in zip(reversed(self.hist), reversed(self.hist_pos)):
+            e = s + h.shape[0]
+            if e <= lo:
+                break
+            if s < hi:
+                parts.append(h[max(lo - s, 0) : min(hi, e) - s])
+        parts.reverse()
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+
+    def _truncate_hidden(self, n: int) -> None:
+        while self.hist and self.hist_pos[-1] >= n:
+            self.hist.pop()
+            self.hist_pos.pop()
+        if self.hist and self.hist_pos[-1] + self.hist[-1].shape[0] > n:
+            self.hist[-1] = self.hist[-1][: n - self.hist_pos[-1]]
+
+    # -- rollback ---------------------------------------------------------------
     def can_verify(self, d: int) -> bool:
         """Whether d drafts can be verified and rolled back.  A rotating
         (sliding-window) cache can be trimmed only until it wraps: once the
@@ -219,11 +267,44 @@ class DraftState:
 
     def tail_start(self, k: int, committed: Optional[List[int]] = None) -> int:
         """First position of depth k's tail: the next depth's committed count
-        (the backbone's tail starts at depth 1's; the deepest keeps none)."""
+        (the backbone's stream starts at depth 1's; the deepest keeps none)."""
         c = self.committed if committed is None else committed
         if k == 0:
             return c[1]
         return c[k + 1] if k < self.max_depth else c[k]
+
+    def rewind(self, prompt: List[int]) -> int:
+        """Keep the longest cached prefix of `prompt` (at most all but its last
+        token) and drop the rest from every cache; returns its length."""
+        m = min(self.length, len(prompt) - 1)
+        p = 0
+        while p < m and self.tokens[p] == prompt[p]:
+            p += 1
+        if p == 0 or not all(_headroom(c) > 0 or self.length == p for c in self.cache):
+            self.reset()
+            return 0
+        if self.length > p:
+            trim_prompt_cache(self.cache, self.length - p)
+        self.length = p
+        self.tokens = list(prompt[:p])
+        if self.max_depth:
+            self._truncate_hidden(p)
+            old = list(self.committed)
+            new = list(old)
+            for k in range(1, self.max_depth + 1):
+                new[k] = max(0, min(old[k], p - k))
+            # Depth k's stored outputs start at the old tail start; where the next
+            # depth now needs earlier ones, depth k recomputes them (from depth k-1's).
+            for k in range(self.max_depth - 1, 0, -1):
+                if new[k + 1] < self.tail_start(k, old):
+                    new[k] = new[k + 1]
+            for k in range(1, self.max_depth + 1):
+                self.depth_cache[k - 1].trim(old[k] - new[k])
+                if k < self.max_depth and self.tail[k] is not None:
+                    o = self.tail_start(k, old)
+                    self.tail[k] = self.tail[k][self.tail_start(k, new) - o : new[k] - o]
+            self.committed = new
+        return p
 
 
 def _headroom(cache) -> float:
@@ -243,12 +324,175 @@ def _concat(a: Optional[mx.array], b: mx.array) -> mx.array:
     return b if a is None or a.shape[0] == 0 else mx.concatenate([a, b], axis=0)
 
 
+# -- draft sources and the choice of D ----------------------------------------------
+
+DRAFT_SOURCES = ("heads", "prompt-lookup", "heads+lookup")
+
+
+def prompt_lookup(tokens: List[int], num_draft: int, max_ngram: int = 4, min_ngram: int = 2) -> List[int]:
+    """Drafts that need no model: the tokens that followed the most recent
+    earlier occurrence of the context's last n-gram (longest n first)."""
+    n = len(tokens)
+    if num_draft <= 0 or n < min_ngram + 1:
+        return []
+    arr = np.asarray(tokens[-8192:], dtype=np.int64)
+    n = arr.size
+    for g in range(min(max_ngram, n - 1), min_ngram - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(arr[: n - 1], g)
+        hits = np.flatnonzero((windows == arr[n - g :]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + g
+            return arr[start : start + num_draft].tolist()
+    return []
+
+
+class DraftPlanner:
+    """Chooses each step's draft: its source (heads or prompt lookup) and length.
+
+    A fixed `num_draft` drafts that many tokens every step (prompt lookup: up to
+    that many, when the context has a match).  `auto` picks, before every step,
+    the option with the most expected tokens per second:
+
+        E(d) / T(d),  E(d) = 1 + sum_{i<=d} prod_{j<=i} AR_j
+
+    where AR_j is the measured acceptance at draft position j (counts decayed
+    so that it follows the conversation, with a prior that shrinks toward the
+    previous position's) and T(d) the measured wall time of a step that drafts
+    d tokens (drafting, verification, catch-up, host work), against T_plain,
+    the measured time per token of plain pipelined decoding.  When no option
+    beats plain decoding, it decodes plainly in bursts and spends one step
+    every `probe_every` tokens re-measuring the best drafting option.  A
+    planner keeps what it learned across generations (a chat, a server).
+    """
+
+    def __init__(self, num_draft="auto", source: str = "heads", max_draft: int = 6,
+                 burst: int = 8, probe_every: int = 128, decay: float = 0.97):
+        if source not in DRAFT_SOURCES:
+            raise MTPDError(f"unknown draft source {source!r}: choose from {', '.join(DRAFT_SOURCES)}")
+        self.auto = num_draft == "auto"
+        if not self.auto:
+            try:
+                num_draft = int(num_draft)
+            except (TypeError, ValueError):
+                raise MTPDError(f"--num-draft must be an integer >= 0 or 'auto' (got {num_draft!r})") from None
+            if num_draft < 0:
+                raise MTPDError(f"--num-draft must be >= 0 (got {num_draft})")
+        self.num_draft = max_draft if self.auto else num_draft
+        self.source = source
+        self.burst, self.probe_every, self.decay = burst, probe_every, decay
+        self.counts = {"heads": [], "lookup": []}  # per position: [accepted, reached], decayed
+        self.cost: dict = {}  # ("plain", 0): seconds per token; (kind, d): seconds per step
+        self.plain_since_probe = 0
+
+    @property
+    def uses_heads(self) -> bool:
+        return self.source != "prompt-lookup" and self.num_draft > 0
+
+    @property
+    def uses_lookup(self) -> bool:
+        return self.source != "heads"
+
+    # -- estimates --------------------------------------------------------------
+    def acceptance(self, kind: str, j: int) -> float:
+        """AR_j (1-based) with a prior of weight 2: 0.5 at j = 1, else 0.9 AR_{j-1}."""
+        prior = 0.5 if j == 1 else 0.9 * self.acceptance(kind, j - 1)
+        c = self.counts[kind]
+        a, r = c[j - 1] if j <= len(c) else (0.0, 0.0)
+        return (a + 2 * prior) / (r + 2)
+
+    def expected(self, kind: str, d: int) -> float:
+        e, p = 1.0, 1.0
+        for j in range(1, d + 1):
+            p *= self.acceptance(kind, j)
+            e += p
+        return e
+
+    def step_cost(self, kind: str, d: int) -> Optional[float]:
+        t0 = self.cost.get(("plain", 0))
+        if t0 is None:
+            return None
+        if (kind, d) in self.cost:
+            return self.cost[(kind, d)]
+        known = [(dd, t) for (k, dd), t in self.cost.items() if k == kind and dd > 0]
+        if known:  # the slope per drafted token of the nearest measured length
+            dd, t = min(known, key=lambda x: abs(x[0] - d))
+            return t0 + (t - t0) * d / dd
+        return t0 * (1 + 0.25 * d)  # a pessimistic prior until measured
+
+    @property
+    def plain_tokens_per_s(self) -> Optional[float]:
+        t0 = self.cost.get(("plain", 0))
+        return 1.0 / t0 if t0 else None
+
+    def _ema(self, key, value: float) -> None:
+        old = self.cost.get(key)
+        self.cost[key] = value if old is None else 0.8 * old + 0.2 * value
+
+    def observe(self, kind: str, d: int, accepted: int, seconds: Optional[float]) -> None:
+        c = self.counts[kind]
+        while len(c) < d:
+            c.append([0.0, 0.0])
+        for j in range(len(c)):
+            c[j][0] *= self.decay
+            c[j][1] *= self.decay
+        for i in range(d):
+            if i <= accepted:
+                c[i][1] += 1
+            if i < accepted:
+                c[i][0] += 1
+        if seconds is not None:
+            self._ema((kind, d), seconds)
+
+    def observe_plain(self, tokens: int, seconds: float) -> None:
+        if tokens >= 2:
+            self._ema(("plain", 0), seconds / tokens)
+
+    # -- the choice -------------------------------------------------------------
+    def plan(self, st: "DraftState", remaining: int):
+        """('plain', n tokens) or ('heads', d) or ('lookup', drafts)."""
+        cap = min(self.num_draft, remaining - 1)
+        lookup = prompt_lookup(st.tokens, cap) if self.uses_lookup and cap > 0 else []
+        heads_ok = self.uses_heads and st.max_depth > 0 and cap > 0
+        if heads_ok and not st.can_verify(cap):
+            return "plain", remaining if self.auto else 1, "sliding-window cache full: plain decoding"
+        if lookup and not st.can_verify(len(lookup)):
+            lookup = []
+        if not self.auto:
+            if lookup and (not heads_ok or self.expected("lookup", len(lookup)) >= self.expected("heads", cap)):
+                return "lookup", lookup, None
+            if heads_ok:
+                return "heads", cap, None
+            return "plain", 1 if self.uses_lookup else remaining, None
+        t0 = self.cost.get(("plain", 0))
+        if t0 is None:  # measure plain decoding first
+            return "plain", min(self.burst, remaining), None
+        options = []
+        if heads_ok:
+            options += [("heads", d) for d in range(1, min(cap, st.max_depth) + 1)]
+        options += [("lookup", lookup[:m]) for m in range(1, len(lookup) + 1)]
+        best, best_rate = None, 1.0 / t0
+        for kind, arg in options:
+            d = arg if kind == "heads" else len(arg)
+            rate = self.expected(kind, d) / self.step_cost(kind, d)
+            if rate > best_rate or (best is None and self.plain_since_probe >= self.probe_every):
+                if rate > best_rate:
+                    best_rate = rate
+                best = (kind, arg)
+        if best is None:
+            n = min(self.burst, remaining)
+            self.plain_since_probe += n
+            return "plain", n, None
+        self.plain_since_probe = 0
+        return best[0], best[1], None
+
+
 def mtp_generate_step(
     prompt: mx.array,
     model: nn.Module,
     head_set: Optional[HeadSet] = None,
     *,
-    num_draft: int = 3,
+    num_draft: Union[int, str] = 3,
+    draft: str = "heads",
     loop: Optional[str] = None,
     max_tokens: int = 256,
     temp: float = 0.0,
@@ -259,51 +503,61 @@ def mtp_generate_step(
     prefill_step_size: int = 2048,
     stats: Optional[SpecStats] = None,
     state: Optional[DraftState] = None,
+    planner: Optional[DraftPlanner] = None,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield (token, logprobs, from_draft) like mlx-lm's `speculative_generate_step`.
 
-    num_draft = 0 is plain decoding through the same loop.  num_draft may
-    exceed the number of heads: deeper depths loop the trained heads
-    (`loop`: 'last' or 'cycle', default from the head set).  `state`, when
-    given, is a fresh :class:`DraftState` the loop fills, so callers can
-    inspect or keep the caches.
+    num_draft = 0 is plain decoding through the same loop; 'auto' chooses per
+    step (see :class:`DraftPlanner`).  num_draft may exceed the number of heads:
+    deeper depths loop the trained heads (`loop`: 'last' or 'cycle', default
+    from the head set).  `draft`: 'heads', 'prompt-lookup' or 'heads+lookup'.
+    `state`, when given, is a :class:`DraftState` the loop fills and keeps: if
+    it holds an earlier generation whose tokens the prompt extends, only the new
+    part of the prompt is prefilled.  `planner` likewise keeps what `auto` measured.
     """
-    if num_draft < 0:
-        raise MTPDError(f"--num-draft must be >= 0 (got {num_draft})")
-    if num_draft > 0 and head_set is None:
-        raise MTPDError("drafting needs MTP heads: pass --heads, or --num-draft 0")
+    if planner is None:
+        planner = DraftPlanner(num_draft, draft)
+    if planner.uses_heads and head_set is None:
+        if planner.auto or draft == "heads+lookup":
+            planner = DraftPlanner(planner.num_draft if not planner.auto else "auto", "prompt-lookup")
+        else:
+            raise MTPDError("drafting needs MTP heads: pass --heads, --draft prompt-lookup, or --num-draft 0")
     prompt_list = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
     if len(prompt_list) == 0:
         raise MTPDError("the prompt is empty: give at least one token")
     transform = make_logprobs_transform(temp, top_p, top_k, min_p, min_tokens_to_keep)
     stats = stats if stats is not None else SpecStats()
-    stats.num_draft = num_draft
-    st = state if state is not None else DraftState(model, head_set, num_draft, loop)
+    stats.num_draft = "auto" if planner.auto else planner.num_draft
+    depth = planner.num_draft if planner.uses_heads else 0
+    if state is None or (state.max_depth < depth) or (depth and state.head_set is not head_set) or (
+        depth and loop is not None and state.loop != loop
+    ):
+        state = DraftState(model, head_set if depth else None, depth, loop)
+    st = state
+    done = st.rewind(prompt_list) if st.length else 0
     st.tokens = list(prompt_list)
+    plain_only = planner.num_draft == 0 or (st.max_depth == 0 and not planner.uses_lookup)
 
     def forward(tokens: mx.array):
+        st.length += tokens.size
         if st.max_depth:
-            return st.backbone.forward(tokens, st.cache)
-        return model(tokens[None], cache=st.cache)[0], None
+            logits, h = st.backbone.forward(tokens, st.cache)
+            st.push_hidden(h)
+            return logits
+        return model(tokens[None], cache=st.cache)[0]
 
-    # Prefill all but the last prompt token in chunks, as mlx-lm does, keeping
-    # the hidden states (not the logits: they are never evaluated).
-    y = mx.array(prompt_list, mx.uint32)
-    hiddens = []
+    # Prefill all but the last new prompt token in chunks, as mlx-lm does
+    # (the logits are never evaluated; the hidden states are kept).
+    y = mx.array(prompt_list[done:], mx.uint32)
     while y.size > 1:
         n = min(prefill_step_size, y.size - 1)
-        _, h = forward(y[:n])
-        mx.eval([c.state for c in st.cache] + ([h] if h is not None else []))
-        if h is not None:
-            hiddens.append(h)
+        forward(y[:n])
+        mx.eval([c.state for c in st.cache] + st.hist[-1:])
         y = y[n:]
         mx.clear_cache()
-    logits, h = forward(y)
-    if h is not None:
-        hiddens.append(h)
-        st.tail[0] = mx.concatenate(hiddens, axis=0) if len(hiddens) > 1 else hiddens[0]
+    logits = forward(y)
     first, lp = _pick(logits[-1:], transform)
-    if st.max_depth == 0:
+    if plain_only:
         yield from _plain_decode(st, first, lp, transform, max_tokens, stats)
         return
     mx.eval(first)
@@ -314,16 +568,33 @@ def mtp_generate_step(
     emitted = 1
 
     while max_tokens < 0 or emitted < max_tokens:
-        remaining = max_tokens - emitted if max_tokens >= 0 else num_draft + 1
-        d = min(num_draft, remaining - 1)
-        if d and not st.can_verify(d):
-            d = 0
-            stats.fallback = "sliding-window cache full: plain decoding"
+        remaining = max_tokens - emitted if max_tokens >= 0 else planner.num_draft + planner.burst + 1
+        kind, arg, why = planner.plan(st, remaining)
+        if why:
+            stats.fallback = why
+        stats.sources[kind] = stats.sources.get(kind, 0) + 1
+        if kind == "plain":
+            tic = time.perf_counter()
+            n_out = 0
+            for tok, row in _plain_burst(st, arg, transform, stats):
+                emitted += 1
+                n_out += 1
+                if n_out == arg:  # the burst's time, before the consumer's
+                    planner.observe_plain(n_out, time.perf_counter() - tic)
+                yield tok, row, False
+                if max_tokens >= 0 and emitted >= max_tokens:
+                    return
+            continue
         tic = time.perf_counter()
-        out = _step(st, d, transform)
-        new_tokens, a, rows = out
+        catch_up = st.length - st.committed[1] if kind == "heads" else 0
+        new_tokens, a, rows = _step(st, arg if kind == "heads" else 0, transform,
+                                    lookup=arg if kind == "lookup" else None)
+        d = arg if kind == "heads" else len(arg)
+        seconds = time.perf_counter() - tic
         stats.record(d, a)
-        stats.step_time += time.perf_counter() - tic
+        stats.step_time += seconds
+        # A long catch-up (after plain bursts or a new turn) is not a typical step's cost.
+        planner.observe("heads" if kind == "heads" else "lookup", d, a, seconds if catch_up <= d + 2 else None)
         for i, t in enumerate(new_tokens):
             yield t, rows[i], i < a
             emitted += 1
@@ -332,10 +603,11 @@ def mtp_generate_step(
 
 
 def _plain_decode(st: DraftState, y: mx.array, lp: mx.array, transform, max_tokens: int, stats):
-    """num_draft = 0: one token per forward, the next forward queued with
+    """No drafting at all: one token per forward, the next forward queued with
     mx.async_eval before the current token is read, as mlx-lm's generate_step."""
 
     def step(y):
+        st.length += 1
         logits = st.model(y[None].astype(mx.uint32), cache=st.cache)[0]
         return _pick(logits[-1:], transform)
 
@@ -360,6 +632,32 @@ def _plain_decode(st: DraftState, y: mx.array, lp: mx.array, transform, max_toke
         y, lp = next_y, next_lp
 
 
+def _plain_burst(st: DraftState, n: int, transform, stats):
+    """n tokens decoded plainly and pipelined inside the drafting loop, the
+    backbone's hidden states kept so that the heads can catch up later."""
+
+    def fwd(y):
+        st.length += 1
+        if st.max_depth:
+            logits, h = st.backbone.forward(y, st.cache)
+            st.push_hidden(h)
+        else:
+            logits = st.model(y[None], cache=st.cache)[0]
+        return _pick(logits[-1:], transform)
+
+    nxt = fwd(mx.array([st.tokens[-1]], mx.uint32))
+    mx.async_eval(*nxt)
+    for i in range(n):
+        y, lp = nxt
+        if i + 1 < n:
+            nxt = fwd(y.astype(mx.uint32))
+            mx.async_eval(*nxt)
+        token = y.item()
+        st.tokens.append(token)
+        stats.record(0, 0)
+        yield token, lp[0]
+
+
 def _pick(logits: mx.array, transform):
     lp = logits.astype(mx.float32)
     lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
@@ -375,8 +673,8 @@ def _draft(st: DraftState, d: int, transform):
     drafts: List[mx.array] = []
     qs: List[mx.array] = []
     streams: List[mx.array] = [None] * (d + 1)
-    prev, prev_start = st.tail[0], st.committed[1]
-    streams[0] = prev
+    prev_start = st.committed[1]
+    prev = st.hidden_range(prev_start, n)
     for k in range(1, d + 1):
         start = st.committed[k]
         hid = prev[start - prev_start :]
@@ -401,17 +699,22 @@ def _draft(st: DraftState, d: int, transform):
             qs.append(q)
         token = st.draft_ids[choice] if st.draft_ids is not None else choice
         drafts.append(token.astype(mx.uint32))
-        tail = st.tail[k]
-        prev = _concat(tail, out)
+        prev = _concat(st.tail[k], out)
         prev_start = st.tail_start(k)
         streams[k] = prev
     return drafts, qs, streams
 
 
-def _step(st: DraftState, d: int, transform):
+def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None):
+    """One verification step: d head drafts, or the given lookup drafts."""
     n = len(st.tokens) - 1
-    drafts, qs, streams = _draft(st, d, transform) if d else ([], [], [None])
-    draft_arr = mx.stack(drafts) if drafts else mx.zeros((0,), mx.uint32)
+    if lookup:
+        draft_arr = mx.array(lookup, mx.uint32)
+        qs, streams = [], [None]  # q is one-hot at the drafts: built below
+    else:
+        drafts, qs, streams = _draft(st, d, transform) if d else ([], [], [None])
+        draft_arr = mx.stack(drafts) if drafts else mx.zeros((0,), mx.uint32)
+    nd = draft_arr.size
     verify_in = mx.concatenate([mx.array([st.tokens[-1]], mx.uint32), draft_arr])
     if st.max_depth:
         logits, hidden = st.backbone.forward(verify_in, st.cache)
@@ -420,42 +723,38 @@ def _step(st: DraftState, d: int, transform):
     if transform is None:
         a_arr, fixes = accept_greedy(draft_arr, logits)
     else:
-        q = mx.stack(qs) if qs else mx.zeros((0, logits.shape[-1]))
+        if lookup:  # a deterministic proposal: q is one-hot at the draft
+            q = mx.zeros((nd, logits.shape[-1])).at[mx.arange(nd), draft_arr].add(1.0)
+        else:
+            q = mx.stack(qs) if qs else mx.zeros((0, logits.shape[-1]))
         a_arr, fixes = accept_sampled(draft_arr, q, transform(logits))
     mx.eval(a_arr, fixes, draft_arr)
     a = a_arr.item()
     new_tokens = draft_arr[:a].tolist() + [fixes[a].item()]
 
     # Roll back: the backbone keeps t_n and the accepted drafts.
-    if d - a:
-        trim_prompt_cache(st.cache, d - a)
+    if nd - a:
+        trim_prompt_cache(st.cache, nd - a)
+    st.length += a + 1
     if st.max_depth:
-        _rollback_depths(st, d, a, n, hidden, streams)
+        st.push_hidden(hidden[: a + 1])
+        _rollback_depths(st, 0 if lookup else d, a, n, streams)
     st.tokens.extend(new_tokens)
     lp = logits.astype(mx.float32)
     rows = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
     return new_tokens, a, rows
 
 
-def _rollback_depths(st: DraftState, d: int, a: int, n: int, hidden: mx.array, streams) -> None:
+def _rollback_depths(st: DraftState, d: int, a: int, n: int, streams) -> None:
     """Depth k keeps its entries whose input token t_{j+k} was accepted: j <= n+a-k."""
     old = list(st.committed)
     new = list(st.committed)
     for k in range(1, d + 1):
         new[k] = min(n, n - k + 1 + a)
         st.depth_cache[k - 1].trim(n - new[k])
-    def new_tail_start(k):
-        return st.tail_start(k, new)
-
-    def old_tail_start(k):
-        return st.tail_start(k, old)
-
-    # Backbone stream: positions [old c1, n-1] ++ verified hiddens [n, n+a].
-    s0 = _concat(st.tail[0], hidden[: a + 1])
     st.committed = new
-    st.tail[0] = s0[new_tail_start(0) - old_tail_start(0) :]
     for k in range(1, d + 1):
         s = streams[k]  # positions [old tail start of k, n-1]
-        lo = new_tail_start(k) - old_tail_start(k)
-        hi = new[k] - old_tail_start(k)
+        lo = st.tail_start(k, new) - st.tail_start(k, old)
+        hi = new[k] - st.tail_start(k, old)
         st.tail[k] = s[lo:hi]

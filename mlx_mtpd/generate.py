@@ -15,7 +15,20 @@ from .engine import SpecStats, mtp_generate_step
 from .errors import MTPDError
 from .heads import HeadSet
 
-DEFAULT_NUM_DRAFT = 3
+DEFAULT_NUM_DRAFT = "auto"
+
+
+def parse_num_draft(value) -> Union[int, str]:
+    """--num-draft: an integer >= 0 or 'auto'."""
+    if value is None or value == "auto":
+        return value
+    try:
+        d = int(value)
+    except (TypeError, ValueError):
+        raise MTPDError(f"--num-draft must be an integer >= 0 or 'auto' (got {value!r})") from None
+    if d < 0:
+        raise MTPDError(f"--num-draft must be >= 0 (got {d})")
+    return d
 
 
 @dataclass
@@ -54,14 +67,15 @@ def stream_generate(
     prompt: Union[str, mx.array, List[int]],
     max_tokens: int = 256,
     heads: Optional[HeadSet] = None,
-    num_draft: Optional[int] = None,
+    num_draft: Union[int, str, None] = None,
     **kwargs,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream text like `mlx_lm.stream_generate`, drafting with MTP heads.
 
     Stop conditions, EOS and streaming detokenization are mlx-lm's.  Extra
     keyword arguments go to :func:`mlx_mtpd.engine.mtp_generate_step`
-    (`loop`, `temp`, `top_p`, `top_k`, `min_p`, `prefill_step_size`).
+    (`draft`, `loop`, `temp`, `top_p`, `top_k`, `min_p`, `prefill_step_size`,
+    `state`, `planner`).  num_draft: an integer or 'auto' (the default).
     """
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -70,8 +84,7 @@ def stream_generate(
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     prompt = _encode(tokenizer, prompt)
-    if num_draft is None:  # the head set's measured best, else the default
-        num_draft = int(heads.config.get("num_draft", DEFAULT_NUM_DRAFT)) if heads is not None else 0
+    num_draft = parse_num_draft(num_draft) if num_draft is not None else DEFAULT_NUM_DRAFT
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     stats = SpecStats()
@@ -116,14 +129,16 @@ def stream_generate(
 
 
 def acceptance_line(stats: SpecStats) -> str:
+    src = ", ".join(f"{k} {v}" for k, v in sorted(stats.sources.items()))
+    src = f", steps: {src}" if src else ""
     if not stats.rounds:
-        return f"Acceptance: no drafting (num_draft={stats.num_draft})"
+        return f"Acceptance: no drafting (num_draft={stats.num_draft}{src})"
     ar = " ".join(f"{x:.2f}" for x in stats.acceptance_rates)
     car = " ".join(f"{x:.2f}" for x in stats.cumulative_acceptance)
     return (
         f"Acceptance: tau {stats.mean_accepted_length:.2f} tokens/forward, "
         f"{stats.emitted} tokens in {stats.forwards + 1} backbone forwards, "
-        f"AR_k [{ar}], CAR_k [{car}]"
+        f"AR_k [{ar}], CAR_k [{car}]{src}"
     )
 
 
@@ -163,9 +178,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.0, help="Nucleus sampling threshold.")
     p.add_argument("--top-k", type=int, default=0, help="Sample from the top k tokens.")
     p.add_argument("--min-p", type=float, default=0.0, help="Min-p sampling threshold.")
-    p.add_argument("--num-draft", type=int, default=None,
-                   help="Tokens drafted per step (default: the head set's measured best, "
-                        f"else {DEFAULT_NUM_DRAFT}; 0 without heads).")
+    add_draft_args(p)
     p.add_argument("--loop", choices=("last", "cycle"), default=None,
                    help="How depths beyond the trained heads reuse them (default: the head set's).")
     p.add_argument("--seed", type=int, default=None, help="Random seed.")
@@ -177,6 +190,18 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True,
                    default=True, help="Print timing and acceptance (default true).")
     return p
+
+
+def add_draft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-draft", default="auto",
+                   help="Tokens drafted per step, or 'auto' (default): chosen per step from measured "
+                        "acceptance and cost, plain decoding when drafting does not pay.")
+    p.add_argument("--draft", choices=("heads", "prompt-lookup", "heads+lookup"), default=None,
+                   help="Draft source (default: heads+lookup with heads, prompt-lookup without).")
+
+
+def default_draft(heads, draft: Optional[str]) -> str:
+    return draft or ("heads+lookup" if heads is not None else "prompt-lookup")
 
 
 def render_prompt(tokenizer, prompt: str, system: Optional[str], use_template: bool):
@@ -199,8 +224,7 @@ def main(argv=None) -> None:
 
         if args.max_tokens == 0:
             raise MTPDError("--max-tokens must be non-zero (use -1 for no limit)")
-        if args.num_draft is not None and args.num_draft < 0:
-            raise MTPDError(f"--num-draft must be >= 0 (got {args.num_draft})")
+        num_draft = parse_num_draft(args.num_draft)
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         if not prompt:
             raise MTPDError("the prompt is empty: pass --prompt TEXT")
@@ -210,11 +234,11 @@ def main(argv=None) -> None:
         if args.verbose:
             print(f"[mlx_mtpd] BLAS: {_blas.describe()}", file=sys.stderr)
             if heads is None:
-                print("[mlx_mtpd] no MTP heads: plain decoding", file=sys.stderr)
+                print("[mlx_mtpd] no MTP heads: drafting by prompt lookup only", file=sys.stderr)
         text_prompt = render_prompt(tokenizer, prompt, args.system_prompt, not args.ignore_chat_template)
         out = generate(
             model, tokenizer, text_prompt, verbose=args.verbose, max_tokens=args.max_tokens,
-            heads=heads, num_draft=args.num_draft, loop=args.loop, temp=args.temp,
+            heads=heads, num_draft=num_draft, draft=default_draft(heads, args.draft), loop=args.loop, temp=args.temp,
             top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         )
         if not args.verbose:

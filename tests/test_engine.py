@@ -12,7 +12,7 @@ import pytest
 
 from conftest import greedy_tokens, run_cli, tiny_model
 from heads_util import fit_heads
-from mlx_mtpd.engine import TIE_TOLERANCE, DraftState, SpecStats, mtp_generate_step
+from mlx_mtpd.engine import TIE_TOLERANCE, DraftPlanner, DraftState, SpecStats, mtp_generate_step, prompt_lookup
 from mlx_mtpd.errors import MTPDError
 from mlx_mtpd.heads import init_heads
 
@@ -195,17 +195,149 @@ def test_cache_rollback_equals_recomputation(loop):
             st = DraftState(model, heads, 4, loop)
             stats = SpecStats()
             spec_tokens(model, p, n_tokens, heads, 4, loop=loop, stats=stats, state=st)
-            want = _recomputed_depth_keys(model, heads, st.tokens, st.committed, 4, loop)
-            for k in range(4):
-                cache = st.depth_cache[k]
-                c = st.committed[k + 1]
-                assert cache.offset == c
-                if c == 0:
-                    continue
-                keys, values = cache.state[0][..., :c, :], cache.state[1][..., :c, :]
-                np.testing.assert_allclose(np.array(keys), np.array(want[k][0]), rtol=1e-3, atol=1e-3)
-                np.testing.assert_allclose(np.array(values), np.array(want[k][1]), rtol=1e-3, atol=1e-3)
+            _check_depth_caches(st, model, heads, loop)
             assert st.cache[0].offset == len(st.tokens) - 1
+
+
+def _check_depth_caches(st, model, heads, loop):
+    want = _recomputed_depth_keys(model, heads, st.tokens, st.committed, st.max_depth, loop)
+    for k in range(st.max_depth):
+        cache = st.depth_cache[k]
+        c = st.committed[k + 1]
+        assert cache.offset == c
+        if c == 0:
+            continue
+        keys, values = cache.state[0][..., :c, :], cache.state[1][..., :c, :]
+        np.testing.assert_allclose(np.array(keys), np.array(want[k][0]), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(np.array(values), np.array(want[k][1]), rtol=1e-3, atol=1e-3)
+
+
+def test_state_kept_across_turns_prefills_only_new_tokens():
+    """A chat's next turn extends the cached conversation (or edits its end):
+    the caches rewind to the common prefix, only the rest is prefilled, the
+    depth caches equal recomputation, and the output is plain greedy decoding's."""
+    model, _ = tiny_model("llama", vocab_size=300, seed=3)
+    rng = np.random.default_rng(1)
+    turn1 = rng.integers(3, 300, size=9).tolist()
+    ref1 = greedy_tokens(model, turn1, 20)
+    heads = fit_heads(model, [turn1 + ref1], num_heads=2)
+    for loop in ("last", "cycle"):
+        st = DraftState(model, heads, 4, loop)
+        planner = DraftPlanner(4, "heads")
+        assert spec_tokens(model, turn1, 20, heads, 4, loop=loop, state=st, planner=planner) == ref1
+        turn2 = turn1 + ref1 + rng.integers(3, 300, size=5).tolist()
+        cached = len(turn1) + len(ref1) - 1
+        assert st.rewind(turn2) == cached  # everything the cache holds is reused
+        assert st.length == cached and st.cache[0].offset == cached
+        got2 = spec_tokens(model, turn2, 15, heads, 4, loop=loop, state=st, planner=planner)
+        assert_lossless(model, turn2, got2, greedy_tokens(model, turn2, 15), TIE_TOLERANCE[mx.float32])
+        _check_depth_caches(st, model, heads, loop)
+        # an edit of an earlier turn: rewind deeper than the depth caches' tails
+        turn3 = turn1[:6] + rng.integers(3, 300, size=4).tolist()
+        got3 = spec_tokens(model, turn3, 15, heads, 4, loop=loop, state=st, planner=planner)
+        assert_lossless(model, turn3, got3, greedy_tokens(model, turn3, 15), TIE_TOLERANCE[mx.float32])
+        _check_depth_caches(st, model, heads, loop)
+        # a different conversation altogether: nothing reused, still exact
+        turn4 = rng.integers(3, 300, size=7).tolist()
+        assert st.rewind(turn4) == 0 and st.length == 0
+        got4 = spec_tokens(model, turn4, 10, heads, 4, loop=loop, state=st, planner=planner)
+        assert got4 == greedy_tokens(model, turn4, 10)
+
+
+def test_prompt_lookup_takes_the_latest_longest_match():
+    assert prompt_lookup([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3) == [7, 5, 1]
+    assert prompt_lookup([5, 1, 2, 9, 4, 1, 2, 8, 6, 1, 2], 2) == [8, 6]  # most recent 2-gram
+    assert prompt_lookup([4, 1, 2, 9, 6, 6, 1, 2, 8, 4, 1, 2], 2) == [9, 6]  # 3-gram [4 1 2] first
+    assert prompt_lookup([1, 2, 3, 4], 3) == []
+    assert prompt_lookup([1, 2, 1, 2], 5) == [1, 2]  # the continuation may be short
+    assert prompt_lookup([1, 2, 1, 2], 0) == []
+
+
+class _FakeState:
+    def __init__(self, tokens):
+        self.tokens, self.max_depth = tokens, 6
+
+    def can_verify(self, d):
+        return True
+
+
+def test_auto_planner_drafts_only_when_it_pays():
+    st = _FakeState(list(range(50)))
+    pl = DraftPlanner("auto", "heads")
+    assert pl.plan(st, 500)[0] == "plain"  # plain decoding is measured first
+    pl.observe_plain(8, 8 * 0.050)
+    kind, d, _ = pl.plan(st, 500)
+    assert kind == "heads" and d >= 1  # an optimistic prior tries drafting
+    for _ in range(6):  # heads that accept nothing, a step 20% dearer than a token
+        pl.observe("heads", d, 0, 0.060)
+    plans = [pl.plan(st, 500) for _ in range(160)]
+    plain = sum(a for k, a, _ in plans if k == "plain")
+    drafting = [p for p in plans if p[0] != "plain"]
+    assert plain >= 128 * len(drafting) - 8 and 1 <= len(drafting) <= 10  # one probe per 128 tokens
+    # heads that accept almost everything: drafting, deeper than one token
+    pl2 = DraftPlanner("auto", "heads")
+    pl2.observe_plain(8, 8 * 0.050)
+    for d in (1, 2, 3, 4, 5, 6):
+        for _ in range(5):
+            pl2.observe("heads", d, d, 0.050 + 0.006 * d)
+    kind, d, _ = pl2.plan(st, 500)
+    assert kind == "heads" and d >= 4
+    # a fixed D drafts D every step, capped by the tokens left
+    assert DraftPlanner(3, "heads").plan(st, 500)[:2] == ("heads", 3)
+    assert DraftPlanner(3, "heads").plan(st, 2)[:2] == ("heads", 1)
+    # prompt lookup: a repeated context gives drafts, a fresh one does not
+    rep = _FakeState([1, 2, 3, 4, 5, 1, 2, 3])
+    assert DraftPlanner(3, "prompt-lookup").plan(rep, 500)[:2] == ("lookup", [4, 5, 1])
+    assert DraftPlanner(3, "prompt-lookup").plan(st, 500)[:2] == ("plain", 1)
+    with pytest.raises(MTPDError, match="unknown draft source"):
+        DraftPlanner(3, "medusa")
+    with pytest.raises(MTPDError, match="integer >= 0 or 'auto'"):
+        DraftPlanner("many", "heads")
+
+
+REPEAT_PROMPTS = [
+    "Repeat this sentence exactly three times: The quick brown fox jumps over the lazy dog.",
+    "Here is a list: apple, banana, cherry, apple, banana, cherry. Continue the pattern for ten more items.",
+    "Copy this Python code and add a docstring: def add(a, b):\n    return a + b",
+    "Write the numbers from 1 to 30 separated by commas.",
+]
+
+
+def test_smollm_greedy_prompt_lookup_and_auto(smol_chat, smol_refs):
+    """Prompt lookup alone, combined with heads, and auto: identical to plain
+    greedy decoding on the 20 chat prompts and on prompts that repeat text
+    (where lookup drafts are accepted)."""
+    model, tok, prompts = smol_chat
+    heads = fit_heads(model, [p + r for p, r in zip(prompts[:12], smol_refs[:12])], num_heads=2)
+    settings = [(4, "prompt-lookup", None), (3, "heads+lookup", heads), ("auto", "heads+lookup", heads),
+                ("auto", "prompt-lookup", None)]
+    for i, (p, ref) in enumerate(zip(prompts, smol_refs)):
+        d, src, h = settings[i % len(settings)]
+        got = spec_tokens(model, p, N_SMOL, h, d, draft=src)
+        assert_lossless(model, p, got, ref, TIE_TOLERANCE[mx.float32])
+    rep = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
+           for t in REPEAT_PROMPTS]
+    lookup_accepted = 0
+    for p in rep:
+        ref = greedy_tokens(model, p, 40)
+        for d, src, h in settings:
+            stats = SpecStats()
+            got = spec_tokens(model, p, 40, h, d, draft=src, stats=stats)
+            assert_lossless(model, p, got, ref, TIE_TOLERANCE[mx.float32])
+            if src == "prompt-lookup" and d == 4:
+                lookup_accepted += sum(stats.accepted)
+    assert lookup_accepted >= 20  # the lookup path really drafts and accepts
+
+
+def test_auto_with_heads_that_accept_nothing_decodes_plainly(smol_chat):
+    """Untrained heads: `auto` stops drafting after a few steps and probes rarely."""
+    model, _, prompts = smol_chat
+    heads = init_heads(model, 1, draft_vocab=8192)
+    stats = SpecStats()
+    got = spec_tokens(model, prompts[3], 120, heads, "auto", draft="heads", stats=stats)
+    assert got == greedy_tokens(model, prompts[3], 120)
+    assert stats.sources.get("heads", 0) <= 6, stats.sources
+    assert stats.sources.get("plain", 0) >= 10
 
 
 def test_statistics_are_consistent(smol_chat):
@@ -258,8 +390,13 @@ def _chi2_pvalue(counts, probs):
     return chisquare(obs, ex).pvalue
 
 
-@pytest.mark.parametrize("params", [dict(temp=1.0), dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02)])
-def test_speculative_sampling_matches_the_backbone_distribution(params):
+@pytest.mark.parametrize("params,source,num_draft", [
+    (dict(temp=1.0), "heads", 3),
+    (dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02), "heads", 3),
+    (dict(temp=1.0), "prompt-lookup", 3),
+    (dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02), "heads+lookup", "auto"),
+])
+def test_speculative_sampling_matches_the_backbone_distribution(params, source, num_draft):
     """N = 1500 generations of 3 tokens with drafting (D = 3); chi-square of each
     position's marginal against the exact distribution.  Each p-value threshold
     is 1e-3, so a correct implementation fails one of the 6 checks with
@@ -268,7 +405,8 @@ def test_speculative_sampling_matches_the_backbone_distribution(params):
 
     model, _ = tiny_model("llama", vocab_size=24, seed=5)
     transform = make_logprobs_transform(**params)
-    prompt = [3, 7, 11, 5]
+    # lookup: the model likely samples 2 after this prompt, then [7, 2] proposes [6, 15], often right
+    prompt = [15, 7, 2, 6, 15, 7] if source != "heads" else [3, 7, 11, 5]
     marg = _exact_marginals(model, prompt, transform)
     seqs = [prompt + greedy_tokens(model, prompt, 30)]
     heads = fit_heads(model, seqs, num_heads=2, ridge=1.0)
@@ -276,12 +414,18 @@ def test_speculative_sampling_matches_the_backbone_distribution(params):
     N, V = 1500, 24
     counts = np.zeros((3, V))
     stats = SpecStats()
+    planner = DraftPlanner(num_draft, source) if num_draft == "auto" else None
     for _ in range(N):
-        toks = spec_tokens(model, prompt, 3, heads, 3, stats=stats, **params)
+        toks = spec_tokens(model, prompt, 3, heads, num_draft, stats=stats, draft=source, planner=planner,
+                           **params)
         for i, t in enumerate(toks):
             counts[i, t] += 1
     acc = sum(stats.accepted) / max(sum(stats.drafted), 1)
-    assert acc > 0.1, acc  # the accept path is exercised, not just rejection
+    if source == "heads":
+        assert acc > 0.1, acc  # the accept path is exercised, not just rejection
+    else:
+        assert sum(stats.accepted) > 50 and stats.rounds > 100, stats.sources
+        assert source != "prompt-lookup" or stats.sources["lookup"] == stats.rounds
     for i in range(3):
         p = _chi2_pvalue(counts[i], marg[i])
         assert p > 1e-3, (i, p, counts[i], marg[i])

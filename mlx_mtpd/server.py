@@ -1,0 +1,410 @@
+"""`mlx_mtpd server`: an OpenAI-compatible HTTP server that drafts with MTP heads.
+
+Endpoints as `mlx_lm.server`: POST /v1/chat/completions and /v1/completions
+(streaming with server-sent events, or not), GET /v1/models and /health.  The
+acceptance statistics of each answer are in its `usage.mtp`.  One model, one
+worker: requests are served one at a time in arrival order, so the caches are
+never shared by two generations; the worker keeps the caches of the last
+request, so a client that resends a conversation with one more turn pays only
+for the new tokens.  A client that disconnects mid-stream stops its generation.
+Binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Dict, Optional
+
+from .errors import MTPDError
+
+MAX_BODY = 16 * 1024 * 1024
+
+# Fields a client may send.  OpenAI's that change the answer but are not
+# implemented are accepted only at their neutral value.
+COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stream", "stream_options",
+                 "stop", "seed", "n", "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
+NEUTRAL = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "logprobs": False,
+           "top_logprobs": 0, "echo": False, "suffix": None, "best_of": 1}
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _number(body, name, lo, hi, default, integer=False):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok:
+        raise BadRequest(f"'{name}' must be {'an integer' if integer else 'a number'} (got {v!r})")
+    if not lo <= v <= hi:
+        raise BadRequest(f"'{name}' must be between {lo} and {hi} (got {v})")
+    return v
+
+
+def parse_request(body: Any, kind: str, max_context: Optional[int]) -> Dict[str, Any]:
+    """Validate a request body; returns the generation parameters or raises BadRequest."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    allowed = CHAT_FIELDS if kind == "chat" else COMPLETION_FIELDS
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise BadRequest(f"unknown field '{unknown[0]}' (this server takes: {', '.join(sorted(allowed))})")
+    for name, neutral in NEUTRAL.items():
+        if name in body and body[name] not in (neutral, None) and not (name == "logit_bias" and not body[name]):
+            raise BadRequest(f"'{name}' = {body[name]!r} is not supported by this server")
+    limit = max_context or 1 << 20
+    req: Dict[str, Any] = {
+        "max_tokens": _number(body, "max_completion_tokens", 1, limit, None, integer=True)
+        or _number(body, "max_tokens", 1, limit, 512, integer=True),
+        "temp": float(_number(body, "temperature", 0, 2, 0.0)),
+        "top_p": float(_number(body, "top_p", 0, 1, 0.0)),
+        "top_k": _number(body, "top_k", 0, 1 << 20, 0, integer=True),
+        "min_p": float(_number(body, "min_p", 0, 1, 0.0)),
+        "seed": _number(body, "seed", -(1 << 63), (1 << 63) - 1, None, integer=True),
+    }
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest(f"'stream' must be true or false (got {stream!r})")
+    req["stream"] = stream
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict) or set(opts) - {"include_usage"}:
+        raise BadRequest("'stream_options' takes only {\"include_usage\": true|false}")
+    req["include_usage"] = bool(opts.get("include_usage", False))
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest("'stop' must be a non-empty string or a list of up to 4 non-empty strings")
+    req["stop"] = stop
+    if kind == "chat":
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
+        clean = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise BadRequest(f"messages[{i}] needs a role of system, user or assistant")
+            content = m.get("content")
+            if isinstance(content, list):  # [{"type": "text", "text": ...}]
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise BadRequest(f"messages[{i}].content: only text parts are supported")
+                content = "".join(p["text"] for p in content)
+            if not isinstance(content, str):
+                raise BadRequest(f"messages[{i}].content must be a string")
+            clean.append({"role": m["role"], "content": content})
+        req["messages"] = clean
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise BadRequest("'prompt' must be a non-empty string")
+        req["prompt"] = prompt
+    return req
+
+
+class Job:
+    def __init__(self, kind: str, req: Dict[str, Any]):
+        self.kind, self.req = kind, req
+        self.events: "queue.Queue" = queue.Queue()
+        self.cancelled = threading.Event()
+
+
+class Worker(threading.Thread):
+    """The one thread that touches the model: jobs in arrival order."""
+
+    def __init__(self, session):
+        super().__init__(daemon=True, name="mlx_mtpd-worker")
+        self.session = session
+        self.jobs: "queue.Queue[Job]" = queue.Queue()
+        self.served = 0
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job.cancelled.is_set():
+                continue
+            try:
+                self._serve(job)
+            except BadRequest as e:
+                job.events.put(("error", e.status, str(e)))
+            except MTPDError as e:
+                job.events.put(("error", 400, str(e)))
+            except Exception as e:  # keep serving; the client learns what broke
+                job.events.put(("error", 500, f"{type(e).__name__}: {e}"))
+            finally:
+                self.served += 1
+
+    def _serve(self, job: Job) -> None:
+        import mlx.core as mx
+
+        s, req = self.session, job.req
+        tok = s.tokenizer
+        if job.kind == "chat":
+            ids = s.encode_messages(req["messages"])
+        else:
+            ids = tok.encode(req["prompt"])
+        if s.max_context is not None and len(ids) >= s.max_context:
+            raise BadRequest(f"the prompt is {len(ids)} tokens and the context holds {s.max_context}: shorten it")
+        if req["seed"] is not None:
+            mx.random.seed(req["seed"] % (1 << 32))
+        stops = req["stop"]
+        hold = max((len(x) for x in stops), default=1) - 1
+        text, sent = "", 0
+        finish, last = None, None
+        for r in s.stream(ids, max_tokens=req["max_tokens"], should_stop=job.cancelled.is_set,
+                          temp=req["temp"], top_p=req["top_p"], top_k=req["top_k"], min_p=req["min_p"]):
+            last = r
+            text += r.text
+            hit = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
+            if hit >= 0:
+                text, finish = text[:hit], "stop"
+                job.events.put(("text", text[sent:]))
+                sent = len(text)
+                break
+            safe = len(text) - hold if r.finish_reason is None else len(text)
+            if safe > sent:
+                job.events.put(("text", text[sent:safe]))
+                sent = safe
+        if sent < len(text):
+            job.events.put(("text", text[sent:]))
+        if finish is None:
+            finish = last.finish_reason if last is not None and last.finish_reason != "interrupted" else "stop"
+        st = last.stats if last is not None else None
+        usage = {
+            "prompt_tokens": len(ids),
+            "completion_tokens": last.generation_tokens if last is not None else 0,
+            "total_tokens": len(ids) + (last.generation_tokens if last is not None else 0),
+            "prompt_tokens_cached": s.turns[-1].prompt_tokens - s.turns[-1].new_prompt_tokens if s.turns else 0,
+            "mtp": {
+                "mean_accepted_length": st.mean_accepted_length if st else 1.0,
+                "acceptance_rates": st.acceptance_rates if st else [],
+                "acceptance_by_position": st.cumulative_acceptance if st else [],
+                "backbone_forwards": (st.forwards + 1) if st else 0,
+                "steps_by_source": dict(st.sources) if st else {},
+                "num_draft": st.num_draft if st else 0,
+                "generation_tps": last.generation_tps if last is not None else 0.0,
+            },
+        }
+        job.events.put(("done", text, finish, usage))
+
+
+def make_handler(worker: Worker, model_id: str):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "mlx_mtpd"
+
+        def log_message(self, fmt, *args):  # one line per request on stderr, as http.server does
+            if not getattr(self.server, "quiet", False):
+                super().log_message(fmt, *args)
+
+        def _json(self, status: int, obj: Dict) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, status: int, message: str) -> None:
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            self._json(status, {"error": {"message": message, "type": kind, "code": status}})
+
+        def do_GET(self):
+            if self.path in ("/health", "/v1/health"):
+                self._json(200, {"status": "ok", "queued": worker.jobs.qsize(), "served": worker.served})
+            elif self.path == "/v1/models":
+                self._json(200, {"object": "list", "data": [
+                    {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "mlx_mtpd"}]})
+            else:
+                self._error(404, f"no such endpoint: GET {self.path}")
+
+        def do_POST(self):
+            kinds = {"/v1/chat/completions": "chat", "/chat/completions": "chat",
+                     "/v1/completions": "text", "/completions": "text"}
+            if self.path not in kinds:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(min(length, MAX_BODY))
+                return self._error(404, f"no such endpoint: POST {self.path}")
+            kind = kinds[self.path]
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                return self._error(400, "bad Content-Length header")
+            if length > MAX_BODY:
+                self.close_connection = True
+                return self._error(413, f"request body over {MAX_BODY} bytes")
+            raw = self.rfile.read(length)
+            try:
+                body = json.loads(raw or b"null")
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return self._error(400, f"malformed JSON: {e}")
+            try:
+                req = parse_request(body, kind, worker.session.max_context)
+            except BadRequest as e:
+                return self._error(e.status, str(e))
+            job = Job(kind, req)
+            worker.jobs.put(job)
+            if req["stream"]:
+                self._stream(job, kind)
+            else:
+                self._complete(job, kind)
+
+        def _complete(self, job: Job, kind: str) -> None:
+            while True:
+                ev = job.events.get()
+                if ev[0] == "error":
+                    return self._error(ev[1], ev[2])
+                if ev[0] == "done":
+                    _, text, finish, usage = ev
+                    choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                               "finish_reason": finish} if kind == "chat"
+                              else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+                    return self._json(200, {
+                        "id": _new_id(kind), "object": "chat.completion" if kind == "chat" else "text_completion",
+                        "created": int(time.time()), "model": model_id, "choices": [choice], "usage": usage})
+
+        def _stream(self, job: Job, kind: str) -> None:
+            cid, created = _new_id(kind), int(time.time())
+            obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+            started = False
+
+            def chunk(delta_text: Optional[str], finish=None, usage=None, choices=True):
+                c = {"id": cid, "object": obj, "created": created, "model": model_id}
+                if choices:
+                    if kind == "chat":
+                        delta = {} if delta_text is None else {"content": delta_text}
+                        if not started:
+                            delta = {"role": "assistant", **delta}
+                        c["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+                    else:
+                        c["choices"] = [{"index": 0, "text": delta_text or "", "finish_reason": finish,
+                                         "logprobs": None}]
+                else:
+                    c["choices"] = []
+                if usage is not None:
+                    c["usage"] = usage
+                return c
+
+            try:
+                while True:
+                    ev = job.events.get()
+                    if ev[0] == "error":
+                        if not started:
+                            return self._error(ev[1], ev[2])
+                        self._send_event({"error": {"message": ev[2], "code": ev[1]}})
+                        break
+                    if not started:
+                        self.send_response(200)
+                        self.send_header("Content-Type", "text/event-stream")
+                        self.send_header("Cache-Control", "no-cache")
+                        self.send_header("Connection", "close")
+                        self.end_headers()
+                        self.close_connection = True
+                    if ev[0] == "text":
+                        if ev[1]:
+                            self._send_event(chunk(ev[1]))
+                            started = True
+                        continue
+                    _, _, finish, usage = ev
+                    self._send_event(chunk(None, finish))
+                    started = True
+                    if job.req["include_usage"]:
+                        self._send_event(chunk(None, usage=usage, choices=False))
+                    break
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+                job.cancelled.set()  # the worker stops after its current step
+                self.close_connection = True
+
+        def _send_event(self, obj: Dict) -> None:
+            self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            self.wfile.flush()
+
+    return Handler
+
+
+def _new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    from .generate import add_draft_args
+
+    p = argparse.ArgumentParser(prog="mlx_mtpd server", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="MLX model folder or hub id (default: SmolLM2-135M-Instruct).")
+    p.add_argument("--heads", default=None, help="Head set folder (default: the model folder's, if any).")
+    p.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1).")
+    p.add_argument("--port", type=int, default=8080, help="Port (default 8080; 0 picks a free one).")
+    add_draft_args(p)
+    p.add_argument("--loop", choices=("last", "cycle"), default=None)
+    p.add_argument("--max-context", type=int, default=None, help="Context size in tokens (default: the model's).")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    p.add_argument("--quiet", action="store_true", help="No request log lines.")
+    return p
+
+
+def serve(session, host: str, port: int, model_id: str, quiet: bool = False):
+    worker = Worker(session)
+    worker.start()
+    httpd = ThreadingHTTPServer((host, port), make_handler(worker, model_id))
+    httpd.daemon_threads = True
+    httpd.quiet = quiet
+    return httpd
+
+
+def main(argv=None) -> None:
+    from . import _blas  # noqa: F401  (binds OpenBLAS before mlx loads)
+    from .cli import run_main
+
+    args = setup_arg_parser().parse_args(argv)
+
+    def run():
+        from pathlib import Path
+
+        from .generate import parse_num_draft
+        from .session import Session
+        from .utils import load
+
+        num_draft = parse_num_draft(args.num_draft)
+        if not 0 <= args.port < 65536:
+            raise MTPDError(f"--port must be in 0..65535 (got {args.port})")
+        model, tokenizer, heads = load(args.model, heads=args.heads, dtype=args.dtype)
+        session = Session(model, tokenizer, heads, num_draft=num_draft, draft=args.draft, loop=args.loop,
+                          max_context=args.max_context)
+        model_id = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
+        try:
+            httpd = serve(session, args.host, args.port, model_id, args.quiet)
+        except OSError as e:
+            raise MTPDError(f"cannot listen on {args.host}:{args.port} ({e.strerror}): pick another --port") from None
+        host, port = httpd.server_address[:2]
+        heads_note = f"{heads.num_heads} MTP head(s)" if heads is not None else "no MTP heads"
+        print(f"mlx_mtpd server: {model_id}, {heads_note}, drafting {session.draft}, "
+              f"listening on http://{host}:{port}", file=sys.stderr, flush=True)
+        try:
+            httpd.serve_forever()
+        finally:
+            httpd.server_close()
+
+    run_main("server", run)
+
+
+if __name__ == "__main__":
+    main()
