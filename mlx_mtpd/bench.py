@@ -210,7 +210,8 @@ def main(argv=None) -> None:
         try:
             drafts = [x.strip() if x.strip() == "auto" else int(x) for x in args.num_draft.split(",")]
         except ValueError:
-            raise MTPDError(f"--num-draft must be integers or 'auto', comma-separated (got {args.num_draft!r})") from None
+            raise MTPDError(
+                f"--num-draft must be integers or 'auto', comma-separated (got {args.num_draft!r})") from None
         if any(d != "auto" and d < 0 for d in drafts):
             raise MTPDError(f"--num-draft values must be >= 0 (got {args.num_draft!r})")
         untrained = args.heads == "untrained"

@@ -155,17 +155,17 @@ def main(argv=None) -> None:
             if cmd.startswith("/"):
                 print(dim(f"unknown command {cmd.split()[0]!r}; {HELP}"))
                 continue
-            try:
-                fitted, ids, dropped = session.fit_messages(messages + [{"role": "user", "content": user}],
-                                                            args.max_tokens)
-            except MTPDError as e:
-                print(dim(f"[{e}]"))
-                continue
-            if dropped:
-                print(dim(f"[context full: dropped the {dropped} oldest turn(s)]"))
-            messages = fitted
-            text = ""
-            with _Interrupt() as intr:
+            with _Interrupt() as intr:  # from here Ctrl-C only stops the answer
+                try:
+                    fitted, ids, dropped = session.fit_messages(
+                        messages + [{"role": "user", "content": user}], args.max_tokens)
+                except MTPDError as e:
+                    print(dim(f"[{e}]"))
+                    continue
+                if dropped:
+                    print(dim(f"[context full: dropped the {dropped} oldest turn(s)]"))
+                messages = fitted
+                text = ""
                 for r in session.stream(ids, max_tokens=args.max_tokens, should_stop=lambda: intr.flag,
                                         **sampling):
                     print(r.text, end="", flush=True)

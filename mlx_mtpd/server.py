@@ -126,11 +126,11 @@ class Job:
         self.cancelled = threading.Event()
 
 
-class Worker(threading.Thread):
-    """The one thread that touches the model: jobs in arrival order."""
+class Worker:
+    """The one thread that touches the model (the main thread, where MLX's
+    streams and the model live): jobs in arrival order."""
 
     def __init__(self, session):
-        super().__init__(daemon=True, name="mlx_mtpd-worker")
         self.session = session
         self.jobs: "queue.Queue[Job]" = queue.Queue()
         self.served = 0
@@ -362,12 +362,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def serve(session, host: str, port: int, model_id: str, quiet: bool = False):
+    """Start the HTTP threads; the caller runs `worker.run()` on its own thread."""
     worker = Worker(session)
-    worker.start()
     httpd = ThreadingHTTPServer((host, port), make_handler(worker, model_id))
     httpd.daemon_threads = True
     httpd.quiet = quiet
-    return httpd
+    threading.Thread(target=httpd.serve_forever, daemon=True, name="mlx_mtpd-http").start()
+    return httpd, worker
 
 
 def main(argv=None) -> None:
@@ -391,7 +392,7 @@ def main(argv=None) -> None:
                           max_context=args.max_context)
         model_id = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
         try:
-            httpd = serve(session, args.host, args.port, model_id, args.quiet)
+            httpd, worker = serve(session, args.host, args.port, model_id, args.quiet)
         except OSError as e:
             raise MTPDError(f"cannot listen on {args.host}:{args.port} ({e.strerror}): pick another --port") from None
         host, port = httpd.server_address[:2]
@@ -399,8 +400,9 @@ def main(argv=None) -> None:
         print(f"mlx_mtpd server: {model_id}, {heads_note}, drafting {session.draft}, "
               f"listening on http://{host}:{port}", file=sys.stderr, flush=True)
         try:
-            httpd.serve_forever()
+            worker.run()
         finally:
+            httpd.shutdown()
             httpd.server_close()
 
     run_main("server", run)

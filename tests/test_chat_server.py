@@ -1,0 +1,256 @@
+"""`mlx_mtpd chat` through a pseudo-terminal and `mlx_mtpd server` over real
+HTTP, both on the default model with its shipped heads."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT
+
+pexpect = pytest.importorskip("pexpect")
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def spawn_chat(*args, timeout=240):
+    child = pexpect.spawn(sys.executable, ["-m", "mlx_mtpd", "chat", *map(str, args)], cwd=str(ROOT),
+                          env=dict(os.environ), encoding="utf-8", timeout=timeout, dimensions=(40, 200))
+    child.expect(">> ")
+    return child
+
+
+def answer(child, text):
+    child.sendline(text)
+    child.expect(r"\[(\d+) tokens, .*?\]")
+    reply, line = ANSI.sub("", child.before), ANSI.sub("", child.after)
+    child.expect(">> ")
+    return reply, line
+
+
+def test_chat_multi_turn_stats_reset_and_interrupt(smol_path):
+    child = spawn_chat("--max-tokens", 300)
+    reply1, _ = answer(child, "What is the capital of France? Answer in one sentence.")
+    assert "Paris" in reply1
+    # the second turn prefills only its own tokens (the first turn's are cached)
+    _, line2 = answer(child, "And of Italy?")
+    new_tokens = int(re.search(r"prompt \+(\d+) tokens", line2).group(1))
+    assert 0 < new_tokens < 30, line2
+    child.sendline("/stats")
+    child.expect(">> ")
+    stats = ANSI.sub("", child.before)
+    assert "last answer:" in stats and "session:" in stats and "tok/s" in stats and "tau" in stats
+    # Ctrl-C stops an answer; the conversation goes on
+    child.sendline("Write a very long story about a dragon who learns to bake bread, in many chapters.")
+    child.expect("chapters.\r\n")  # the echo of the line
+    child.expect(r"\w+ \w+ \w+ \w+")  # the answer is streaming
+    child.sendintr()
+    child.expect(r"\[(\d+) tokens, .*?interrupted\]")
+    n_interrupted = int(child.match.group(1))
+    assert n_interrupted < 300
+    child.expect(">> ")
+    reply3, line3 = answer(child, "What was the capital city in my first question?")
+    assert "interrupted" not in line3 and reply3.strip()
+    child.sendline("/reset")
+    child.expect("conversation cleared")
+    child.expect(">> ")
+    child.sendline("/nonsense")
+    child.expect("unknown command")
+    child.expect(">> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_outgrows_the_context(smol_path):
+    """A small --max-context: the oldest turns are dropped with a message, and a
+    message longer than the context gets a clear error; never a crash."""
+    child = spawn_chat("--max-context", 160, "--max-tokens", 40)
+    dropped = False
+    for i in range(5):
+        child.sendline(f"Tell me one fact about the number {i + 2}.")
+        idx = child.expect([r"dropped the \d+ oldest turn", r"\[\d+ tokens, .*?\]"])
+        if idx == 0:
+            dropped = True
+            child.expect(r"\[\d+ tokens, .*?\]")
+        child.expect(">> ")
+    assert dropped
+    child.sendline("word " * 300)
+    child.expect("context holds 160: shorten it")
+    child.expect(">> ")
+    _, line = answer(child, "Say hello.")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_bad_options_one_line_errors(smol_path):
+    from conftest import run_cli
+
+    r = run_cli("chat", "--num-draft", "lots")
+    assert r.returncode == 1 and "--num-draft must be an integer >= 0 or 'auto'" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli("chat", "--temp", "-1", input="")
+    assert r.returncode == 1 and "--temp must be >= 0" in r.stderr
+
+
+# --- server -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(smol_path):
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_mtpd", "server", "--port", "0", "--quiet"],
+                            cwd=str(ROOT), env=dict(os.environ), stderr=subprocess.PIPE, text=True)
+    port = None
+    deadline = time.time() + 300
+    lines = []
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+        if m:
+            port = int(m.group(1))
+            break
+        if proc.poll() is not None:
+            break
+    assert port, "".join(lines)
+    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+    yield port
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def request(port, method, path, body=None, raw=None, timeout=300):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    payload = resp.read()
+    conn.close()
+    return resp.status, payload
+
+
+def chat_body(content, **kw):
+    return {"model": "x", "messages": [{"role": "user", "content": content}], "max_tokens": 24, **kw}
+
+
+def sse_events(payload: bytes):
+    events = [line[6:] for line in payload.decode().split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_server_endpoints(server):
+    status, body = request(server, "GET", "/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, body = request(server, "GET", "/v1/models")
+    assert status == 200 and json.loads(body)["data"][0]["object"] == "model"
+    status, body = request(server, "POST", "/v1/chat/completions",
+                           chat_body("What is the capital of France? Answer in one sentence."))
+    assert status == 200, body
+    res = json.loads(body)
+    assert res["object"] == "chat.completion"
+    assert "Paris" in res["choices"][0]["message"]["content"]
+    assert res["choices"][0]["finish_reason"] == "stop"
+    usage = res["usage"]
+    assert usage["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["mtp"]["mean_accepted_length"] >= 1 and "acceptance_rates" in usage["mtp"]
+    # streaming gives the same text, then usage when asked
+    status, payload = request(server, "POST", "/v1/chat/completions",
+                              chat_body("What is the capital of France? Answer in one sentence.", stream=True,
+                                        stream_options={"include_usage": True}))
+    assert status == 200
+    events = sse_events(payload)
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert text == res["choices"][0]["message"]["content"]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["mtp"]["backbone_forwards"] > 0
+    # completions, with a stop string
+    status, body = request(server, "POST", "/v1/completions",
+                           {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 30, "stop": [" 9"]})
+    assert status == 200, body
+    res = json.loads(body)
+    assert res["object"] == "text_completion" and " 9" not in res["choices"][0]["text"]
+    assert "6" in res["choices"][0]["text"] and res["choices"][0]["finish_reason"] == "stop"
+    status, payload = request(server, "POST", "/v1/completions",
+                              {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 30, "stop": [" 9"], "stream": True})
+    text = "".join(e["choices"][0]["text"] for e in sse_events(payload) if e["choices"])
+    assert text == res["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("raw,fragment", [
+    (b"{not json", "malformed JSON"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}).encode(), "unknown field"),
+    (json.dumps(chat_body("hi", temperature=5)).encode(), "'temperature' must be between"),
+    (json.dumps(chat_body("hi", max_tokens=0)).encode(), "'max_tokens' must be between"),
+    (json.dumps(chat_body("hi", max_tokens="many")).encode(), "'max_tokens' must be an integer"),
+    (json.dumps({"messages": []}).encode(), "'messages' must be a non-empty list"),
+    (json.dumps(chat_body("hi", n=3)).encode(), "not supported"),
+    (json.dumps([1, 2]).encode(), "must be a JSON object"),
+])
+def test_server_rejects_bad_requests(server, raw, fragment):
+    status, body = request(server, "POST", "/v1/chat/completions", raw=raw)
+    assert 400 <= status < 500
+    assert fragment in json.loads(body)["error"]["message"]
+
+
+def test_server_unknown_path_and_oversized_prompt(server):
+    status, _ = request(server, "GET", "/v1/nothing")
+    assert status == 404
+    status, body = request(server, "POST", "/v1/completions", {"prompt": "word " * 9000, "max_tokens": 4})
+    assert status == 400 and "context holds" in json.loads(body)["error"]["message"]
+
+
+def test_server_concurrent_clients_and_disconnect(server):
+    """Four clients at once are served one at a time: each gets exactly the
+    answer it gets alone.  A client that drops a stream stops its generation
+    and the server stays healthy."""
+    questions = ["What is the capital of France?", "Name three primary colors.", "What is 2 + 2?",
+                 "Say hello in Spanish."]
+    alone = {}
+    for q in questions:
+        _, body = request(server, "POST", "/v1/chat/completions", chat_body(q))
+        alone[q] = json.loads(body)["choices"][0]["message"]["content"]
+    together = {}
+
+    def ask(q):
+        _, body = request(server, "POST", "/v1/chat/completions", chat_body(q))
+        together[q] = json.loads(body)["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in questions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert together == alone
+
+    _, before = request(server, "GET", "/health")
+    served_before = json.loads(before)["served"]
+    sock = socket.create_connection(("127.0.0.1", server), timeout=120)
+    body = json.dumps(chat_body("Write a very long story about a lighthouse keeper.", max_tokens=2000,
+                                stream=True)).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    got = b""
+    while got.count(b"data: ") < 3:
+        got += sock.recv(4096)
+    sock.close()
+    # the generation stops well before 2000 tokens: the next request is answered soon
+    tic = time.time()
+    status, body = request(server, "POST", "/v1/chat/completions", chat_body("What is 2 + 2?"), timeout=120)
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == alone["What is 2 + 2?"]
+    assert time.time() - tic < 60
+    _, after = request(server, "GET", "/health")
+    assert json.loads(after)["served"] == served_before + 2
