@@ -1,12 +1,13 @@
 # Two commands do all the set-up on a fresh machine:
-#   make chat   -- create .venv, install, import the default model, run it with its MTP-D heads
+#   make chat   -- create .venv, install, import the default model, chat with it and its MTP-D heads
 #   make test   -- create .venv, install, run the test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= Write a short poem about the sea.
+CHAT_ARGS ?=
 
-.PHONY: chat generate test setup blas heads ablation clean
+.PHONY: chat generate server bench test setup blas heads ablation clean
 
 $(BIN)/mlx_mtpd: pyproject.toml
 	@$(MAKE) --no-print-directory blas
@@ -28,11 +29,24 @@ blas:
 	  fi; \
 	fi
 
-# The main job.  Until `mlx_mtpd chat` exists it runs one generation.
+# The main job: a terminal chat (/help inside it).
 chat: setup
+	$(BIN)/mlx_mtpd chat $(CHAT_ARGS)
+
+generate: setup
 	$(BIN)/mlx_mtpd generate --prompt "$(PROMPT)" --max-tokens 200
 
-generate: chat
+server: setup
+	$(BIN)/mlx_mtpd server
+
+# The README's results table: plain mlx-lm against this engine on the project's
+# own benchmark prompts (held out from training), greedy, 256 new tokens.
+BENCH_ARGS ?= --num-prompts 8 --max-tokens 256 --num-draft 1,2,auto --draft heads+lookup
+bench: setup
+	mkdir -p bench
+	$(BIN)/mlx_mtpd bench $(BENCH_ARGS) --json bench/greedy.json --plot bench/greedy.png --readme README.md
+	$(BIN)/mlx_mtpd bench $(BENCH_ARGS) --temp 0.7 --json bench/temp-0.7.json --plot bench/temp-0.7.png \
+	  --readme README.md
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -146,7 +146,9 @@ def plot(result: Dict, path: Path) -> None:
     plt.close(fig)
 
 
-BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+def _markers(res: Dict):
+    tag = "greedy" if res["temp"] == 0 else f"temp-{res['temp']:g}"
+    return f"<!-- bench:{tag}:begin -->", f"<!-- bench:{tag}:end -->"
 
 
 def results_table(res: Dict, command: str) -> str:
@@ -168,8 +170,9 @@ def results_table(res: Dict, command: str) -> str:
 
 
 def update_readme(path: Path, res: Dict, command: str) -> None:
-    """Replace the text between the bench markers (atomically)."""
+    """Replace the text between the bench markers of this temperature (atomically)."""
     text = path.read_text()
+    BEGIN, END = _markers(res)
     if BEGIN not in text or END not in text:
         raise MTPDError(f"{path} has no {BEGIN} ... {END} markers: add them where the table goes")
     head, rest = text.split(BEGIN, 1)
