@@ -53,6 +53,8 @@ class TrainConfig:
     eval_every: int = 100
     save_every: int = 100
     trainable: List[int] = field(default_factory=list)  # 0-based heads that train (empty: all)
+    train_depth: int = 0  # cascade depth trained (0: the number of heads); deeper depths loop the heads
+    loop_weight: float = 1.0  # loss weight of the looped depths, relative to the last head's
 
 
 def per_head(values: Sequence[float], k: int, name: str) -> List[float]:
@@ -154,8 +156,13 @@ def forward_heads(head_set: HeadSet, backbone: Backbone, batch, cfg: TrainConfig
     total = mx.array(0.0)
     metrics = []
     pos = mx.arange(L)[None]
-    for k in range(1, len(head_set.heads) + 1):
-        head = head_set.heads[k - 1]
+    K = len(head_set.heads)
+    for k in range(1, max(cfg.train_depth, K) + 1):
+        # Depths beyond K loop the heads (the head set's loop policy): the same
+        # module, trained on its own output, so that the engine's loop drafts well.
+        head = head_set.head_for_depth(k)
+        idx = next(i for i, h in enumerate(head_set.heads) if h is head)
+        w = 1.0 if k <= K else cfg.loop_weight
         m = L - k  # positions 0..L-k-1 have an input token t_{i+k}
         if m < 2:
             break
@@ -166,9 +173,9 @@ def forward_heads(head_set: HeadSet, backbone: Backbone, batch, cfg: TrainConfig
         mask = (pos[:, : m - 1] + k + 1 < batch["lens"][:, None]).astype(mx.float32)
         loss, ce, kl, agree = mtpd_loss(
             student, batch["token_idx"][:, k + 1 : k + m], batch["teacher_logits"][:, k : k + m - 1],
-            batch["teacher_idx"][:, k : k + m - 1], mask, cfg.alpha[k - 1], cfg.beta[k - 1], cfg.kl,
+            batch["teacher_idx"][:, k : k + m - 1], mask, cfg.alpha[idx] * w, cfg.beta[idx] * w, cfg.kl,
         )
-        if not cfg.trainable or (k - 1) in cfg.trainable:
+        if not cfg.trainable or idx in cfg.trainable:
             total = total + loss
         metrics.append((ce, kl, agree))
     return total, metrics
@@ -382,6 +389,10 @@ def main(argv=None) -> None:
     p.add_argument("--init-from", default=None, help="Start from this head set (fine-tune or extend).")
     p.add_argument("--extend-to", type=int, default=None,
                    help="Copy heads 1..K into K+1..this, train only the new ones.")
+    p.add_argument("--train-depth", type=int, default=0,
+                   help="Train the cascade this deep, looping the heads past the last one (the training "
+                        "form of looped extension: a head learns from its own output); default: the heads.")
+    p.add_argument("--loop-weight", type=float, default=1.0, help="Loss weight of the looped depths.")
     p.add_argument("--alpha", type=float, nargs="+", default=[1.0], help="CE weight(s), per head or one.")
     p.add_argument("--beta", type=float, nargs="+", default=None,
                    help="KL weight(s) (default 1.0 with one head, 0.5 with more).")
@@ -436,8 +447,11 @@ def train_cli(args) -> None:
         top_n=min(args.top_n, backbone.vocab_size), kl=args.kl, learning_rate=args.learning_rate,
         warmup=args.warmup, steps=args.steps, weight_decay=args.weight_decay, batch_size=args.batch_size,
         grad_accum=args.grad_accum, seed=args.seed, eval_every=args.eval_every,
-        save_every=args.save_every, trainable=trainable,
+        save_every=args.save_every, trainable=trainable, train_depth=args.train_depth,
+        loop_weight=args.loop_weight,
     )
+    if args.train_depth and args.train_depth < k:
+        raise MTPDError(f"--train-depth {args.train_depth} is below the {k} heads: give at least {k}")
     if args.resume:
         saved = json.loads((out / STATE_FILE).read_text())["config"]
         cfg = TrainConfig(**saved) if saved else cfg

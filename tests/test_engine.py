@@ -318,11 +318,11 @@ def test_smollm_greedy_prompt_lookup_and_auto(smol_chat, smol_refs):
     rep = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
            for t in REPEAT_PROMPTS]
     lookup_accepted = 0
-    for p in rep:
-        ref = greedy_tokens(model, p, 40)
-        for d, src, h in settings:
+    for i, p in enumerate(rep):
+        ref = greedy_tokens(model, p, 32)
+        for d, src, h in settings[i % 2 :: 2] + (settings[:1] if i % 2 else []):  # each on 2+ prompts
             stats = SpecStats()
-            got = spec_tokens(model, p, 40, h, d, draft=src, stats=stats)
+            got = spec_tokens(model, p, 32, h, d, draft=src, stats=stats)
             assert_lossless(model, p, got, ref, TIE_TOLERANCE[mx.float32])
             if src == "prompt-lookup" and d == 4:
                 lookup_accepted += sum(stats.accepted)
@@ -334,8 +334,8 @@ def test_auto_with_heads_that_accept_nothing_decodes_plainly(smol_chat):
     model, _, prompts = smol_chat
     heads = init_heads(model, 1, draft_vocab=8192)
     stats = SpecStats()
-    got = spec_tokens(model, prompts[3], 120, heads, "auto", draft="heads", stats=stats)
-    assert got == greedy_tokens(model, prompts[3], 120)
+    got = spec_tokens(model, prompts[3], 96, heads, "auto", draft="heads", stats=stats)
+    assert got == greedy_tokens(model, prompts[3], 96)
     assert stats.sources.get("heads", 0) <= 6, stats.sources
     assert stats.sources.get("plain", 0) >= 10
 

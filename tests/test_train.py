@@ -269,3 +269,40 @@ def test_backbone_parameters_stay_byte_equal_in_process(tiny_ckpt, tmp_path):
         assert np.array(after[k]).tobytes() == v.tobytes(), k
     for k, v in tree_flatten(heads.heads[0].parameters()):  # head 1 frozen (trainable=[1])
         assert np.array(v).tobytes() == head0[k].tobytes(), k
+
+
+def test_looped_depth_training_trains_the_head_on_its_own_output(tiny_ckpt, tmp_path):
+    """--train-depth 2 with one head: depth 2 is the same head applied to its own
+    output; its loss joins the total, its agreement is reported, and the head
+    differs from one trained at depth 1 only."""
+    import mlx_lm
+    from mlx.utils import tree_flatten
+
+    from mlx_mtpd.data_cache import open_cache, prepare_cache, read_sequences
+    from mlx_mtpd.heads import init_heads
+    from mlx_mtpd.train import TrainConfig, Trainer, forward_heads, make_batch
+
+    model, tok = mlx_lm.load(str(tiny_ckpt / "model"))
+    model.freeze()
+    seqs, _ = read_sequences([str(tiny_ckpt / "data.jsonl")], tok, 64)
+    cache = open_cache(prepare_cache(model, seqs, tmp_path / "c", 64))
+    results = {}
+    for depth in (1, 2):
+        mx.random.seed(0)
+        heads = init_heads(model, 1)
+        cfg = TrainConfig(num_heads=1, alpha=[1.0], beta=[1.0], top_n=64, steps=6, warmup=1, batch_size=2,
+                          eval_every=0, save_every=0, train_depth=depth)
+        hist = Trainer(model, heads, cfg, tmp_path / f"out{depth}", cache).train(progress=False)
+        assert len(hist[-1]["agreement"]) == depth
+        results[depth] = dict(tree_flatten(heads.parameters()))
+        if depth == 2:
+            from mlx_mtpd.heads import Backbone
+            from mlx_mtpd.data_cache import iter_sequences
+
+            batch = make_batch(list(iter_sequences(cache, [0, 1])), Backbone(model), 64, 1)
+            total2, metrics = forward_heads(heads, Backbone(model), batch, cfg)
+            cfg1 = TrainConfig(num_heads=1, alpha=[1.0], beta=[1.0], top_n=64, train_depth=1)
+            total1, _ = forward_heads(heads, Backbone(model), batch, cfg1)
+            assert len(metrics) == 2 and total2.item() > total1.item()  # depth 2's loss is added
+    moved = [k for k in results[1] if not np.array_equal(np.array(results[1][k]), np.array(results[2][k]))]
+    assert moved
