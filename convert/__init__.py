@@ -11,6 +11,7 @@ import argparse
 import glob
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -68,6 +69,7 @@ def _finish(
     head_bits: int,
     heads_from: Optional[Path],
     force: bool,
+    native_heads=None,
 ) -> Path:
     """Cast, (de)quantize and save `model` to `out` atomically."""
     from mlx_lm.utils import dequantize_model, quantize_model, save_config, save_model
@@ -91,6 +93,8 @@ def _finish(
         tokenizer_writer(tmp)
         if heads_from is not None:
             _copy_heads(heads_from, tmp, quantize, head_bits, q_group_size)
+        elif native_heads is not None:
+            _write_heads(native_heads, tmp, quantize, head_bits, q_group_size, dtype)
     return Path(out)
 
 
@@ -157,13 +161,22 @@ def convert_hf(
     dequantize: bool = False,
     head_bits: int = DEFAULT_HEAD_BITS,
     force: bool = False,
+    mtp: bool = True,
+    mtp_only: bool = False,
+    mtp_hidden: Optional[str] = None,
 ) -> Path:
+    """Convert a Hugging Face checkpoint; its native MTP layers, if any, become
+    a head set beside the backbone (`mtp=False` skips them; `mtp_only` writes
+    just the head set into an already converted backbone folder)."""
     from mlx_lm.utils import load_model, load_tokenizer
 
+    if mtp_only:
+        return _mtp_only(hf_path, mlx_path, revision, head_bits, mtp_hidden)
     _check_out(mlx_path, force)
     src = _fetch(hf_path, revision)
     config = _check_checkpoint(src)
     _model_class(config)
+    raw_config = dict(config)
     # mlx-lm's loader applies the architecture's sanitize() (HF -> MLX names).
     try:
         model, config = load_model(src, lazy=True)
@@ -180,11 +193,66 @@ def convert_hf(
                 shutil.copy(f, tmp)
 
     heads = src if (src / HEADS_CONFIG).exists() else None
+    native = _native_heads(src, raw_config, model, mtp_hidden) if mtp and heads is None else None
     return _finish(
         model, config, write_tokenizer, Path(mlx_path), dtype=dtype, quantize=quantize,
         q_bits=q_bits, q_group_size=q_group_size, dequantize=dequantize,
-        head_bits=head_bits, heads_from=heads, force=force,
+        head_bits=head_bits, heads_from=heads, force=force, native_heads=native,
     )
+
+
+def _native_heads(src: Path, config: Dict[str, Any], model, mtp_hidden: Optional[str]):
+    """The checkpoint's own MTP layers as a head set; a problem with them is
+    reported and the backbone converts without heads."""
+    from .native_mtp import extract
+
+    try:
+        heads = extract(src, config, model, mtp_hidden)
+    except MTPDError as e:
+        print(f"[mlx_mtpd convert] note: {e}", file=sys.stderr)
+        return None
+    if heads is not None:
+        print(f"[mlx_mtpd convert] imported {heads.num_heads} native MTP layer(s) ({heads.config['family']}, "
+              f"hidden state {heads.config['hidden_state']})", file=sys.stderr)
+    return heads
+
+
+def _write_heads(heads, folder: Path, quantize: bool, head_bits: int, group_size: int, dtype=None) -> None:
+    """Write a head set into `folder`, quantized no lower than `head_bits` when the backbone is."""
+    import tempfile
+
+    from mlx_mtpd.heads import quantize_head_file, write_head_files
+
+    if not quantize or head_bits >= 16:
+        write_head_files(heads, folder, dtype)
+        return
+    with tempfile.TemporaryDirectory(dir=folder) as t:
+        write_head_files(heads, Path(t), dtype)
+        quantize_head_file(Path(t), folder, bits=head_bits, group_size=group_size)
+
+
+def _mtp_only(hf_path: str, mlx_path, revision, head_bits: int, mtp_hidden: Optional[str]) -> Path:
+    """Import the native MTP layers of `hf_path` into the converted backbone at `mlx_path`."""
+    import mlx_lm
+
+    from mlx_mtpd.heads import Backbone, check_fingerprint
+
+    out = Path(mlx_path) if mlx_path else None
+    if out is None or not (out / "config.json").exists():
+        raise MTPDError(f"--mtp-only needs a converted backbone at --mlx-path ({mlx_path} has no config.json)")
+    src = _fetch(hf_path, revision)
+    config = _check_checkpoint(src)
+    model, _ = mlx_lm.load(str(out), lazy=True)
+    from .native_mtp import extract
+
+    heads = extract(src, config, model, mtp_hidden)
+    if heads is None:
+        raise MTPDError(f"{src} declares no MTP layers: nothing to import")
+    check_fingerprint(heads.config, Backbone(model), src)
+    backbone_cfg = json.loads((out / "config.json").read_text())
+    q = backbone_cfg.get("quantization")
+    _write_heads(heads, out, q is not None, head_bits, (q or {}).get("group_size", 64))
+    return out
 
 
 def convert_gguf(
@@ -258,6 +326,13 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dequantize", action="store_true", help="Dequantize a quantized model.")
     p.add_argument("--head-bits", type=int, choices=(4, 8, 16), default=DEFAULT_HEAD_BITS,
                    help="Bits for MTP head weights when quantizing (default 8; 16 keeps them float).")
+    p.add_argument("--no-mtp", dest="mtp", action="store_false",
+                   help="Do not import the checkpoint's native MTP layers.")
+    p.add_argument("--mtp-only", action="store_true",
+                   help="Write only the native MTP head set into the converted backbone at --mlx-path.")
+    p.add_argument("--mtp-hidden", choices=("pre", "post"), default=None,
+                   help="Feed native MTP layers the backbone's pre- or post-final-norm hidden state "
+                        "(default: the family's convention).")
     p.add_argument("--force", action="store_true", help="Replace an existing output folder.")
     return p
 
@@ -276,7 +351,8 @@ def main(argv=None) -> None:
             out = convert_gguf(args.gguf, args.mlx_path, **common)
         else:
             out = convert_hf(args.hf_path, args.mlx_path, revision=args.revision,
-                             dequantize=args.dequantize, **common)
+                             dequantize=args.dequantize, mtp=args.mtp, mtp_only=args.mtp_only,
+                             mtp_hidden=args.mtp_hidden, **common)
         print(f"[mlx_mtpd] wrote {out}")
 
     run_main("convert", run)

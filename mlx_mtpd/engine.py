@@ -209,6 +209,8 @@ class DraftState:
         if self.max_depth:
             self.project = self.backbone.projection_rows(head_set.draft_ids)
             self.draft_ids = head_set.draft_ids
+            self.entry = head_set.entry_hidden(self.backbone)
+            self.feedback_post = head_set.feedback_post_norm
         self.reset()
         if self.max_depth and not all(_headroom(c) > 0 for c in self.cache):
             kinds = {type(c).__name__ for c in self.cache if not _headroom(c)}
@@ -675,6 +677,8 @@ def _draft(st: DraftState, d: int, transform):
     streams: List[mx.array] = [None] * (d + 1)
     prev_start = st.committed[1]
     prev = st.hidden_range(prev_start, n)
+    if st.entry is not None:
+        prev = st.entry(prev)
     for k in range(1, d + 1):
         start = st.committed[k]
         hid = prev[start - prev_start :]
@@ -687,7 +691,11 @@ def _draft(st: DraftState, d: int, transform):
         tok = parts[0] if len(parts) == 1 else mx.concatenate(parts)
         head = st.heads[k - 1]
         out = head(hid, st.backbone.embed_tokens(tok), st.depth_cache[k - 1])
-        logits = st.project(head.norm(out[-1:]))[0]
+        if st.feedback_post:
+            out = head.norm(out)
+            logits = st.project(out[-1:])[0]
+        else:
+            logits = st.project(head.norm(out[-1:]))[0]
         if transform is None:
             choice = mx.argmax(logits)
         else:

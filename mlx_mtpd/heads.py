@@ -148,13 +148,17 @@ def _dequantized(block: nn.Module) -> nn.Module:
 
 
 class MTPHead(nn.Module):
-    def __init__(self, block: nn.Module, final_norm: nn.Module, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, block: nn.Module, final_norm: Optional[nn.Module], hidden_size: int, eps: float = 1e-6,
+                 concat_order: str = "embedding_hidden", eh_bias: bool = False):
         super().__init__()
         self.enorm = nn.RMSNorm(hidden_size, eps=eps)
         self.hnorm = nn.RMSNorm(hidden_size, eps=eps)
-        self.eh_proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        self.eh_proj = nn.Linear(2 * hidden_size, hidden_size, bias=eh_bias)
         self.block = block
-        self.norm = final_norm
+        self.norm = final_norm if final_norm is not None else nn.Identity()  # ERNIE has none
+        if concat_order not in ("embedding_hidden", "hidden_embedding"):
+            raise MTPDError(f"unknown concat_order {concat_order!r}")
+        object.__setattr__(self, "hidden_first", concat_order == "hidden_embedding")  # MiMo
 
     def __call__(self, hidden: mx.array, emb: mx.array, cache=None) -> mx.array:
         """hidden, emb: (L, H) or (B, L, H) for consecutive positions; returns h^k
@@ -162,7 +166,8 @@ class MTPHead(nn.Module):
         from mlx_lm.models.base import create_attention_mask
 
         batched = hidden.ndim == 3
-        x = self.eh_proj(mx.concatenate([self.enorm(emb), self.hnorm(hidden)], axis=-1))
+        parts = [self.enorm(emb), self.hnorm(hidden)]
+        x = self.eh_proj(mx.concatenate(parts[::-1] if self.hidden_first else parts, axis=-1))
         x = x if batched else x[None]
         mask = create_attention_mask(x, cache)
         out = self.block(x, mask, cache)
@@ -194,6 +199,20 @@ class HeadSet(nn.Module):
     def draft_ids(self) -> Optional[mx.array]:
         return self._draft_ids
 
+    def entry_hidden(self, backbone: "Backbone"):
+        """What depth 1 takes from the backbone's pre-norm hidden state: itself
+        (`hidden_state: pre_norm`) or the backbone's final norm of it (`post_norm`,
+        the convention of most native MTP layers)."""
+        if self.config.get("hidden_state", "pre_norm") != "post_norm":
+            return None
+        norm, base = backbone.norm, backbone.norm_class
+        return lambda h: base.__call__(norm, h)
+
+    @property
+    def feedback_post_norm(self) -> bool:
+        """Whether depth k+1 takes depth k's state after its final norm (else before)."""
+        return self.config.get("feedback", "pre_norm") == "post_norm"
+
     def head_for_depth(self, depth: int, loop: Optional[str] = None) -> MTPHead:
         """Depth d (1-based) > K loops the trained heads: `last` or `cycle`."""
         loop = loop or self.config.get("loop", "last")
@@ -205,16 +224,22 @@ class HeadSet(nn.Module):
         return self.heads[k - 1] if loop == "last" else self.heads[(depth - 1) % k]
 
 
-def new_head(backbone: Backbone) -> MTPHead:
+def new_head(backbone: Backbone, config: Optional[Dict[str, Any]] = None) -> MTPHead:
     """A head initialised as METHOD.md says: a copy of the last decoder layer and
-    the final norm, with W = [0 ; I] so the hidden path passes through."""
+    the final norm, with W = [0 ; I] so the hidden path passes through.
+    `config` (a head set's) may ask for the layouts of native MTP layers:
+    `concat_order`, `eh_bias`, `final_norm: false`."""
+    config = config or {}
     last = backbone.inner.layers[-1]
     block = _dequantized(copy.deepcopy(last))
-    final_norm = copy.deepcopy(backbone.norm)
-    final_norm.__class__ = backbone.norm_class  # a plain copy, without the tap
+    final_norm = None
+    if config.get("final_norm", True):
+        final_norm = copy.deepcopy(backbone.norm)
+        final_norm.__class__ = backbone.norm_class  # a plain copy, without the tap
     h = backbone.hidden_size
     eps = float(getattr(backbone.norm, "eps", 1e-6))
-    head = MTPHead(block, final_norm, h, eps)
+    head = MTPHead(block, final_norm, h, eps, config.get("concat_order", "embedding_hidden"),
+                   bool(config.get("eh_bias", False)))
     dtype = _compute_dtype(backbone)
     eye = mx.eye(h, dtype=dtype)
     head.eh_proj.weight = mx.concatenate([mx.zeros((h, h), dtype=dtype), eye], axis=1)
@@ -264,7 +289,7 @@ def _draft_vocab(backbone: Backbone, size: Optional[int]) -> Optional[mx.array]:
 
 
 def _head_skeleton(backbone: Backbone, config: Dict[str, Any], draft_ids) -> HeadSet:
-    heads = [new_head(backbone) for _ in range(int(config["num_heads"]))]
+    heads = [new_head(backbone, config) for _ in range(int(config["num_heads"]))]
     return HeadSet(heads, config, draft_ids)
 
 

@@ -152,7 +152,8 @@ def forward_heads(head_set: HeadSet, backbone: Backbone, batch, cfg: TrainConfig
     tokens, hidden = batch["tokens"], batch["hidden"]
     B, L = tokens.shape
     w_rows = backbone.projection_rows(batch["union"])
-    prev = hidden
+    entry = head_set.entry_hidden(backbone)
+    prev = entry(hidden) if entry is not None else hidden
     total = mx.array(0.0)
     metrics = []
     pos = mx.arange(L)[None]
@@ -167,9 +168,10 @@ def forward_heads(head_set: HeadSet, backbone: Backbone, batch, cfg: TrainConfig
         if m < 2:
             break
         x = head(prev[:, :m], backbone.embed_tokens(tokens[:, k : k + m]))
-        prev = x
+        normed = head.norm(x)
+        prev = normed if head_set.feedback_post_norm else x
         # position i predicts t_{i+k+1}; teacher at i+k; valid while i+k+1 < len
-        student = w_rows(head.norm(x[:, : m - 1]))
+        student = w_rows(normed[:, : m - 1])
         mask = (pos[:, : m - 1] + k + 1 < batch["lens"][:, None]).astype(mx.float32)
         loss, ce, kl, agree = mtpd_loss(
             student, batch["token_idx"][:, k + 1 : k + m], batch["teacher_logits"][:, k : k + m - 1],

@@ -50,6 +50,12 @@ TINY_CONFIGS = {
         "sliding_window": 16, "sliding_window_pattern": 2, "query_pre_attn_scalar": 16,
         "max_position_embeddings": 512,
     },
+    "mimo": {
+        "model_type": "mimo", "architectures": ["MiMoForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "max_position_embeddings": 512, "tie_word_embeddings": False, "num_nextn_predict_layers": 1,
+    },
     "phi3": {
         "model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "hidden_size": 64,
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -114,13 +120,15 @@ def byte_tokenizer(vocab_size: int = 300):
 
 
 def write_hf_checkpoint(path: Path, arch: str, vocab_size: int = 300, seed: int = 0,
-                        dtype: str = "float32"):
-    """A save_pretrained-style folder: config.json + model.safetensors + tokenizer files."""
+                        dtype: str = "float32", extra=None):
+    """A save_pretrained-style folder: config.json + model.safetensors + tokenizer
+    files; `extra` adds tensors (native MTP layers) under their checkpoint names."""
     from mlx.utils import tree_flatten
 
     model, config = tiny_model(arch, vocab_size, seed)
     path.mkdir(parents=True, exist_ok=True)
     weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(model.parameters())}
+    weights.update(extra or {})
     if arch == "gemma3_text" or config.get("tie_word_embeddings"):
         weights.pop("lm_head.weight", None)
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
