@@ -178,8 +178,10 @@ def convert_hf(
     _model_class(config)
     raw_config = dict(config)
     # mlx-lm's loader applies the architecture's sanitize() (HF -> MLX names).
+    from .native_mtp import classes_without_mtp
+
     try:
-        model, config = load_model(src, lazy=True)
+        model, config = load_model(src, lazy=True, get_model_classes=classes_without_mtp)
     except (ValueError, KeyError) as e:
         raise MTPDError(f"cannot load {src} as a {config.get('model_type')} model: {e}") from None
     tokenizer = load_tokenizer(src, eos_token_ids=config.get("eos_token_id"))

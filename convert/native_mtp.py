@@ -81,6 +81,42 @@ def family_for(config: Dict[str, Any]) -> Optional[Family]:
     return next((f for f in FAMILIES if mt in f.model_types), None)
 
 
+def mtp_prefixes(config: Dict[str, Any]) -> Tuple[str, ...]:
+    """Where the declared MTP layers' tensors live (what the backbone must not load)."""
+    fam, count = family_for(config), declared_layers(config)
+    if fam is None or count == 0:
+        return ()
+    n = int(config.get("num_hidden_layers", 0))
+    out = []
+    for i in range(count):
+        pre = fam.prefix.format(i=i, ni=n + i)
+        if fam.block:  # the pieces are named, under a shared prefix (ERNIE's model.)
+            out += [pre + x.format(i=i) + "." for x in (fam.enorm, fam.hnorm, fam.eh_proj)]
+            out += [pre + fam.block.format(i=i)] + ([pre + fam.final_norm + "."] if fam.final_norm else [])
+        else:
+            out.append(pre)
+    return tuple(out)
+
+
+def classes_without_mtp(config: Dict[str, Any]):
+    """mlx-lm's model classes for `config`, whose sanitize() first drops the MTP
+    tensors (some families drop them only at the layer index of the full-size
+    release, e.g. DeepSeek-V3's `model.layers.61`)."""
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    prefixes = mtp_prefixes(config)
+    if not prefixes:
+        return model_class, args_class
+    base_sanitize = getattr(model_class, "sanitize", None)
+
+    def sanitize(self, weights):
+        weights = {k: v for k, v in weights.items() if not k.startswith(prefixes)}
+        return base_sanitize(self, weights) if base_sanitize else weights
+
+    return type(model_class.__name__, (model_class,), {"sanitize": sanitize}), args_class
+
+
 class _Shards:
     """Tensor names of a checkpoint's safetensors shards, loaded on demand."""
 

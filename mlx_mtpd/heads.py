@@ -169,7 +169,8 @@ class MTPHead(nn.Module):
         parts = [self.enorm(emb), self.hnorm(hidden)]
         x = self.eh_proj(mx.concatenate(parts[::-1] if self.hidden_first else parts, axis=-1))
         x = x if batched else x[None]
-        mask = create_attention_mask(x, cache)
+        # an array mask: some layers (DeepSeek-V3's MLA) take no "causal" shorthand
+        mask = create_attention_mask(x, cache, return_array=True)
         out = self.block(x, mask, cache)
         return out if batched else out[0]
 

@@ -211,3 +211,247 @@ def test_unknown_family_is_reported():
     with pytest.raises(MTPDError, match="not a known MTP family"):
         extract(None, {"model_type": "llama", "num_nextn_predict_layers": 1}, None)
     assert extract(None, dict(TINY_CONFIGS["llama"]), None) is None
+
+
+# --- DeepSeek-V3: MLA + MoE block, fp8 blocks with weight_scale_inv -------------
+
+DS = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], vocab_size=300, hidden_size=64,
+          intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+          num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5,
+          kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16,
+          topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, n_group=2, topk_group=1,
+          num_experts_per_tok=2, moe_layer_freq=1, first_k_dense_replace=1, max_position_embeddings=512,
+          rms_norm_eps=1e-6, rope_theta=10000.0, attention_bias=False, tie_word_embeddings=False,
+          num_nextn_predict_layers=1, torch_dtype="float32", bos_token_id=1, eos_token_id=2,
+          quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+                               "activation_scheme": "dynamic"})
+
+
+def _e4m3_table():
+    b = np.arange(256)
+    sign = np.where(b >> 7, -1.0, 1.0)
+    e, m = (b >> 3) & 15, b & 7
+    val = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7.0))
+    val = sign * val
+    val[(e == 15) & (m == 7)] = np.nan
+    return val
+
+
+E4M3 = _e4m3_table()
+
+
+def to_fp8(w):
+    """Nearest e4m3 codes for w / s, with s a power of two; returns (codes, scale_inv, decoded)."""
+    s = 2.0 ** np.ceil(np.log2(np.abs(w).max() / 240.0))
+    finite = np.where(np.isnan(E4M3), np.inf, E4M3)
+    codes = np.abs((w / s)[..., None] - finite).argmin(-1).astype(np.uint8)
+    m, n = w.shape
+    scale_inv = np.full((-(-m // 128), -(-n // 128)), s, np.float32)
+    return codes, scale_inv, (E4M3[codes] * s).astype(np.float32)
+
+
+def write_safetensors(path, tensors):
+    """Our own writer, for the F8_E4M3 dtype that mx.save_safetensors cannot write."""
+    import struct
+
+    kinds = {np.dtype(np.float32): "F32", np.dtype(np.uint8): "F8_E4M3"}
+    header, blobs, off = {}, [], 0
+    for k, v in tensors.items():
+        v = np.ascontiguousarray(v)
+        header[k] = {"dtype": kinds[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + v.nbytes]}
+        blobs.append(v.tobytes())
+        off += v.nbytes
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def deepseek_checkpoint(path, seed=0, fp8=True, with_mtp=True):
+    """A tiny DeepSeek-V3 checkpoint in the Hugging Face layout: layer 0 dense,
+    layer 1 MoE, MTP layer 2 (enorm/hnorm/eh_proj/shared_head + an MoE block,
+    fp8 attention and expert weights).  Returns the float weights (decoded)."""
+    from conftest import byte_tokenizer
+
+    rng = np.random.default_rng(seed)
+    c = DS
+    Hd, V = c["hidden_size"], c["vocab_size"]
+    nh, nope, rope, vd = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    E, mI = c["n_routed_experts"], c["moe_intermediate_size"]
+    norm = lambda n: (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)  # noqa: E731
+    w = {"model.embed_tokens.weight": _rand(rng, V, Hd, scale=1.0), "model.norm.weight": norm(Hd),
+         "lm_head.weight": _rand(rng, V, Hd)}
+
+    def layer(p, moe):
+        w[p + "input_layernorm.weight"] = norm(Hd)
+        w[p + "post_attention_layernorm.weight"] = norm(Hd)
+        a = p + "self_attn."
+        w[a + "q_a_proj.weight"] = _rand(rng, c["q_lora_rank"], Hd)
+        w[a + "q_a_layernorm.weight"] = norm(c["q_lora_rank"])
+        w[a + "q_b_proj.weight"] = _rand(rng, nh * (nope + rope), c["q_lora_rank"])
+        w[a + "kv_a_proj_with_mqa.weight"] = _rand(rng, c["kv_lora_rank"] + rope, Hd)
+        w[a + "kv_a_layernorm.weight"] = norm(c["kv_lora_rank"])
+        w[a + "kv_b_proj.weight"] = _rand(rng, nh * (nope + vd), c["kv_lora_rank"])
+        w[a + "o_proj.weight"] = _rand(rng, Hd, nh * vd)
+        m = p + "mlp."
+        if not moe:
+            for n_, shape in (("gate_proj", (128, Hd)), ("up_proj", (128, Hd)), ("down_proj", (Hd, 128))):
+                w[m + n_ + ".weight"] = _rand(rng, *shape)
+            return
+        w[m + "gate.weight"] = _rand(rng, E, Hd)
+        w[m + "gate.e_score_correction_bias"] = (0.1 * rng.standard_normal(E)).astype(np.float32)
+        for e in range(E):
+            w[m + f"experts.{e}.gate_proj.weight"] = _rand(rng, mI, Hd)
+            w[m + f"experts.{e}.up_proj.weight"] = _rand(rng, mI, Hd)
+            w[m + f"experts.{e}.down_proj.weight"] = _rand(rng, Hd, mI)
+        for n_, shape in (("gate_proj", (mI, Hd)), ("up_proj", (mI, Hd)), ("down_proj", (Hd, mI))):
+            w[m + "shared_experts." + n_ + ".weight"] = _rand(rng, *shape)
+
+    layer("model.layers.0.", moe=False)
+    layer("model.layers.1.", moe=True)
+    if with_mtp:
+        p = "model.layers.2."
+        layer(p, moe=True)
+        w[p + "enorm.weight"], w[p + "hnorm.weight"] = norm(Hd), norm(Hd)
+        w[p + "eh_proj.weight"] = _rand(rng, Hd, 2 * Hd)
+        w[p + "shared_head.norm.weight"] = norm(Hd)
+        w[p + "shared_head.head.weight"] = w["lm_head.weight"].copy()  # copies of the main ones
+        w[p + "embed_tokens.weight"] = w["model.embed_tokens.weight"].copy()
+    stored = dict(w)
+    if fp8 and with_mtp:
+        for k in list(w):
+            if k.startswith("model.layers.2.") and k.endswith("proj.weight") and "eh_proj" not in k \
+                    and "shared_experts" not in k:
+                codes, scale_inv, decoded = to_fp8(w[k])
+                stored[k] = codes
+                stored[k.replace(".weight", ".weight_scale_inv")] = scale_inv
+                w[k] = decoded
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path / "model.safetensors", stored)
+    (path / "config.json").write_text(json.dumps(c))
+    byte_tokenizer(V).save_pretrained(str(path))
+    return w
+
+
+def np_rope_interleaved(x, theta=10000.0):
+    """RoPE on adjacent pairs (DeepSeek's layout), x: (heads, L, d)."""
+    d = x.shape[-1]
+    ang = np.arange(x.shape[1])[:, None] * theta ** (-np.arange(0, d, 2) / d)[None]
+    cos, sin = np.cos(ang), np.sin(ang)
+    a, b = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+    return out
+
+
+def np_mla(x, w, a, c=DS):
+    L = x.shape[0]
+    nh, nope, rope, vd = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    q = np_rms(x @ w[a + "q_a_proj.weight"].T, w[a + "q_a_layernorm.weight"]) @ w[a + "q_b_proj.weight"].T
+    q = q.reshape(L, nh, nope + rope).transpose(1, 0, 2)
+    q_nope, q_pe = q[..., :nope], np_rope_interleaved(q[..., nope:])
+    kv_a = x @ w[a + "kv_a_proj_with_mqa.weight"].T
+    ckv, k_pe = kv_a[:, : c["kv_lora_rank"]], kv_a[:, c["kv_lora_rank"]:]
+    kv = (np_rms(ckv, w[a + "kv_a_layernorm.weight"]) @ w[a + "kv_b_proj.weight"].T)
+    kv = kv.reshape(L, nh, nope + vd).transpose(1, 0, 2)
+    k_nope, v = kv[..., :nope], kv[..., nope:]
+    k_pe = np_rope_interleaved(k_pe[None])  # one rope key shared by all heads
+    s = (q_nope @ k_nope.transpose(0, 2, 1) + q_pe @ k_pe.transpose(0, 2, 1)) / np.sqrt(nope + rope)
+    s = s + np.triu(np.full((L, L), -np.inf), 1)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return (p @ v).transpose(1, 0, 2).reshape(L, nh * vd) @ w[a + "o_proj.weight"].T
+
+
+def np_swiglu_mlp(x, w, m):
+    g = x @ w[m + "gate_proj.weight"].T
+    return ((g / (1 + np.exp(-g))) * (x @ w[m + "up_proj.weight"].T)) @ w[m + "down_proj.weight"].T
+
+
+def np_deepseek_moe(x, w, m, c=DS):
+    """noaux_tc routing: sigmoid scores, bias only for the choice, the best
+    topk_group groups by their top-2 sum, top-k experts, weights normalized and scaled."""
+    E, G = c["n_routed_experts"], c["n_group"]
+    scores = 1 / (1 + np.exp(-(x @ w[m + "gate.weight"].T)))
+    choice = scores + w[m + "gate.e_score_correction_bias"]
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        grp = choice[t].reshape(G, E // G)
+        gscore = np.sort(grp, axis=-1)[:, -2:].sum(-1)
+        keep = np.argsort(-gscore)[: c["topk_group"]]
+        masked = np.zeros_like(grp)
+        masked[keep] = grp[keep]
+        top = np.argsort(-masked.reshape(-1))[: c["num_experts_per_tok"]]
+        wts = scores[t, top] / scores[t, top].sum() * c["routed_scaling_factor"]
+        for e, wt in zip(top, wts):
+            out[t] += wt * np_swiglu_mlp(x[t : t + 1], w, m + f"experts.{e}.")[0]
+    return out + np_swiglu_mlp(x, w, m + "shared_experts.")
+
+
+def np_deepseek_mtp_logits(w, hidden_pre, emb, p="model.layers.2."):
+    """DeepSeek-V3 MTP: eh_proj([enorm(e) ; hnorm(h)]) with h the backbone's
+    post-norm state -> MLA + MoE block -> shared_head.norm -> shared_head.head."""
+    h = np_rms(hidden_pre, w["model.norm.weight"])
+    x = np.concatenate([np_rms(emb, w[p + "enorm.weight"]), np_rms(h, w[p + "hnorm.weight"])], -1)
+    x = x @ w[p + "eh_proj.weight"].T
+    x = x + np_mla(np_rms(x, w[p + "input_layernorm.weight"]), w, p + "self_attn.")
+    x = x + np_deepseek_moe(np_rms(x, w[p + "post_attention_layernorm.weight"]), w, p + "mlp.")
+    return np_rms(x, w[p + "shared_head.norm.weight"]) @ w[p + "shared_head.head.weight"].T
+
+
+@pytest.fixture(scope="module")
+def deepseek_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepseek")
+    w = deepseek_checkpoint(root / "hf")
+    r = run_cli("convert", "--hf-path", root / "hf", "--mlx-path", root / "mlx")
+    assert r.returncode == 0, r.stderr
+    assert "imported 1 native MTP layer(s) (deepseek_v3" in r.stderr
+    return root, w
+
+
+def _teacher_forced_logits(folder, toks):
+    import mlx_lm
+
+    from mlx_mtpd.heads import Backbone, load_heads
+
+    model, _ = mlx_lm.load(str(folder))
+    heads = load_heads(folder, model)
+    bb = Backbone(model)
+    _, hidden = bb.forward(mx.array(toks), None)
+    entry = heads.entry_hidden(bb)
+    h = hidden[:-1]
+    head = heads.heads[0]
+    out = head(entry(h) if entry else h, bb.embed_tokens(mx.array(toks[1:])))
+    return np.array(bb.project(head.norm(out))), np.array(h), model, heads
+
+
+def test_deepseek_fp8_mtp_matches_the_numpy_reference(deepseek_ckpt):
+    root, w = deepseek_ckpt
+    cfg = json.loads((root / "mlx" / "mtp_config.json").read_text())
+    assert cfg["family"] == "deepseek_v3" and cfg["hidden_state"] == "post_norm"
+    toks = [5, 17, 42, 99, 7, 250, 31, 64, 12, 8, 77, 3]
+    got, h, _, _ = _teacher_forced_logits(root / "mlx", toks)
+    emb = w["model.embed_tokens.weight"][np.array(toks[1:])]
+    want = np_deepseek_mtp_logits(w, h, emb)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    # the backbone's own hidden state agrees with a float reading of the checkpoint too
+    assert np.isfinite(got).all()
+
+
+def test_deepseek_greedy_speculative_equals_plain_and_mtp_hidden_override(deepseek_ckpt, tmp_path):
+    from mlx_mtpd.engine import SpecStats, mtp_generate_step
+
+    root, _ = deepseek_ckpt
+    _, _, model, heads = _teacher_forced_logits(root / "mlx", [1, 2, 3])
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        prompt = rng.integers(3, 300, size=8).tolist()
+        ref = greedy_tokens(model, prompt, 20)
+        for d in (1, 3):
+            st = SpecStats()
+            got = [t for t, _, _ in mtp_generate_step(mx.array(prompt), model, heads, num_draft=d,
+                                                      max_tokens=20, stats=st)]
+            assert got == ref
+    r = run_cli("convert", "--hf-path", root / "hf", "--mlx-path", tmp_path / "pre", "--mtp-hidden", "pre")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "pre" / "mtp_config.json").read_text())["hidden_state"] == "pre_norm"
