@@ -267,16 +267,18 @@ def write_safetensors(path, tensors):
         f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
-def deepseek_checkpoint(path, seed=0, fp8=True, with_mtp=True):
-    """A tiny DeepSeek-V3 checkpoint in the Hugging Face layout: layer 0 dense,
-    layer 1 MoE, MTP layer 2 (enorm/hnorm/eh_proj/shared_head + an MoE block,
-    fp8 attention and expert weights).  Returns the float weights (decoded)."""
+def moe_checkpoint(path, c=DS, seed=0, fp8=True, with_mtp=True):
+    """A tiny DeepSeek-V3-layout checkpoint (DeepSeek: MLA; GLM-4.5: GQA with
+    partial RoPE, q/k norms and biases) in the Hugging Face layout: layer 0
+    dense, layer 1 MoE, MTP layer 2 (enorm/hnorm/eh_proj/shared_head + an MoE
+    block; with fp8, attention and expert weights in e4m3 blocks).  Returns the
+    float weights (fp8 ones decoded)."""
     from conftest import byte_tokenizer
 
     rng = np.random.default_rng(seed)
-    c = DS
+    mla = c["model_type"].startswith("deepseek")
     Hd, V = c["hidden_size"], c["vocab_size"]
-    nh, nope, rope, vd = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    nh = c["num_attention_heads"]
     E, mI = c["n_routed_experts"], c["moe_intermediate_size"]
     norm = lambda n: (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)  # noqa: E731
     w = {"model.embed_tokens.weight": _rand(rng, V, Hd, scale=1.0), "model.norm.weight": norm(Hd),
@@ -286,13 +288,22 @@ def deepseek_checkpoint(path, seed=0, fp8=True, with_mtp=True):
         w[p + "input_layernorm.weight"] = norm(Hd)
         w[p + "post_attention_layernorm.weight"] = norm(Hd)
         a = p + "self_attn."
-        w[a + "q_a_proj.weight"] = _rand(rng, c["q_lora_rank"], Hd)
-        w[a + "q_a_layernorm.weight"] = norm(c["q_lora_rank"])
-        w[a + "q_b_proj.weight"] = _rand(rng, nh * (nope + rope), c["q_lora_rank"])
-        w[a + "kv_a_proj_with_mqa.weight"] = _rand(rng, c["kv_lora_rank"] + rope, Hd)
-        w[a + "kv_a_layernorm.weight"] = norm(c["kv_lora_rank"])
-        w[a + "kv_b_proj.weight"] = _rand(rng, nh * (nope + vd), c["kv_lora_rank"])
-        w[a + "o_proj.weight"] = _rand(rng, Hd, nh * vd)
+        if mla:
+            nope, rope, vd = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+            w[a + "q_a_proj.weight"] = _rand(rng, c["q_lora_rank"], Hd)
+            w[a + "q_a_layernorm.weight"] = norm(c["q_lora_rank"])
+            w[a + "q_b_proj.weight"] = _rand(rng, nh * (nope + rope), c["q_lora_rank"])
+            w[a + "kv_a_proj_with_mqa.weight"] = _rand(rng, c["kv_lora_rank"] + rope, Hd)
+            w[a + "kv_a_layernorm.weight"] = norm(c["kv_lora_rank"])
+            w[a + "kv_b_proj.weight"] = _rand(rng, nh * (nope + vd), c["kv_lora_rank"])
+            w[a + "o_proj.weight"] = _rand(rng, Hd, nh * vd)
+        else:
+            hd, nkv = c["head_dim"], c["num_key_value_heads"]
+            for n_, rows in (("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)):
+                w[a + n_ + ".weight"] = _rand(rng, rows, Hd)
+                w[a + n_ + ".bias"] = _rand(rng, rows, scale=0.1)
+            w[a + "o_proj.weight"] = _rand(rng, Hd, nh * hd)
+            w[a + "q_norm.weight"], w[a + "k_norm.weight"] = norm(hd), norm(hd)
         m = p + "mlp."
         if not moe:
             for n_, shape in (("gate_proj", (128, Hd)), ("up_proj", (128, Hd)), ("down_proj", (Hd, 128))):
@@ -388,21 +399,47 @@ def np_deepseek_moe(x, w, m, c=DS):
     return out + np_swiglu_mlp(x, w, m + "shared_experts.")
 
 
-def np_deepseek_mtp_logits(w, hidden_pre, emb, p="model.layers.2."):
-    """DeepSeek-V3 MTP: eh_proj([enorm(e) ; hnorm(h)]) with h the backbone's
-    post-norm state -> MLA + MoE block -> shared_head.norm -> shared_head.head."""
-    h = np_rms(hidden_pre, w["model.norm.weight"])
-    x = np.concatenate([np_rms(emb, w[p + "enorm.weight"]), np_rms(h, w[p + "hnorm.weight"])], -1)
+def np_gqa_partial_rope(x, w, a, c):
+    """GLM-4.5 attention: biased q/k/v, per-head q/k RMSNorm, RoPE on the first
+    partial_rotary_factor of each head (halves layout), grouped KV heads."""
+    L, nh, nkv, hd = x.shape[0], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    eps = c["rms_norm_eps"]
+    q = (x @ w[a + "q_proj.weight"].T + w[a + "q_proj.bias"]).reshape(L, nh, hd)
+    k = (x @ w[a + "k_proj.weight"].T + w[a + "k_proj.bias"]).reshape(L, nkv, hd)
+    v = (x @ w[a + "v_proj.weight"].T + w[a + "v_proj.bias"]).reshape(L, nkv, hd).transpose(1, 0, 2)
+    q = np_rms(q, w[a + "q_norm.weight"], eps).transpose(1, 0, 2)
+    k = np_rms(k, w[a + "k_norm.weight"], eps).transpose(1, 0, 2)
+    rot = int(hd * c["partial_rotary_factor"])
+    q = np.concatenate([np_rope(q[..., :rot], c["rope_theta"]), q[..., rot:]], -1)
+    k = np.concatenate([np_rope(k[..., :rot], c["rope_theta"]), k[..., rot:]], -1)
+    k, v = np.repeat(k, nh // nkv, axis=0), np.repeat(v, nh // nkv, axis=0)
+    s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + np.triu(np.full((L, L), -np.inf), 1)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return (p @ v).transpose(1, 0, 2).reshape(L, nh * hd) @ w[a + "o_proj.weight"].T
+
+
+def np_deepseek_mtp_logits(w, hidden_pre, emb, p="model.layers.2.", c=DS):
+    """DeepSeek-V3 / GLM-4.5 MTP: eh_proj([enorm(e) ; hnorm(h)]) with h the
+    backbone's post-norm state -> the block (MLA or GQA, then MoE) ->
+    shared_head.norm -> shared_head.head."""
+    eps = c["rms_norm_eps"]
+    h = np_rms(hidden_pre, w["model.norm.weight"], eps)
+    x = np.concatenate([np_rms(emb, w[p + "enorm.weight"], eps), np_rms(h, w[p + "hnorm.weight"], eps)], -1)
     x = x @ w[p + "eh_proj.weight"].T
-    x = x + np_mla(np_rms(x, w[p + "input_layernorm.weight"]), w, p + "self_attn.")
-    x = x + np_deepseek_moe(np_rms(x, w[p + "post_attention_layernorm.weight"]), w, p + "mlp.")
-    return np_rms(x, w[p + "shared_head.norm.weight"]) @ w[p + "shared_head.head.weight"].T
+    hn = np_rms(x, w[p + "input_layernorm.weight"], eps)
+    if c["model_type"].startswith("deepseek"):
+        x = x + np_mla(hn, w, p + "self_attn.", c)
+    else:
+        x = x + np_gqa_partial_rope(hn, w, p + "self_attn.", c)
+    x = x + np_deepseek_moe(np_rms(x, w[p + "post_attention_layernorm.weight"], eps), w, p + "mlp.", c)
+    return np_rms(x, w[p + "shared_head.norm.weight"], eps) @ w[p + "shared_head.head.weight"].T
 
 
 @pytest.fixture(scope="module")
 def deepseek_ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepseek")
-    w = deepseek_checkpoint(root / "hf")
+    w = moe_checkpoint(root / "hf")
     r = run_cli("convert", "--hf-path", root / "hf", "--mlx-path", root / "mlx")
     assert r.returncode == 0, r.stderr
     assert "imported 1 native MTP layer(s) (deepseek_v3" in r.stderr
@@ -455,3 +492,30 @@ def test_deepseek_greedy_speculative_equals_plain_and_mtp_hidden_override(deepse
     r = run_cli("convert", "--hf-path", root / "hf", "--mlx-path", tmp_path / "pre", "--mtp-hidden", "pre")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "pre" / "mtp_config.json").read_text())["hidden_state"] == "pre_norm"
+
+
+GLM = dict(model_type="glm4_moe", architectures=["Glm4MoeForCausalLM"], vocab_size=300, hidden_size=64,
+           intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=16, n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5,
+           norm_topk_prob=True, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
+           max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+           use_qk_norm=True, tie_word_embeddings=False, attention_bias=True, partial_rotary_factor=0.5,
+           num_nextn_predict_layers=1, torch_dtype="float32", bos_token_id=1, eos_token_id=2)
+
+
+def test_glm45_mtp_matches_the_numpy_reference_and_drafts_losslessly(tmp_path):
+    from mlx_mtpd.engine import mtp_generate_step
+
+    w = moe_checkpoint(tmp_path / "hf", GLM, seed=3, fp8=False)
+    r = run_cli("convert", "--hf-path", tmp_path / "hf", "--mlx-path", tmp_path / "mlx")
+    assert r.returncode == 0, r.stderr
+    assert "imported 1 native MTP layer(s) (glm4_moe" in r.stderr
+    toks = [5, 17, 42, 99, 7, 250, 31, 64, 12, 8, 77, 3]
+    got, h, model, heads = _teacher_forced_logits(tmp_path / "mlx", toks)
+    want = np_deepseek_mtp_logits(w, h, w["model.embed_tokens.weight"][np.array(toks[1:])], c=GLM)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    prompt = [9, 8, 7, 6, 5, 4, 3, 2]
+    ref = greedy_tokens(model, prompt, 16)
+    for d in (1, 2):
+        assert [t for t, _, _ in mtp_generate_step(mx.array(prompt), model, heads, num_draft=d,
+                                                   max_tokens=16)] == ref
