@@ -519,3 +519,100 @@ def test_glm45_mtp_matches_the_numpy_reference_and_drafts_losslessly(tmp_path):
     for d in (1, 2):
         assert [t for t, _, _ in mtp_generate_step(mx.array(prompt), model, heads, num_draft=d,
                                                    max_tokens=16)] == ref
+
+
+# --- ERNIE 4.5 MoE: no final norm, a biased projection, softmax routing ---------------
+
+ERNIE = dict(model_type="ernie4_5_moe", architectures=["Ernie4_5_MoeForCausalLM"], vocab_size=300, hidden_size=64,
+             intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             num_hidden_layers=2, rms_norm_eps=1e-5, rope_theta=10000.0, use_bias=False,
+             tie_word_embeddings=False, moe_num_experts=4, moe_layer_start_index=1, moe_intermediate_size=32,
+             moe_k=2, moe_layer_interval=1, moe_num_shared_experts=1, moe_gate_act="softmax",
+             max_position_embeddings=512, num_nextn_predict_layers=1, torch_dtype="float32",
+             bos_token_id=1, eos_token_id=2)
+
+
+def ernie_checkpoint(path, seed=0):
+    from conftest import byte_tokenizer
+
+    rng = np.random.default_rng(seed)
+    c = ERNIE
+    Hd, V, nh, nkv, hd = c["hidden_size"], c["vocab_size"], 4, 2, 16
+    norm = lambda n: (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)  # noqa: E731
+    w = {"model.embed_tokens.weight": _rand(rng, V, Hd, scale=1.0), "model.norm.weight": norm(Hd),
+         "lm_head.weight": _rand(rng, V, Hd)}
+
+    def block(p, moe):
+        w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"] = norm(Hd), norm(Hd)
+        for n_, rows in (("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)):
+            w[p + "self_attn." + n_ + ".weight"] = _rand(rng, rows, Hd)
+        w[p + "self_attn.o_proj.weight"] = _rand(rng, Hd, nh * hd)
+        mlps = [("mlp.", 128)] if not moe else [(f"mlp.experts.{e}.", 32) for e in range(4)]
+        mlps += [("mlp.shared_experts.", 32)] if moe else []
+        for m, inter in mlps:
+            w[p + m + "gate_proj.weight"], w[p + m + "up_proj.weight"] = _rand(rng, inter, Hd), _rand(rng, inter, Hd)
+            w[p + m + "down_proj.weight"] = _rand(rng, Hd, inter)
+        if moe:
+            w[p + "mlp.gate.weight"] = _rand(rng, 4, Hd)
+
+    block("model.layers.0.", moe=False)
+    block("model.layers.1.", moe=True)
+    block("model.mtp_block.0.", moe=True)
+    w["model.mtp_emb_norm.0.weight"], w["model.mtp_hidden_norm.0.weight"] = norm(Hd), norm(Hd)
+    w["model.mtp_linear_proj.0.weight"] = _rand(rng, Hd, 2 * Hd)
+    w["model.mtp_linear_proj.0.bias"] = _rand(rng, Hd, scale=0.1)
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path / "model.safetensors", w)
+    (path / "config.json").write_text(json.dumps(c))
+    byte_tokenizer(V).save_pretrained(str(path))
+    return w
+
+
+def np_ernie_mtp_logits(w, hidden_pre, emb, c=ERNIE):
+    """ERNIE 4.5: mtp_linear_proj([emb_norm(e) ; hidden_norm(h)]) + bias, h post-norm
+    -> block (interleaved RoPE attention, softmax top-k MoE + shared expert) ->
+    the main lm_head with *no* final norm."""
+    eps, p = c["rms_norm_eps"], "model.mtp_block.0."
+    h = np_rms(hidden_pre, w["model.norm.weight"], eps)
+    x = np.concatenate([np_rms(emb, w["model.mtp_emb_norm.0.weight"], eps),
+                        np_rms(h, w["model.mtp_hidden_norm.0.weight"], eps)], -1)
+    x = x @ w["model.mtp_linear_proj.0.weight"].T + w["model.mtp_linear_proj.0.bias"]
+    L, nh, nkv, hd = x.shape[0], 4, 2, 16
+    a = np_rms(x, w[p + "input_layernorm.weight"], eps)
+    q = np_rope_interleaved((a @ w[p + "self_attn.q_proj.weight"].T).reshape(L, nh, hd).transpose(1, 0, 2))
+    k = np_rope_interleaved((a @ w[p + "self_attn.k_proj.weight"].T).reshape(L, nkv, hd).transpose(1, 0, 2))
+    v = (a @ w[p + "self_attn.v_proj.weight"].T).reshape(L, nkv, hd).transpose(1, 0, 2)
+    k, v = np.repeat(k, nh // nkv, 0), np.repeat(v, nh // nkv, 0)
+    s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + np.triu(np.full((L, L), -np.inf), 1)
+    pr = np.exp(s - s.max(-1, keepdims=True))
+    pr /= pr.sum(-1, keepdims=True)
+    x = x + (pr @ v).transpose(1, 0, 2).reshape(L, nh * hd) @ w[p + "self_attn.o_proj.weight"].T
+    m = np_rms(x, w[p + "post_attention_layernorm.weight"], eps)
+    g = m @ w[p + "mlp.gate.weight"].T
+    g = np.exp(g - g.max(-1, keepdims=True))
+    g /= g.sum(-1, keepdims=True)
+    out = np.zeros_like(m)
+    for t in range(L):
+        top = np.argsort(-g[t])[: c["moe_k"]]
+        for e, wt in zip(top, g[t, top] / g[t, top].sum()):
+            out[t] += wt * np_swiglu_mlp(m[t : t + 1], w, p + f"mlp.experts.{e}.")[0]
+    x = x + out + np_swiglu_mlp(m, w, p + "mlp.shared_experts.")
+    return x @ w["lm_head.weight"].T
+
+
+def test_ernie_mtp_without_final_norm_matches_the_numpy_reference(tmp_path):
+    from mlx_mtpd.engine import mtp_generate_step
+
+    w = ernie_checkpoint(tmp_path / "hf")
+    r = run_cli("convert", "--hf-path", tmp_path / "hf", "--mlx-path", tmp_path / "mlx")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "mlx" / "mtp_config.json").read_text())
+    assert cfg["family"] == "ernie4_5_moe" and cfg["final_norm"] is False and cfg["eh_bias"] is True
+    toks = [5, 17, 42, 99, 7, 250, 31, 64, 12, 8, 77, 3]
+    got, h, model, heads = _teacher_forced_logits(tmp_path / "mlx", toks)
+    want = np_ernie_mtp_logits(w, h, w["model.embed_tokens.weight"][np.array(toks[1:])])
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    prompt = [9, 8, 7, 6, 5, 4, 3, 2]
+    ref = greedy_tokens(model, prompt, 16)
+    assert [t for t, _, _ in mtp_generate_step(mx.array(prompt), model, heads, num_draft=2,
+                                               max_tokens=16)] == ref
