@@ -383,7 +383,7 @@ def np_deepseek_moe(x, w, m, c=DS):
     """noaux_tc routing: sigmoid scores, bias only for the choice, the best
     topk_group groups by their top-2 sum, top-k experts, weights normalized and scaled."""
     E, G = c["n_routed_experts"], c["n_group"]
-    scores = 1 / (1 + np.exp(-(x @ w[m + "gate.weight"].T)))
+    scores = 1 / (1 + np.exp(-(x @ w[m + "gate.weight"].T)))  # (the shared expert is always named so)
     choice = scores + w[m + "gate.e_score_correction_bias"]
     out = np.zeros_like(x)
     for t in range(x.shape[0]):
@@ -616,3 +616,98 @@ def test_ernie_mtp_without_final_norm_matches_the_numpy_reference(tmp_path):
     ref = greedy_tokens(model, prompt, 16)
     assert [t for t, _, _ in mtp_generate_step(mx.array(prompt), model, heads, num_draft=2,
                                                max_tokens=16)] == ref
+
+
+# --- Exaone-MoE: mtp.* layout, q/k norms, a global layer without RoPE beside sliding ones --------
+
+EXAONE = dict(model_type="exaone_moe", architectures=["ExaoneMoEForCausalLM"], vocab_size=300, hidden_size=64,
+              intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+              rms_norm_eps=1e-5, max_position_embeddings=512, sliding_window=64,
+              layer_types=["sliding_attention", "full_attention"], is_moe_layer=[False, True], n_group=1,
+              topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, rope_theta=10000.0,
+              tie_word_embeddings=False, num_nextn_predict_layers=1, torch_dtype="float32",
+              bos_token_id=1, eos_token_id=2)
+
+
+def exaone_checkpoint(path, seed=0):
+    from conftest import byte_tokenizer
+
+    rng = np.random.default_rng(seed)
+    c, Hd, V = EXAONE, 64, 300
+    norm = lambda n: (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)  # noqa: E731
+    w = {"model.embed_tokens.weight": _rand(rng, V, Hd, scale=1.0), "model.norm.weight": norm(Hd),
+         "lm_head.weight": _rand(rng, V, Hd)}
+
+    def block(p, moe):
+        w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"] = norm(Hd), norm(Hd)
+        for n_, rows in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32)):
+            w[p + "self_attn." + n_ + ".weight"] = _rand(rng, rows, Hd)
+        w[p + "self_attn.o_proj.weight"] = _rand(rng, Hd, 64)
+        w[p + "self_attn.q_norm.weight"], w[p + "self_attn.k_norm.weight"] = norm(16), norm(16)
+        mlps = [("mlp.", 128)] if not moe else [(f"mlp.experts.{e}.", 32) for e in range(4)]
+        mlps += [("mlp.shared_experts.", 32)] if moe else []
+        for m, inter in mlps:
+            w[p + m + "gate_proj.weight"], w[p + m + "up_proj.weight"] = _rand(rng, inter, Hd), _rand(rng, inter, Hd)
+            w[p + m + "down_proj.weight"] = _rand(rng, Hd, inter)
+        if moe:
+            w[p + "mlp.gate.weight"] = _rand(rng, 4, Hd)
+            w[p + "mlp.e_score_correction_bias"] = (0.1 * rng.standard_normal(4)).astype(np.float32)
+
+    block("model.layers.0.", moe=False)
+    block("model.layers.1.", moe=True)
+    block("mtp.layers.0.", moe=True)
+    for n_ in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        w[f"mtp.{n_}.weight"] = norm(Hd)
+    w["mtp.fc.weight"] = _rand(rng, Hd, 2 * Hd)
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path / "model.safetensors", w)
+    (path / "config.json").write_text(json.dumps(c))
+    byte_tokenizer(V).save_pretrained(str(path))
+    return w
+
+
+def np_exaone_mtp_logits(w, hidden_pre, emb, c=EXAONE):
+    """Exaone-MoE: fc([pre_fc_norm_embedding(e) ; pre_fc_norm_hidden(h)]), h post-norm
+    -> a global-attention block (q/k norms, no RoPE when the model has sliding
+    layers; sigmoid-routed MoE with a correction bias for the choice) -> mtp.norm -> lm_head."""
+    eps, p = c["rms_norm_eps"], "mtp.layers.0."
+    h = np_rms(hidden_pre, w["model.norm.weight"], eps)
+    x = np.concatenate([np_rms(emb, w["mtp.pre_fc_norm_embedding.weight"], eps),
+                        np_rms(h, w["mtp.pre_fc_norm_hidden.weight"], eps)], -1) @ w["mtp.fc.weight"].T
+    L, nh, nkv, hd = x.shape[0], 4, 2, 16
+    a = np_rms(x, w[p + "input_layernorm.weight"], eps)
+    q = np_rms((a @ w[p + "self_attn.q_proj.weight"].T).reshape(L, nh, hd), w[p + "self_attn.q_norm.weight"], eps)
+    k = np_rms((a @ w[p + "self_attn.k_proj.weight"].T).reshape(L, nkv, hd), w[p + "self_attn.k_norm.weight"], eps)
+    v = (a @ w[p + "self_attn.v_proj.weight"].T).reshape(L, nkv, hd).transpose(1, 0, 2)
+    q, k = q.transpose(1, 0, 2), k.transpose(1, 0, 2)
+    k, v = np.repeat(k, nh // nkv, 0), np.repeat(v, nh // nkv, 0)
+    s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + np.triu(np.full((L, L), -np.inf), 1)
+    pr = np.exp(s - s.max(-1, keepdims=True))
+    pr /= pr.sum(-1, keepdims=True)
+    x = x + (pr @ v).transpose(1, 0, 2).reshape(L, nh * hd) @ w[p + "self_attn.o_proj.weight"].T
+    m = np_rms(x, w[p + "post_attention_layernorm.weight"], eps)
+    ww = dict(w)
+    ww[p + "mlp.gate.e_score_correction_bias"] = w[p + "mlp.e_score_correction_bias"]
+    cfg = dict(n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=2, routed_scaling_factor=2.5)
+    x = x + np_deepseek_moe(m, ww, p + "mlp.", cfg)
+    return np_rms(x, w["mtp.norm.weight"], eps) @ w["lm_head.weight"].T
+
+
+def test_exaone_moe_mtp_matches_the_numpy_reference(tmp_path):
+    from mlx_mtpd.engine import SpecStats, mtp_generate_step
+
+    w = exaone_checkpoint(tmp_path / "hf")
+    r = run_cli("convert", "--hf-path", tmp_path / "hf", "--mlx-path", tmp_path / "mlx")
+    assert r.returncode == 0, r.stderr
+    assert "imported 1 native MTP layer(s) (exaone_moe" in r.stderr
+    toks = [5, 17, 42, 99, 7, 250, 31, 64, 12, 8, 77, 3]
+    got, h, model, heads = _teacher_forced_logits(tmp_path / "mlx", toks)
+    want = np_exaone_mtp_logits(w, h, w["model.embed_tokens.weight"][np.array(toks[1:])])
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    prompt = [9, 8, 7, 6, 5, 4, 3, 2]
+    ref = greedy_tokens(model, prompt, 16)
+    st = SpecStats()
+    assert [t for t, _, _ in mtp_generate_step(mx.array(prompt), model, heads, num_draft=2, max_tokens=16,
+                                               stats=st)] == ref
+    assert st.rounds > 0
