@@ -232,6 +232,14 @@ def extract(src: Path, config: Dict[str, Any], model: nn.Module, hidden_state: O
                             "without heads")
         # The family's own sanitize: expert stacking, fp8 blocks, its norm conventions.
         clean = model.sanitize(dict(raw)) if hasattr(model, "sanitize") else raw
+        if fam.zero_centred:
+            # (1 + w) norms become plain ones exactly once: mlx-lm's sanitize shifts
+            # them only when it recognizes a raw checkpoint, which a lone block may
+            # not look like; what it left as it was is shifted here.
+            for k, v in list(clean.items()):
+                if k in raw and v.ndim == 1 and k.rsplit(".", 2)[-2].endswith("norm") \
+                        and mx.array_equal(v, raw[k]).item():
+                    clean[k] = v.astype(mx.float32) + 1.0
         tag = f"model.layers.{last}."
         for k, v in clean.items():
             if k.startswith(tag):

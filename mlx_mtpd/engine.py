@@ -212,7 +212,7 @@ class DraftState:
             self.entry = head_set.entry_hidden(self.backbone)
             self.feedback_post = head_set.feedback_post_norm
         self.reset()
-        if self.max_depth and not all(_headroom(c) > 0 for c in self.cache):
+        if (self.max_depth or head_set is not None) and not all(_headroom(c) > 0 for c in self.cache):
             kinds = {type(c).__name__ for c in self.cache if not _headroom(c)}
             raise MTPDError(
                 f"this model's caches ({', '.join(sorted(kinds))}) cannot be rolled back, "
@@ -223,6 +223,9 @@ class DraftState:
         from mlx_lm.models.cache import KVCache, make_prompt_cache
 
         self.cache = make_prompt_cache(self.model)
+        # Recurrent layers (linear attention, SSM) cannot be trimmed: their state
+        # is saved before each verification and restored on a rejection.
+        self.restorable = [c for c in self.cache if _restorable(c)]
         self.length = 0  # tokens in the backbone cache
         self.depth_cache = [KVCache() for _ in range(self.max_depth)]
         self.committed = [0] * (self.max_depth + 2)  # c[k] for k = 1..D (c[0] unused)
@@ -282,11 +285,13 @@ class DraftState:
         p = 0
         while p < m and self.tokens[p] == prompt[p]:
             p += 1
-        if p == 0 or not all(_headroom(c) > 0 or self.length == p for c in self.cache):
+        if p == 0 or not all(_headroom(c) > 0 or self.length == p for c in self.cache) or (
+            self.restorable and p < self.length  # a recurrent state cannot go back
+        ):
             self.reset()
             return 0
         if self.length > p:
-            trim_prompt_cache(self.cache, self.length - p)
+            _trim(self.cache, self.length - p)
         self.length = p
         self.tokens = list(prompt[:p])
         if self.max_depth:
@@ -309,13 +314,37 @@ class DraftState:
         return p
 
 
+def _restorable(cache) -> bool:
+    """A recurrent layer's cache (linear attention, SSM): never trimmable, but its
+    state can be saved and set back."""
+    from mlx_lm.models.cache import ArraysCache
+
+    return isinstance(cache, ArraysCache)
+
+
+def _snapshot(cache):
+    """A recurrent cache's state, copied one level deep: its lists are updated
+    in place (`cache[i] = new`), the arrays in them never are."""
+    state = cache.state
+    if isinstance(state, list):
+        return list(state)
+    return tuple(list(x) if isinstance(x, list) else x for x in state)
+
+
+def _trim(caches, n: int) -> None:
+    """Drop the last n tokens of every trimmable cache."""
+    for c in caches:
+        if c.is_trimmable():
+            c.trim(n)
+
+
 def _headroom(cache) -> float:
-    """How many more tokens `cache` takes while staying trimmable."""
+    """How many more tokens `cache` takes while staying trimmable (or restorable)."""
     inner = getattr(cache, "caches", None)
     if inner is not None:  # CacheList
         return min(_headroom(c) for c in inner)
     if not cache.is_trimmable():
-        return 0
+        return float("inf") if _restorable(cache) else 0
     max_size = getattr(cache, "max_size", None)
     if max_size is None:
         return float("inf")
@@ -724,10 +753,14 @@ def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None)
         draft_arr = mx.stack(drafts) if drafts else mx.zeros((0,), mx.uint32)
     nd = draft_arr.size
     verify_in = mx.concatenate([mx.array([st.tokens[-1]], mx.uint32), draft_arr])
-    if st.max_depth:
-        logits, hidden = st.backbone.forward(verify_in, st.cache)
-    else:
-        logits, hidden = st.model(verify_in[None], cache=st.cache)[0], None
+    saved = [_snapshot(c) for c in st.restorable] if st.restorable and nd else None
+
+    def forward(x):
+        if st.max_depth:
+            return st.backbone.forward(x, st.cache)
+        return st.model(x[None], cache=st.cache)[0], None
+
+    logits, hidden = forward(verify_in)
     if transform is None:
         a_arr, fixes = accept_greedy(draft_arr, logits)
     else:
@@ -741,7 +774,14 @@ def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None)
     new_tokens = draft_arr[:a].tolist() + [fixes[a].item()]
 
     # Roll back: the backbone keeps t_n and the accepted drafts.
-    if nd - a:
+    if nd - a and saved is not None:
+        # Recurrent layers: back to the state before this step, then the
+        # accepted tokens once more (one extra forward, only on a rejection).
+        _trim(st.cache, nd + 1)
+        for c, state in zip(st.restorable, saved):
+            c.state = state
+        _, hidden = forward(verify_in[: a + 1])
+    elif nd - a:
         trim_prompt_cache(st.cache, nd - a)
     st.length += a + 1
     if st.max_depth:

@@ -711,3 +711,149 @@ def test_exaone_moe_mtp_matches_the_numpy_reference(tmp_path):
     assert [t for t, _, _ in mtp_generate_step(mx.array(prompt), model, heads, num_draft=2, max_tokens=16,
                                                stats=st)] == ref
     assert st.rounds > 0
+
+
+# --- Qwen3-Next / Qwen3.5: zero-centred norms, gated attention, a recurrent backbone ---------
+
+QNEXT = dict(model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"], vocab_size=300, hidden_size=64,
+             num_hidden_layers=2, full_attention_interval=2, intermediate_size=128, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.25, linear_num_value_heads=4,
+             linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+             num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, shared_expert_intermediate_size=32,
+             mlp_only_layers=[], moe_intermediate_size=32, norm_topk_prob=True, rope_theta=10000.0,
+             rms_norm_eps=1e-6, max_position_embeddings=512, tie_word_embeddings=False,
+             num_nextn_predict_layers=1, torch_dtype="float32", bos_token_id=1, eos_token_id=2)
+ZC_NORMS = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight", ".q_norm.weight",
+            ".k_norm.weight")
+
+
+def qwen3_next_checkpoint(path, seed=0):
+    """The backbone: a random mlx-lm Qwen3-Next written back in the Hugging Face
+    layout (experts unstacked, conv1d axes, norms zero-centred); the MTP layer:
+    random tensors under mtp.* with zero-centred norms.  Returns the MTP tensors."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen3_next
+
+    from conftest import byte_tokenizer
+
+    rng = np.random.default_rng(seed)
+    mx.random.seed(seed)
+    model = qwen3_next.Model(qwen3_next.ModelArgs.from_dict(QNEXT))
+    hf = {}
+    for k, v in tree_flatten(model.parameters()):
+        v = np.array(v.astype(mx.float32))
+        if v.ndim == 2 and k.endswith(".weight"):
+            v = _rand(rng, *v.shape, scale=1.0 if "embed" in k else None)
+        if ".switch_mlp." in k:
+            for e in range(v.shape[0]):
+                hf[k.replace(".switch_mlp.", f".experts.{e}.")] = _rand(rng, *v.shape[1:])
+            continue
+        if "conv1d.weight" in k:
+            v = np.moveaxis(v, 2, 1)
+        if k.endswith(ZC_NORMS):
+            v = (0.1 * rng.standard_normal(v.shape)).astype(np.float32)  # stored as w, applied as 1 + w
+        hf[k] = np.ascontiguousarray(v, dtype=np.float32)
+    zc = lambda n: (0.1 * rng.standard_normal(n)).astype(np.float32)  # noqa: E731
+    p = "mtp.layers.0."
+    mtp = {"mtp.pre_fc_norm_embedding.weight": zc(64), "mtp.pre_fc_norm_hidden.weight": zc(64),
+           "mtp.fc.weight": _rand(rng, 64, 128), "mtp.norm.weight": zc(64),
+           p + "input_layernorm.weight": zc(64), p + "post_attention_layernorm.weight": zc(64),
+           p + "self_attn.q_proj.weight": _rand(rng, 4 * 16 * 2, 64), p + "self_attn.k_proj.weight": _rand(rng, 32, 64),
+           p + "self_attn.v_proj.weight": _rand(rng, 32, 64), p + "self_attn.o_proj.weight": _rand(rng, 64, 64),
+           p + "self_attn.q_norm.weight": zc(16), p + "self_attn.k_norm.weight": zc(16),
+           p + "mlp.gate.weight": _rand(rng, 4, 64), p + "mlp.shared_expert_gate.weight": _rand(rng, 1, 64)}
+    for m in [f"mlp.experts.{e}." for e in range(4)] + ["mlp.shared_expert."]:
+        mtp[p + m + "gate_proj.weight"], mtp[p + m + "up_proj.weight"] = _rand(rng, 32, 64), _rand(rng, 32, 64)
+        mtp[p + m + "down_proj.weight"] = _rand(rng, 64, 32)
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path / "model.safetensors", {**hf, **mtp})
+    (path / "config.json").write_text(json.dumps(QNEXT))
+    byte_tokenizer(300).save_pretrained(str(path))
+    return mtp
+
+
+def np_qwen3_next_mtp_logits(w, hidden_pre, emb, final_norm, lm_head, eps=1e-6):
+    """Qwen3-Next: fc([pre_fc_norm_embedding(e) ; pre_fc_norm_hidden(h)]) with h
+    post-norm, every norm (1 + w) -> gated attention (q_proj gives query and gate
+    per head; RoPE on a quarter of each head; output times sigmoid(gate)) ->
+    softmax top-k MoE plus a sigmoid-gated shared expert -> mtp.norm -> lm_head."""
+    zrms = lambda x, g: np_rms(x, 1.0 + g, eps)  # noqa: E731
+    p = "mtp.layers.0."
+    h = np_rms(hidden_pre, final_norm, eps)  # the backbone's own (already shifted) final norm
+    x = np.concatenate([zrms(emb, w["mtp.pre_fc_norm_embedding.weight"]),
+                        zrms(h, w["mtp.pre_fc_norm_hidden.weight"])], -1) @ w["mtp.fc.weight"].T
+    L, nh, nkv, hd, rot = x.shape[0], 4, 2, 16, 4
+    a = zrms(x, w[p + "input_layernorm.weight"])
+    qg = (a @ w[p + "self_attn.q_proj.weight"].T).reshape(L, nh, 2 * hd)
+    q, gate = qg[..., :hd], qg[..., hd:].reshape(L, nh * hd)
+    q = zrms(q, w[p + "self_attn.q_norm.weight"]).transpose(1, 0, 2)
+    k = zrms((a @ w[p + "self_attn.k_proj.weight"].T).reshape(L, nkv, hd), w[p + "self_attn.k_norm.weight"])
+    k = k.transpose(1, 0, 2)
+    v = (a @ w[p + "self_attn.v_proj.weight"].T).reshape(L, nkv, hd).transpose(1, 0, 2)
+    q = np.concatenate([np_rope(q[..., :rot]), q[..., rot:]], -1)
+    k = np.concatenate([np_rope(k[..., :rot]), k[..., rot:]], -1)
+    k, v = np.repeat(k, nh // nkv, 0), np.repeat(v, nh // nkv, 0)
+    s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + np.triu(np.full((L, L), -np.inf), 1)
+    pr = np.exp(s - s.max(-1, keepdims=True))
+    pr /= pr.sum(-1, keepdims=True)
+    o = (pr @ v).transpose(1, 0, 2).reshape(L, nh * hd) * (1 / (1 + np.exp(-gate)))
+    x = x + o @ w[p + "self_attn.o_proj.weight"].T
+    m = zrms(x, w[p + "post_attention_layernorm.weight"])
+    g = m @ w[p + "mlp.gate.weight"].T
+    g = np.exp(g - g.max(-1, keepdims=True))
+    g /= g.sum(-1, keepdims=True)
+    out = np.zeros_like(m)
+    for t in range(L):
+        top = np.argsort(-g[t])[:2]
+        for e, wt in zip(top, g[t, top] / g[t, top].sum()):
+            out[t] += wt * np_swiglu_mlp(m[t : t + 1], w, p + f"mlp.experts.{e}.")[0]
+    shared = np_swiglu_mlp(m, w, p + "mlp.shared_expert.")
+    shared *= 1 / (1 + np.exp(-(m @ w[p + "mlp.shared_expert_gate.weight"].T)))
+    x = x + out + shared
+    return zrms(x, w["mtp.norm.weight"]) @ lm_head.T
+
+
+def test_qwen3_next_zero_centred_shift_once_gated_attention_and_recurrent_rollback(tmp_path):
+    from mlx_mtpd.engine import SpecStats, mtp_generate_step
+
+    w = qwen3_next_checkpoint(tmp_path / "hf")
+    r = run_cli("convert", "--hf-path", tmp_path / "hf", "--mlx-path", tmp_path / "mlx")
+    assert r.returncode == 0, r.stderr
+    assert "imported 1 native MTP layer(s) (qwen3_next" in r.stderr
+    toks = [5, 17, 42, 99, 7, 250, 31, 64, 12, 8, 77, 3]
+    got, h, model, heads = _teacher_forced_logits(tmp_path / "mlx", toks)
+    head = heads.heads[0]
+    # every zero-centred norm shifted exactly once
+    np.testing.assert_allclose(np.array(head.enorm.weight), 1 + w["mtp.pre_fc_norm_embedding.weight"], rtol=1e-6)
+    np.testing.assert_allclose(np.array(head.norm.weight), 1 + w["mtp.norm.weight"], rtol=1e-6)
+    np.testing.assert_allclose(np.array(head.block.self_attn.q_norm.weight),
+                               1 + w["mtp.layers.0.self_attn.q_norm.weight"], rtol=1e-6)
+    np.testing.assert_allclose(np.array(head.block.input_layernorm.weight),
+                               1 + w["mtp.layers.0.input_layernorm.weight"], rtol=1e-6)
+    emb = np.array(model.model.embed_tokens.weight)[np.array(toks[1:])]
+    want = np_qwen3_next_mtp_logits(w, h, emb, np.array(model.model.norm.weight), np.array(model.lm_head.weight))
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    # linear-attention layers cannot be trimmed: their state is restored on rejections
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        prompt = rng.integers(3, 300, size=8).tolist()
+        ref = greedy_tokens(model, prompt, 20)
+        for d in (1, 3):
+            st = SpecStats()
+            got_t = [t for t, _, _ in mtp_generate_step(mx.array(prompt), model, heads, num_draft=d,
+                                                        max_tokens=20, stats=st)]
+            assert got_t == ref
+            assert st.rounds > 0
+    # a partial acceptance (2 of 3 lookup drafts right) restores and replays the recurrent state
+    from mlx_mtpd.engine import DraftState, _step
+
+    prompt = rng.integers(3, 300, size=8).tolist()
+    ref = greedy_tokens(model, prompt, 14)
+    st = DraftState(model, heads, 1)
+    assert [t for t, _, _ in mtp_generate_step(mx.array(prompt), model, heads, num_draft=1, max_tokens=1,
+                                               state=st)] == ref[:1]
+    new, a, _ = _step(st, 0, None, lookup=[ref[1], ref[2], (ref[3] + 1) % 300])
+    assert a == 2 and new == ref[1:4]
+    more = [t for t, _, _ in mtp_generate_step(mx.array(prompt + ref[:4]), model, heads, num_draft=2,
+                                               max_tokens=10, state=st)]
+    assert more == ref[4:14]
