@@ -857,3 +857,33 @@ def test_qwen3_next_zero_centred_shift_once_gated_attention_and_recurrent_rollba
     more = [t for t, _, _ in mtp_generate_step(mx.array(prompt + ref[:4]), model, heads, num_draft=2,
                                                max_tokens=10, state=st)]
     assert more == ref[4:14]
+
+
+def test_imported_heads_fine_tune_and_extend_with_mtpd(mimo_ckpt, tmp_path):
+    """`train --init-from` on a native MiMo head set: fine-tuning keeps its
+    conventions and changes its weights; --extend-to 2 copies it and trains only the copy."""
+    from mlx_mtpd.utils import HEADS_WEIGHTS
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.jsonl"
+    with open(data, "w") as f:
+        for i in range(16):
+            toks = rng.integers(3, 300, size=int(rng.integers(20, 40))).tolist()
+            f.write(json.dumps({"id": str(i), "prompt_tokens": toks[:5], "completion_tokens": toks[5:],
+                                "finish_reason": "stop"}) + "\n")
+    common = ["--model", mimo_ckpt / "mlx", "--data", data, "--top-n", 64, "--batch-size", 2, "--seq-len", 64,
+              "--eval-every", 0, "--warmup", 1, "--steps", 3, "--cache-dir", tmp_path / "cache"]
+    r = run_cli("train", *common, "--out", tmp_path / "ft", "--init-from", mimo_ckpt / "mlx")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "ft" / "mtp_config.json").read_text())
+    assert cfg["family"] == "mimo" and cfg["concat_order"] == "hidden_embedding"
+    before = mx.load(str(mimo_ckpt / "mlx" / HEADS_WEIGHTS))
+    after = mx.load(str(tmp_path / "ft" / HEADS_WEIGHTS))
+    assert not np.array_equal(np.array(before["heads.0.eh_proj.weight"]), np.array(after["heads.0.eh_proj.weight"]))
+    r = run_cli("train", *common, "--out", tmp_path / "ext", "--init-from", mimo_ckpt / "mlx", "--extend-to", 2)
+    assert r.returncode == 0, r.stderr
+    ext = mx.load(str(tmp_path / "ext" / HEADS_WEIGHTS))
+    for k, v in before.items():  # the imported head stays as it was
+        if k.startswith("heads.0."):
+            np.testing.assert_array_equal(np.array(v.astype(mx.float32)), np.array(ext[k].astype(mx.float32)))
+    assert json.loads((tmp_path / "ext" / "mtp_config.json").read_text())["num_heads"] == 2
