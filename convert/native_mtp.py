@@ -65,7 +65,16 @@ FAMILIES: List[Family] = [
 ]
 
 
+def _flat(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The config with a nested text_config's keys (multimodal wrappers) folded in."""
+    flat = dict(config)
+    for k, v in (config.get("text_config") or {}).items():
+        flat.setdefault(k, v)
+    return flat
+
+
 def declared_layers(config: Dict[str, Any]) -> int:
+    config = _flat(config)
     for fam in FAMILIES:
         for key in fam.count_keys:
             if isinstance(config.get(key), int) and config[key] > 0:
@@ -86,7 +95,7 @@ def mtp_prefixes(config: Dict[str, Any]) -> Tuple[str, ...]:
     fam, count = family_for(config), declared_layers(config)
     if fam is None or count == 0:
         return ()
-    n = int(config.get("num_hidden_layers", 0))
+    n = int(_flat(config).get("num_hidden_layers", 0))
     out = []
     for i in range(count):
         pre = fam.prefix.format(i=i, ni=n + i)
@@ -176,7 +185,7 @@ def extract(src: Path, config: Dict[str, Any], model: nn.Module, hidden_state: O
         raise MTPDError(f"--mtp-hidden must be pre or post (got {hidden_state!r})")
     shards = _Shards(src)
     backbone = Backbone(model)
-    n_layers = int(config.get("num_hidden_layers", len(backbone.inner.layers)))
+    n_layers = int(_flat(config).get("num_hidden_layers", len(backbone.inner.layers)))
     last = len(backbone.inner.layers) - 1
     hcfg = {
         "format_version": FORMAT_VERSION,
@@ -232,18 +241,19 @@ def extract(src: Path, config: Dict[str, Any], model: nn.Module, hidden_state: O
                             "without heads")
         # The family's own sanitize: expert stacking, fp8 blocks, its norm conventions.
         clean = model.sanitize(dict(raw)) if hasattr(model, "sanitize") else raw
-        if fam.zero_centred:
-            # (1 + w) norms become plain ones exactly once: mlx-lm's sanitize shifts
-            # them only when it recognizes a raw checkpoint, which a lone block may
-            # not look like; what it left as it was is shifted here.
-            for k, v in list(clean.items()):
-                if k in raw and v.ndim == 1 and k.rsplit(".", 2)[-2].endswith("norm") \
-                        and mx.array_equal(v, raw[k]).item():
-                    clean[k] = v.astype(mx.float32) + 1.0
-        tag = f"model.layers.{last}."
+        tag = f"layers.{last}."  # under model. (or language_model.model. for wrapped text models)
+        raw_by_name = {_after(k, tag): v for k, v in raw.items()}
         for k, v in clean.items():
-            if k.startswith(tag):
-                weights[out + "block." + k[len(tag):]] = v
+            name = _after(k, tag)
+            if name is None:
+                continue
+            if fam.zero_centred and v.ndim == 1 and name.rsplit(".", 2)[-2].endswith("norm") \
+                    and name in raw_by_name and mx.array_equal(v, raw_by_name[name]).item():
+                # (1 + w) norms become plain ones exactly once: mlx-lm's sanitize shifts
+                # them only when it recognizes a raw checkpoint, which a lone block may
+                # not look like; what it left as it was is shifted here.
+                v = v.astype(mx.float32) + 1.0
+            weights[out + "block." + name] = v
     heads = HeadSet([new_head(backbone, hcfg) for _ in range(count)], hcfg, None)
     try:
         heads.load_weights(list(weights.items()), strict=True)
@@ -259,12 +269,20 @@ def extract(src: Path, config: Dict[str, Any], model: nn.Module, hidden_state: O
     return heads
 
 
+def _after(key: str, tag: str) -> Optional[str]:
+    """What follows `tag` in `key` when tag starts a dotted component, else None."""
+    i = key.find(tag)
+    if i == 0 or (i > 0 and key[i - 1] == "."):
+        return key[i + len(tag):]
+    return None
+
+
 def _fingerprint(backbone, shards: _Shards) -> Dict[str, Any]:
     """The backbone's fingerprint, its embedding probe taken from the source
     checkpoint's own embedding (so --mtp-only can tell another model's heads)."""
     fp = backbone.fingerprint()
-    name = next((k for k in ("model.embed_tokens.weight", "model.embed.weight", "transformer.wte.weight")
-                 if k in shards.where), None)
+    name = next((k for k in ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
+                             "model.embed.weight", "transformer.wte.weight") if k in shards.where), None)
     if name is not None:
         emb = shards.get(name).astype(mx.float32)
         ids = mx.array([int(i * (emb.shape[0] - 1) / 31) for i in range(32)])

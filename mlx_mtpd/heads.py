@@ -54,7 +54,9 @@ class Backbone:
         self.inner = inner
         self.embed = inner.embed_tokens
         self.norm = inner.norm
-        self.lm_head = model.lm_head if "lm_head" in model else None
+        lm = getattr(model, "language_model", None)  # wrapped text models (Qwen3.5)
+        self.lm_head = model.lm_head if "lm_head" in model else (
+            lm.lm_head if lm is not None and "lm_head" in lm else None)
         args = getattr(model, "args", None)
         self.softcap = getattr(args, "final_logit_softcapping", None)
         self.model_type = getattr(args, "model_type", type(model).__module__.split(".")[-1])

@@ -776,7 +776,7 @@ def np_qwen3_next_mtp_logits(w, hidden_pre, emb, final_norm, lm_head, eps=1e-6):
     """Qwen3-Next: fc([pre_fc_norm_embedding(e) ; pre_fc_norm_hidden(h)]) with h
     post-norm, every norm (1 + w) -> gated attention (q_proj gives query and gate
     per head; RoPE on a quarter of each head; output times sigmoid(gate)) ->
-    softmax top-k MoE plus a sigmoid-gated shared expert -> mtp.norm -> lm_head."""
+    softmax top-k MoE plus a sigmoid-gated shared expert (or a dense MLP) -> mtp.norm -> lm_head."""
     zrms = lambda x, g: np_rms(x, 1.0 + g, eps)  # noqa: E731
     p = "mtp.layers.0."
     h = np_rms(hidden_pre, final_norm, eps)  # the backbone's own (already shifted) final norm
@@ -799,6 +799,8 @@ def np_qwen3_next_mtp_logits(w, hidden_pre, emb, final_norm, lm_head, eps=1e-6):
     o = (pr @ v).transpose(1, 0, 2).reshape(L, nh * hd) * (1 / (1 + np.exp(-gate)))
     x = x + o @ w[p + "self_attn.o_proj.weight"].T
     m = zrms(x, w[p + "post_attention_layernorm.weight"])
+    if p + "mlp.gate_proj.weight" in w:  # a dense MTP block (Qwen3.5 dense)
+        return zrms(x + np_swiglu_mlp(m, w, p + "mlp."), w["mtp.norm.weight"]) @ lm_head.T
     g = m @ w[p + "mlp.gate.weight"].T
     g = np.exp(g - g.max(-1, keepdims=True))
     g /= g.sum(-1, keepdims=True)
@@ -887,3 +889,69 @@ def test_imported_heads_fine_tune_and_extend_with_mtpd(mimo_ckpt, tmp_path):
         if k.startswith("heads.0."):
             np.testing.assert_array_equal(np.array(v.astype(mx.float32)), np.array(ext[k].astype(mx.float32)))
     assert json.loads((tmp_path / "ext" / "mtp_config.json").read_text())["num_heads"] == 2
+
+
+Q35_TEXT = dict(model_type="qwen3_5_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, vocab_size=300,
+                max_position_embeddings=512, linear_num_value_heads=4, linear_num_key_heads=2,
+                linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+                tie_word_embeddings=False, full_attention_interval=2, mtp_num_hidden_layers=1,
+                rope_parameters={"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+Q35 = dict(model_type="qwen3_5", architectures=["Qwen3_5ForConditionalGeneration"], text_config=Q35_TEXT,
+           tie_word_embeddings=False, torch_dtype="float32", bos_token_id=1, eos_token_id=2)
+
+
+def test_qwen35_dense_wrapped_text_model(tmp_path):
+    """Qwen3.5 (dense): the text model inside a multimodal wrapper, its config
+    under text_config, a dense MTP block; norms shifted exactly once although
+    mlx-lm's sanitize does not recognize a lone block as raw."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen3_5
+
+    from conftest import byte_tokenizer
+    from mlx_mtpd.engine import mtp_generate_step
+
+    rng = np.random.default_rng(5)
+    mx.random.seed(5)
+    model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict(Q35))
+    hf = {}
+    for k, v in tree_flatten(model.parameters()):
+        v = np.array(v.astype(mx.float32))
+        if v.ndim == 2 and k.endswith(".weight"):
+            v = _rand(rng, *v.shape, scale=1.0 if "embed" in k else None)
+        if "conv1d.weight" in k:
+            v = np.moveaxis(v, 2, 1)
+        if k.endswith(ZC_NORMS):
+            v = (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+        name = k.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head",
+                                                                                  "lm_head")
+        hf[name] = np.ascontiguousarray(v, dtype=np.float32)
+    zc = lambda n: (0.1 * rng.standard_normal(n)).astype(np.float32)  # noqa: E731
+    p = "mtp.layers.0."
+    w = {"mtp.pre_fc_norm_embedding.weight": zc(64), "mtp.pre_fc_norm_hidden.weight": zc(64),
+         "mtp.fc.weight": _rand(rng, 64, 128), "mtp.norm.weight": zc(64),
+         p + "input_layernorm.weight": zc(64), p + "post_attention_layernorm.weight": zc(64),
+         p + "self_attn.q_proj.weight": _rand(rng, 128, 64), p + "self_attn.k_proj.weight": _rand(rng, 32, 64),
+         p + "self_attn.v_proj.weight": _rand(rng, 32, 64), p + "self_attn.o_proj.weight": _rand(rng, 64, 64),
+         p + "self_attn.q_norm.weight": zc(16), p + "self_attn.k_norm.weight": zc(16),
+         p + "mlp.gate_proj.weight": _rand(rng, 128, 64), p + "mlp.up_proj.weight": _rand(rng, 128, 64),
+         p + "mlp.down_proj.weight": _rand(rng, 64, 128)}
+    src = tmp_path / "hf"
+    src.mkdir()
+    write_safetensors(src / "model.safetensors", {**hf, **w})
+    (src / "config.json").write_text(json.dumps(Q35))
+    byte_tokenizer(300).save_pretrained(str(src))
+    r = run_cli("convert", "--hf-path", src, "--mlx-path", tmp_path / "mlx")
+    assert r.returncode == 0, r.stderr
+    assert "imported 1 native MTP layer(s) (qwen3_next" in r.stderr
+    toks = [5, 17, 42, 99, 7, 250, 31, 64, 12, 8]
+    got, h, model, heads = _teacher_forced_logits(tmp_path / "mlx", toks)
+    np.testing.assert_allclose(np.array(heads.heads[0].block.post_attention_layernorm.weight),
+                               1 + w[p + "post_attention_layernorm.weight"], rtol=1e-6)
+    lm = model.language_model
+    emb = np.array(lm.model.embed_tokens.weight)[np.array(toks[1:])]
+    want = np_qwen3_next_mtp_logits(w, h, emb, np.array(lm.model.norm.weight), np.array(lm.lm_head.weight))
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    prompt = [9, 8, 7, 6, 5, 4, 3, 2]
+    ref = greedy_tokens(model, prompt, 16)
+    assert [t for t, _, _ in mtp_generate_step(mx.array(prompt), model, heads, num_draft=2, max_tokens=16)] == ref
