@@ -358,6 +358,7 @@ def _concat(a: Optional[mx.array], b: mx.array) -> mx.array:
 # -- draft sources and the choice of D ----------------------------------------------
 
 DRAFT_SOURCES = ("heads", "prompt-lookup", "heads+lookup")
+MARGIN = 1.02  # `auto` drafts only when it expects at least 2% more tokens per second
 
 
 def prompt_lookup(tokens: List[int], num_draft: int, max_ngram: int = 4, min_ngram: int = 2) -> List[int]:
@@ -414,6 +415,8 @@ class DraftPlanner:
         self.counts = {"heads": [], "lookup": []}  # per position: [accepted, reached], decayed
         self.cost: dict = {}  # ("plain", 0): seconds per token; (kind, d): seconds per step
         self.plain_since_probe = 0
+        self.drafted_since_plain = 0  # tokens emitted by drafting steps since plain decoding was last timed
+        self.plain_seen = 0  # plain bursts observed (the first one warms up and is not timed)
 
     @property
     def uses_heads(self) -> bool:
@@ -425,11 +428,11 @@ class DraftPlanner:
 
     # -- estimates --------------------------------------------------------------
     def acceptance(self, kind: str, j: int) -> float:
-        """AR_j (1-based) with a prior of weight 2: 0.5 at j = 1, else 0.9 AR_{j-1}."""
+        """AR_j (1-based) with a prior of weight 1: 0.5 at j = 1, else 0.9 AR_{j-1}."""
         prior = 0.5 if j == 1 else 0.9 * self.acceptance(kind, j - 1)
         c = self.counts[kind]
         a, r = c[j - 1] if j <= len(c) else (0.0, 0.0)
-        return (a + 2 * prior) / (r + 2)
+        return (a + prior) / (r + 1)
 
     def expected(self, kind: str, d: int) -> float:
         e, p = 1.0, 1.0
@@ -473,9 +476,12 @@ class DraftPlanner:
                 c[i][0] += 1
         if seconds is not None:
             self._ema((kind, d), seconds)
+        self.drafted_since_plain += accepted + 1
 
     def observe_plain(self, tokens: int, seconds: float) -> None:
-        if tokens >= 2:
+        self.plain_seen += 1
+        self.drafted_since_plain = 0
+        if tokens >= 2 and self.plain_seen > 1:  # the first burst after loading pays for warm-up
             self._ema(("plain", 0), seconds / tokens)
 
     # -- the choice -------------------------------------------------------------
@@ -495,13 +501,18 @@ class DraftPlanner:
                 return "heads", cap, None
             return "plain", 1 if self.uses_lookup else remaining, None
         t0 = self.cost.get(("plain", 0))
-        if t0 is None:  # measure plain decoding first
+        if t0 is None or self.drafted_since_plain >= self.probe_every:
+            # measure plain decoding first, and again now and then while drafting:
+            # the yardstick drifts (context length, other load on the machine)
+            self.drafted_since_plain = 0
             return "plain", min(self.burst, remaining), None
         options = []
         if heads_ok:
             options += [("heads", d) for d in range(1, min(cap, st.max_depth) + 1)]
         options += [("lookup", lookup[:m]) for m in range(1, len(lookup) + 1)]
-        best, best_rate = None, 1.0 / t0
+        # Drafting must beat plain decoding by a margin: timings are noisy, and a
+        # wrong "draft" costs speed while a wrong "plain" costs only a missed gain.
+        best, best_rate = None, MARGIN / t0
         for kind, arg in options:
             d = arg if kind == "heads" else len(arg)
             rate = self.expected(kind, d) / self.step_cost(kind, d)
@@ -511,6 +522,8 @@ class DraftPlanner:
                 best = (kind, arg)
         if best is None:
             n = min(self.burst, remaining)
+            if self.uses_lookup and self.acceptance("lookup", 1) > 0.5:
+                n = min(n, 2)  # lookup pays here: look again soon (a burst cannot look mid-way)
             self.plain_since_probe += n
             return "plain", n, None
         self.plain_since_probe = 0
