@@ -19,17 +19,14 @@ HELP = "commands: /reset (new conversation), /stats (acceptance and speed), /hel
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    from .generate import add_draft_args
+    from .generate import add_draft_args, add_sampling_args
 
     p = argparse.ArgumentParser(prog="mlx_mtpd chat", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="MLX model folder or hub id (default: SmolLM2-135M-Instruct).")
     p.add_argument("--heads", default=None, help="Head set folder (default: the model folder's, if any).")
     p.add_argument("--system", "--system-prompt", dest="system", default=None, help="System message.")
     p.add_argument("--max-tokens", "-m", type=int, default=512, help="Maximum tokens per answer.")
-    p.add_argument("--temp", type=float, default=0.0, help="Sampling temperature (0: greedy).")
-    p.add_argument("--top-p", type=float, default=0.0, help="Nucleus sampling threshold.")
-    p.add_argument("--top-k", type=int, default=0, help="Sample from the top k tokens.")
-    p.add_argument("--min-p", type=float, default=0.0, help="Min-p sampling threshold.")
+    add_sampling_args(p)
     add_draft_args(p)
     p.add_argument("--loop", choices=("last", "cycle"), default=None, help="Loop policy beyond the trained heads.")
     p.add_argument("--max-context", type=int, default=None,

@@ -378,6 +378,19 @@ def prompt_lookup(tokens: List[int], num_draft: int, max_ngram: int = 4, min_ngr
     return []
 
 
+def parse_num_draft(value) -> Union[int, str, None]:
+    """--num-draft: an integer >= 0 or 'auto' (None passes through)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        d = int(value)
+    except (TypeError, ValueError):
+        raise MTPDError(f"--num-draft must be an integer >= 0 or 'auto' (got {value!r})") from None
+    if d < 0:
+        raise MTPDError(f"--num-draft must be >= 0 (got {d})")
+    return d
+
+
 class DraftPlanner:
     """Chooses each step's draft: its source (heads or prompt lookup) and length.
 
@@ -401,14 +414,8 @@ class DraftPlanner:
                  burst: int = 8, probe_every: int = 128, decay: float = 0.97):
         if source not in DRAFT_SOURCES:
             raise MTPDError(f"unknown draft source {source!r}: choose from {', '.join(DRAFT_SOURCES)}")
+        num_draft = parse_num_draft(num_draft)
         self.auto = num_draft == "auto"
-        if not self.auto:
-            try:
-                num_draft = int(num_draft)
-            except (TypeError, ValueError):
-                raise MTPDError(f"--num-draft must be an integer >= 0 or 'auto' (got {num_draft!r})") from None
-            if num_draft < 0:
-                raise MTPDError(f"--num-draft must be >= 0 (got {num_draft})")
         self.num_draft = max_draft if self.auto else num_draft
         self.source = source
         self.burst, self.probe_every, self.decay = burst, probe_every, decay

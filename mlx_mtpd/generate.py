@@ -11,24 +11,11 @@ from typing import Generator, List, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .engine import SpecStats, mtp_generate_step
+from .engine import SpecStats, mtp_generate_step, parse_num_draft
 from .errors import MTPDError
 from .heads import HeadSet
 
 DEFAULT_NUM_DRAFT = "auto"
-
-
-def parse_num_draft(value) -> Union[int, str]:
-    """--num-draft: an integer >= 0 or 'auto'."""
-    if value is None or value == "auto":
-        return value
-    try:
-        d = int(value)
-    except (TypeError, ValueError):
-        raise MTPDError(f"--num-draft must be an integer >= 0 or 'auto' (got {value!r})") from None
-    if d < 0:
-        raise MTPDError(f"--num-draft must be >= 0 (got {d})")
-    return d
 
 
 @dataclass
@@ -174,10 +161,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", default="Once upon a time", help="Prompt text ('-' reads stdin).")
     p.add_argument("--system-prompt", default=None, help="System message for the chat template.")
     p.add_argument("--max-tokens", "-m", type=int, default=256, help="Maximum tokens to generate.")
-    p.add_argument("--temp", type=float, default=0.0, help="Sampling temperature (0: greedy).")
-    p.add_argument("--top-p", type=float, default=0.0, help="Nucleus sampling threshold.")
-    p.add_argument("--top-k", type=int, default=0, help="Sample from the top k tokens.")
-    p.add_argument("--min-p", type=float, default=0.0, help="Min-p sampling threshold.")
+    add_sampling_args(p)
     add_draft_args(p)
     p.add_argument("--loop", choices=("last", "cycle"), default=None,
                    help="How depths beyond the trained heads reuse them (default: the head set's).")
@@ -190,6 +174,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True,
                    default=True, help="Print timing and acceptance (default true).")
     return p
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """mlx-lm's sampling options, shared by generate and chat."""
+    p.add_argument("--temp", type=float, default=0.0, help="Sampling temperature (0: greedy).")
+    p.add_argument("--top-p", type=float, default=0.0, help="Nucleus sampling threshold.")
+    p.add_argument("--top-k", type=int, default=0, help="Sample from the top k tokens.")
+    p.add_argument("--min-p", type=float, default=0.0, help="Min-p sampling threshold.")
 
 
 def add_draft_args(p: argparse.ArgumentParser) -> None:
