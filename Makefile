@@ -41,7 +41,7 @@ server: setup
 
 # The README's results table: plain mlx-lm against this engine on the project's
 # own benchmark prompts (held out from training), greedy, 256 new tokens.
-BENCH_ARGS ?= --num-prompts 6 --max-tokens 256 --num-draft 1,auto --draft heads+lookup
+BENCH_ARGS ?= --num-prompts 5 --max-tokens 256 --num-draft 1,2,auto --draft heads+lookup
 bench: setup
 	mkdir -p bench
 	$(BIN)/mlx_mtpd bench $(BENCH_ARGS) --json bench/greedy.json --plot bench/greedy.png --readme README.md

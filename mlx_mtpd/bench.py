@@ -134,6 +134,7 @@ def plot(result: Dict, path: Path) -> None:
     if auto is not None:
         ax.axhline(auto["tokens_per_s"], color="C2", ls="-.", label="this engine, D=auto")
     ax.set(xlabel="draft length D", ylabel="tokens/s", title=f"{result['num_prompts']} prompts, {result['device']}")
+    ax.set_xticks(d)
     ax2 = ax.twinx()
     ax2.plot(d, [r["mean_accepted_length"] for r in rows], "s:", color="C1", label="tau")
     ax2.set_ylabel("mean accepted length tau")
