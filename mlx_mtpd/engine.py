@@ -278,13 +278,25 @@ class DraftState:
             return c[1]
         return c[k + 1] if k < self.max_depth else c[k]
 
-    def rewind(self, prompt: List[int]) -> int:
-        """Keep the longest cached prefix of `prompt` (at most all but its last
-        token) and drop the rest from every cache; returns its length."""
-        m = min(self.length, len(prompt) - 1)
+    def forward(self, tokens: mx.array):
+        """(logits, hidden) of the backbone over `tokens`, through the caches; the
+        hidden state is None when no heads are kept (nothing else needs it)."""
+        if self.max_depth:
+            return self.backbone.forward(tokens, self.cache)
+        return self.model(tokens[None], cache=self.cache)[0], None
+
+    def common_prefix(self, prompt: List[int]) -> int:
+        """How many leading tokens of `prompt` the caches hold (at most all but its last)."""
+        m = min(self.length, len(prompt) - 1, len(self.tokens))
         p = 0
         while p < m and self.tokens[p] == prompt[p]:
             p += 1
+        return p
+
+    def rewind(self, prompt: List[int]) -> int:
+        """Keep the longest cached prefix of `prompt` (at most all but its last
+        token) and drop the rest from every cache; returns its length."""
+        p = self.common_prefix(prompt)
         if p == 0 or not all(_headroom(c) > 0 or self.length == p for c in self.cache) or (
             self.restorable and p < self.length  # a recurrent state cannot go back
         ):
@@ -591,11 +603,10 @@ def mtp_generate_step(
 
     def forward(tokens: mx.array):
         st.length += tokens.size
-        if st.max_depth:
-            logits, h = st.backbone.forward(tokens, st.cache)
+        logits, h = st.forward(tokens)
+        if h is not None:
             st.push_hidden(h)
-            return logits
-        return model(tokens[None], cache=st.cache)[0]
+        return logits
 
     # Prefill all but the last new prompt token in chunks, as mlx-lm does
     # (the logits are never evaluated; the hidden states are kept).
@@ -689,11 +700,9 @@ def _plain_burst(st: DraftState, n: int, transform, stats):
 
     def fwd(y):
         st.length += 1
-        if st.max_depth:
-            logits, h = st.backbone.forward(y, st.cache)
+        logits, h = st.forward(y)
+        if h is not None:
             st.push_hidden(h)
-        else:
-            logits = st.model(y[None], cache=st.cache)[0]
         return _pick(logits[-1:], transform)
 
     nxt = fwd(mx.array([st.tokens[-1]], mx.uint32))
@@ -775,12 +784,7 @@ def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None)
     verify_in = mx.concatenate([mx.array([st.tokens[-1]], mx.uint32), draft_arr])
     saved = [_snapshot(c) for c in st.restorable] if st.restorable and nd else None
 
-    def forward(x):
-        if st.max_depth:
-            return st.backbone.forward(x, st.cache)
-        return st.model(x[None], cache=st.cache)[0], None
-
-    logits, hidden = forward(verify_in)
+    logits, hidden = st.forward(verify_in)
     if transform is None:
         a_arr, fixes = accept_greedy(draft_arr, logits)
     else:
@@ -800,7 +804,7 @@ def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None)
         _trim(st.cache, nd + 1)
         for c, state in zip(st.restorable, saved):
             c.state = state
-        _, hidden = forward(verify_in[: a + 1])
+        _, hidden = st.forward(verify_in[: a + 1])
     elif nd - a:
         trim_prompt_cache(st.cache, nd - a)
     st.length += a + 1

@@ -119,7 +119,7 @@ class Session:
             if room <= 0:
                 raise MTPDError(f"the prompt is {len(ids)} tokens and the context holds {self.max_context}")
             max_tokens = min(max_tokens, room) if max_tokens > 0 else room
-        cached = self._cached_prefix(ids)
+        cached = self.state.common_prefix(ids)
         last = None
         gen = stream_generate(self.model, self.tokenizer, mx.array(ids), max_tokens=max_tokens, heads=self.heads,
                               loop=self.loop, state=self.state, planner=self.planner, **sampling)
@@ -136,14 +136,6 @@ class Session:
             self.total.add(last.stats)
             self.turns.append(Turn(len(ids), len(ids) - cached, last.generation_tokens, last.generation_tps,
                                    last.prompt_tps, last.stats, last.finish_reason or "stop"))
-
-    def _cached_prefix(self, ids: List[int]) -> int:
-        st = self.state
-        n = 0
-        m = min(st.length, len(ids) - 1, len(st.tokens))
-        while n < m and st.tokens[n] == ids[n]:
-            n += 1
-        return n
 
     def speedup_estimate(self, turn: Optional[Turn] = None) -> Optional[float]:
         """Tokens/s of an answer over the planner's measured plain-decoding rate."""
