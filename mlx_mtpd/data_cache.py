@@ -26,6 +26,29 @@ CACHE_INDEX = "index.json"
 MAX_CACHED_TOP_N = 1024  # above this the teacher is recomputed from the hidden state
 
 
+class TokenSeq(list):
+    """A training sequence's token ids, with how many of them are the prompt
+    (chat template, system and user turns): the heads learn to draft answers, so
+    the loss counts only the positions whose target is an answer token."""
+
+    def __init__(self, ids, prompt_len: int = 0):
+        super().__init__(ids)
+        self.prompt_len = int(prompt_len)
+
+
+def data_signature(paths: List[str], seq_len: int, top_n: int) -> Dict[str, object]:
+    """What a cache was prepared from: the data files (size, mtime), --seq-len,
+    --top-n.  A cache whose signature differs is prepared again."""
+    files = []
+    for p in paths:
+        path = Path(p)
+        found = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.txt")) if path.is_dir() else [path]
+        for f in found:
+            st = f.stat() if f.exists() else None
+            files.append([str(f.resolve()), st.st_size if st else -1, int(st.st_mtime) if st else -1])
+    return {"files": files, "seq_len": int(seq_len), "top_n": int(top_n), "format": 2}
+
+
 def read_sequences(paths: List[str], tokenizer, seq_len: int) -> Tuple[List[List[int]], Dict[str, int]]:
     """Token sequences from gen-data output (token ids), JSONL (`text` or chat
     `messages`, rendered with the chat template) and plain text files.
@@ -92,12 +115,13 @@ def _read_jsonl(f: Path, tokenizer, seq_len, eos, seqs, counts) -> None:
                 counts["truncated"] += 1
                 ids = ids[:seq_len]
             if len(ids) > 2:
-                seqs.append(ids)
+                seqs.append(TokenSeq(ids, len(prompt)))
                 counts["records"] += 1
 
 
 def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_size: int = 4,
-                  shard_size: int = 64, force: bool = False, desc: str = "backbone") -> Path:
+                  shard_size: int = 64, force: bool = False, desc: str = "backbone",
+                  signature: Optional[dict] = None) -> Path:
     """Run the frozen backbone over `seqs` and write the cache (atomically)."""
     from tqdm import tqdm
 
@@ -138,6 +162,7 @@ def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_
                 n = len(seqs[i])
                 key = f"{n_seq:07d}"
                 shard[f"{key}.tokens"] = mx.array(seqs[i], dtype=mx.int32)
+                shard[f"{key}.prompt_len"] = mx.array([getattr(seqs[i], "prompt_len", 0)], dtype=mx.int32)
                 shard[f"{key}.hidden"] = hidden[r, :n].astype(mx.float16)
                 if cache_top_n:
                     shard[f"{key}.top_ids"] = ids[r, :n].astype(mx.int32)
@@ -155,6 +180,8 @@ def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_
             "sequences": len(seqs), "tokens": n_tokens, "top_n": top_n, "cached_top_n": cache_top_n,
             "hidden_size": bb.hidden_size, "vocab_size": vocab, "backbone": bb.fingerprint(),
             "shards": shards, "prep_seconds": elapsed, "prep_tokens_per_s": n_tokens / max(elapsed, 1e-9),
+            "answer_tokens": sum(len(s) - getattr(s, "prompt_len", 0) for s in seqs),
+            "signature": signature,
         }
         (tmp / CACHE_INDEX).write_text(json.dumps(index, indent=2))
     print(f"[mlx_mtpd] {desc}: {n_tokens} tokens in {elapsed:.0f} s "

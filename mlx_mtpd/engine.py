@@ -29,7 +29,7 @@ from typing import Callable, Generator, List, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import trim_prompt_cache
+from mlx_lm.models.cache import ArraysCache, trim_prompt_cache
 
 from .errors import MTPDError
 from .heads import Backbone, HeadSet
@@ -329,8 +329,6 @@ class DraftState:
 def _restorable(cache) -> bool:
     """A recurrent layer's cache (linear attention, SSM): never trimmable, but its
     state can be saved and set back."""
-    from mlx_lm.models.cache import ArraysCache
-
     return isinstance(cache, ArraysCache)
 
 

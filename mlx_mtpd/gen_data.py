@@ -122,6 +122,11 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
                     continue  # a line cut by an interruption; its job runs again
     if force and target.exists():
         target.unlink()
+    if target.exists() and target.stat().st_size:
+        with open(target, "rb+") as f:  # an interrupted write: end the cut line (it is skipped)
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
     out.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if j["id"] not in done]
     n_tokens, tic = 0, time.perf_counter()

@@ -312,10 +312,16 @@ def write_head_files(head_set: HeadSet, folder: Path, dtype: Optional[str] = Non
     if dtype is not None:
         t = getattr(mx, dtype)
         weights = {k: v.astype(t) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    tmp = folder / ".mtp_heads.tmp.safetensors"  # mlx appends .safetensors otherwise
+    _write_head_pair(folder, weights, head_set.config)
+
+
+def _write_head_pair(folder: Path, weights: Dict[str, mx.array], config: Dict[str, Any]) -> None:
+    """The weights and then the config, each under a temporary name renamed into
+    place: a reader never sees half a file."""
+    tmp = Path(folder) / ".mtp_heads.tmp.safetensors"  # mlx appends .safetensors otherwise
     mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
-    tmp.rename(folder / HEADS_WEIGHTS)
-    write_json_atomic(folder / HEADS_CONFIG, head_set.config)
+    tmp.rename(Path(folder) / HEADS_WEIGHTS)
+    write_json_atomic(Path(folder) / HEADS_CONFIG, config)
 
 
 def save_heads(head_set: HeadSet, out: Path, force: bool = True, dtype: Optional[str] = None) -> Path:
@@ -405,8 +411,7 @@ def quantize_head_file(src: Path, dst: Path, bits: int, group_size: int) -> None
                 out[k] = v
         weights = out
         config["quantization"] = {"group_size": group_size, "bits": bits}
-    mx.save_safetensors(str(Path(dst) / HEADS_WEIGHTS), weights, metadata={"format": "mlx"})
-    (Path(dst) / HEADS_CONFIG).write_text(json.dumps(config, indent=2))
+    _write_head_pair(Path(dst), weights, config)
 
 
 __all__ = [

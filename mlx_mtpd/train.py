@@ -55,6 +55,7 @@ class TrainConfig:
     trainable: List[int] = field(default_factory=list)  # 0-based heads that train (empty: all)
     train_depth: int = 0  # cascade depth trained (0: the number of heads); deeper depths loop the heads
     loop_weight: float = 1.0  # loss weight of the looped depths, relative to the last head's
+    prompt_loss: bool = False  # also learn to draft prompt tokens (default: answer tokens only)
 
 
 def per_head(values: Sequence[float], k: int, name: str) -> List[float]:
@@ -107,11 +108,14 @@ def make_batch(records: List[Dict[str, mx.array]], backbone: Backbone, top_n: in
     B = len(records)
     toks = np.zeros((B, L), np.int32)
     lens = np.zeros(B, np.int32)
+    starts = np.zeros(B, np.int32)  # first answer token (0: no prompt, or a cache without it)
     hid_rows = []
     for i, r in enumerate(records):
         n = int(r["tokens"].shape[0])
         toks[i, :n] = np.array(r["tokens"])
         lens[i] = n
+        if "prompt_len" in r:
+            starts[i] = int(r["prompt_len"].item())
         hid_rows.append(mx.pad(r["hidden"].astype(mx.float32), [(0, L - n), (0, 0)]))
     hidden = mx.stack(hid_rows)
     if "top_ids" in records[0] and records[0]["top_ids"].shape[-1] >= top_n:
@@ -132,18 +136,20 @@ def make_batch(records: List[Dict[str, mx.array]], backbone: Backbone, top_n: in
     ids = mx.stop_gradient(ids)
     vals = mx.stop_gradient(vals)
     if ids.shape[-1] >= backbone.vocab_size:  # the full-vocabulary loss: U is the vocabulary
-        return {"tokens": mx.array(toks), "lens": mx.array(lens), "hidden": hidden,
+        return {"tokens": mx.array(toks), "lens": mx.array(lens), "starts": mx.array(starts), "hidden": hidden,
                 "union": mx.arange(backbone.vocab_size, dtype=mx.int32), "teacher_idx": ids.astype(mx.int32),
-                "teacher_logits": vals, "token_idx": mx.array(toks), "num_tokens": int(lens.sum())}
+                "teacher_logits": vals, "token_idx": mx.array(toks), "num_tokens": int(lens.sum()),
+                "answer_tokens": int((lens - starts).sum())}
     ids_np = np.array(ids)
     union = np.unique(np.concatenate([ids_np.reshape(-1), toks.reshape(-1)]))
     return {
-        "tokens": mx.array(toks), "lens": mx.array(lens), "hidden": hidden,
+        "tokens": mx.array(toks), "lens": mx.array(lens), "starts": mx.array(starts), "hidden": hidden,
         "union": mx.array(union.astype(np.int32)),
         "teacher_idx": mx.array(np.searchsorted(union, ids_np).astype(np.int32)),
         "teacher_logits": vals,
         "token_idx": mx.array(np.searchsorted(union, toks).astype(np.int32)),
         "num_tokens": int(lens.sum()),
+        "answer_tokens": int((lens - starts).sum()),
     }
 
 
@@ -170,9 +176,14 @@ def forward_heads(head_set: HeadSet, backbone: Backbone, batch, cfg: TrainConfig
         x = head(prev[:, :m], backbone.embed_tokens(tokens[:, k : k + m]))
         normed = head.norm(x)
         prev = normed if head_set.feedback_post_norm else x
-        # position i predicts t_{i+k+1}; teacher at i+k; valid while i+k+1 < len
+        # position i predicts t_{i+k+1}; teacher at i+k; valid while i+k+1 < len,
+        # and (unless prompt_loss) when t_{i+k+1} is an answer token
         student = w_rows(normed[:, : m - 1])
-        mask = (pos[:, : m - 1] + k + 1 < batch["lens"][:, None]).astype(mx.float32)
+        target = pos[:, : m - 1] + k + 1
+        valid = target < batch["lens"][:, None]
+        if not cfg.prompt_loss:
+            valid = valid & (target >= batch["starts"][:, None])
+        mask = valid.astype(mx.float32)
         loss, ce, kl, agree = mtpd_loss(
             student, batch["token_idx"][:, k + 1 : k + m], batch["teacher_logits"][:, k : k + m - 1],
             batch["teacher_idx"][:, k : k + m - 1], mask, cfg.alpha[idx] * w, cfg.beta[idx] * w, cfg.kl,
@@ -192,7 +203,7 @@ def teacher_forced_agreement(heads: HeadSet, backbone: Backbone, cache: dict, cf
     for b in range(0, len(recs), cfg.batch_size):
         batch = make_batch(recs[b : b + cfg.batch_size], backbone, cfg.top_n, len(heads.heads))
         _, metrics = forward_heads(heads, backbone, batch, cfg)
-        n = batch["num_tokens"]
+        n = batch["num_tokens"] if cfg.prompt_loss else batch["answer_tokens"]
         for k, (_, _, a) in enumerate(metrics):
             agree[k][0] += a.item() * n
             agree[k][1] += n
@@ -343,11 +354,13 @@ class Trainer:
 
 
 def frequent_tokens(cache: dict, size: int, tokenizer) -> mx.array:
-    """The `size` most frequent tokens of the training text (ties: lower id), plus
-    the end-of-sequence tokens: the heads' draft vocabulary."""
+    """The `size` most frequent tokens of the training answers (the whole text
+    where there is no prompt; ties: lower id), plus the end-of-sequence tokens:
+    the heads' draft vocabulary."""
     counts = np.zeros(cache["vocab_size"], np.int64)
     for rec in iter_sequences(cache):
-        np.add.at(counts, np.array(rec["tokens"]), 1)
+        start = int(rec["prompt_len"].item()) if "prompt_len" in rec else 0
+        np.add.at(counts, np.array(rec["tokens"])[start:], 1)
     for t in getattr(tokenizer, "eos_token_ids", []) or []:
         counts[t] = counts.max() + 1
     order = np.lexsort((np.arange(len(counts)), -counts))[:size]
@@ -395,6 +408,8 @@ def main(argv=None) -> None:
                    help="Train the cascade this deep, looping the heads past the last one (the training "
                         "form of looped extension: a head learns from its own output); default: the heads.")
     p.add_argument("--loop-weight", type=float, default=1.0, help="Loss weight of the looped depths.")
+    p.add_argument("--prompt-loss", action="store_true",
+                   help="Also train on prompt tokens (default: only answer tokens of gen-data/chat data).")
     p.add_argument("--alpha", type=float, nargs="+", default=[1.0], help="CE weight(s), per head or one.")
     p.add_argument("--beta", type=float, nargs="+", default=None,
                    help="KL weight(s) (default 1.0 with one head, 0.5 with more).")
@@ -422,7 +437,7 @@ def main(argv=None) -> None:
 
 
 def train_cli(args) -> None:
-    from .data_cache import prepare_cache, read_sequences
+    from .data_cache import data_signature, prepare_cache, read_sequences
     from .utils import load
 
     group = None
@@ -450,7 +465,7 @@ def train_cli(args) -> None:
         warmup=args.warmup, steps=args.steps, weight_decay=args.weight_decay, batch_size=args.batch_size,
         grad_accum=args.grad_accum, seed=args.seed, eval_every=args.eval_every,
         save_every=args.save_every, trainable=trainable, train_depth=args.train_depth,
-        loop_weight=args.loop_weight,
+        loop_weight=args.loop_weight, prompt_loss=args.prompt_loss,
     )
     if args.train_depth and args.train_depth < k:
         raise MTPDError(f"--train-depth {args.train_depth} is below the {k} heads: give at least {k}")
@@ -462,15 +477,22 @@ def train_cli(args) -> None:
 
     def cache_for(name, paths):
         path = cache_root / name
+        sig = data_signature(paths, args.seq_len, cfg.top_n)
+        stale = False
         if (path / "index.json").exists():
-            return open_cache(path, backbone)
+            cached = open_cache(path, backbone)
+            if cached.get("signature") == sig:
+                return cached
+            stale = True
         if rank != 0:
             raise MTPDError(f"prepare the data cache {path} first (run once with one process)")
         seqs, counts = read_sequences(paths, tokenizer, args.seq_len)
         skipped = {k2: v for k2, v in counts.items() if k2 != "records" and v}
         print(f"[mlx_mtpd] {name}: {counts['records']} sequences" +
-              (f" (skipped/truncated: {skipped})" if skipped else ""), file=sys.stderr)
-        prepare_cache(model, seqs, path, cfg.top_n, desc=f"backbone ({name})")
+              (f" (skipped/truncated: {skipped})" if skipped else "") +
+              (f"; the cache in {path} was made from other data or settings: preparing it again" if stale else ""),
+              file=sys.stderr)
+        prepare_cache(model, seqs, path, cfg.top_n, desc=f"backbone ({name})", signature=sig, force=stale)
         return open_cache(path, backbone)
 
     train_cache = cache_for("train", args.data)

@@ -306,3 +306,60 @@ def test_looped_depth_training_trains_the_head_on_its_own_output(tiny_ckpt, tmp_
             assert len(metrics) == 2 and total2.item() > total1.item()  # depth 2's loss is added
     moved = [k for k in results[1] if not np.array_equal(np.array(results[1][k]), np.array(results[2][k]))]
     assert moved
+
+
+def test_loss_counts_only_answer_tokens_unless_asked(tiny_ckpt, tmp_path):
+    """gen-data records carry their prompt: the loss and the agreement count only
+    positions whose target is an answer token; a teacher changed at prompt
+    positions leaves the loss unchanged; --prompt-loss counts every position."""
+    import mlx_lm
+
+    from mlx_mtpd.data_cache import iter_sequences, open_cache, prepare_cache, read_sequences
+    from mlx_mtpd.heads import Backbone, init_heads
+    from mlx_mtpd.train import TrainConfig, forward_heads, make_batch
+
+    model, tok = mlx_lm.load(str(tiny_ckpt / "model"))
+    seqs, _ = read_sequences([str(tiny_ckpt / "data.jsonl")], tok, 64)
+    assert all(s.prompt_len == 5 for s in seqs)
+    cache = open_cache(prepare_cache(model, seqs, tmp_path / "c", 64))
+    assert cache["answer_tokens"] == sum(len(s) - 5 for s in seqs)
+    bb = Backbone(model)
+    heads = init_heads(model, 1)
+    recs = list(iter_sequences(cache, [0, 1, 2]))
+    batch = make_batch(recs, bb, 64, 1)
+    assert batch["answer_tokens"] == batch["num_tokens"] - 3 * 5
+    cfg = TrainConfig(num_heads=1, alpha=[1.0], beta=[1.0], top_n=64)
+    cfg_all = TrainConfig(num_heads=1, alpha=[1.0], beta=[1.0], top_n=64, prompt_loss=True)
+    base, _ = forward_heads(heads, bb, batch, cfg)
+    base_all, _ = forward_heads(heads, bb, batch, cfg_all)
+    # the teacher at position j predicts t_{j+1}; depth 1 reads it at j = i + 1 for
+    # the target t_{i+2}: positions j < prompt_len - 1 have prompt targets
+    noisy = dict(batch)
+    bump = (mx.arange(batch["teacher_logits"].shape[1]) < 4)[None, :, None] * 5.0
+    noisy["teacher_logits"] = batch["teacher_logits"] + bump * mx.random.normal(batch["teacher_logits"].shape)
+    changed, _ = forward_heads(heads, bb, noisy, cfg)
+    changed_all, _ = forward_heads(heads, bb, noisy, cfg_all)
+    assert changed.item() == pytest.approx(base.item(), rel=1e-6)
+    assert abs(changed_all.item() - base_all.item()) > 1e-3
+
+
+def test_cache_is_prepared_again_when_the_data_changes(tiny_ckpt, tmp_path):
+    data = tmp_path / "data.jsonl"
+    lines = (tiny_ckpt / "data.jsonl").read_text().splitlines()
+    data.write_text("\n".join(lines[:12]) + "\n")
+    args = ["train", "--model", tiny_ckpt / "model", "--data", data, "--top-n", 64, "--batch-size", 2,
+            "--seq-len", 64, "--eval-every", 0, "--draft-vocab", 0, "--warmup", 1, "--steps", 1,
+            "--cache-dir", tmp_path / "c", "--force"]
+    r = run_cli(*args, "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    index = tmp_path / "c" / "train" / "index.json"
+    assert json.loads(index.read_text())["sequences"] == 12
+    r = run_cli(*args, "--out", tmp_path / "b")  # same data: the cache is reused
+    assert r.returncode == 0 and "preparing it again" not in r.stderr and "backbone (train)" not in r.stderr
+    time.sleep(1.1)  # a new mtime
+    data.write_text("\n".join(lines) + "\n")
+    r = run_cli(*args, "--out", tmp_path / "c2")
+    assert r.returncode == 0, r.stderr
+    assert "preparing it again" in r.stderr
+    assert json.loads(index.read_text())["sequences"] == 24
+    assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]  # no leftovers
