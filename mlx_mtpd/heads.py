@@ -95,14 +95,23 @@ class Backbone:
         return logits
 
     def projection_rows(self, ids: Optional[mx.array]):
-        """The output projection restricted to rows `ids` (None: the full vocabulary)."""
+        """The output projection restricted to rows `ids` (None: the full vocabulary;
+        (B, U): rows per sequence, applied to a (B, L, H) batch)."""
         if ids is None:
             return self.project
         layer = self.lm_head if self.lm_head is not None else self.embed
-        if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        quantized = isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        if quantized:
             w, s = layer.weight[ids], layer.scales[ids]
             b = layer.biases[ids] if layer.get("biases") is not None else None
             gs, bits, mode = layer.group_size, layer.bits, getattr(layer, "mode", "affine")
+        if ids.ndim == 2:  # one row set per sequence (training): x (B, L, H) -> (B, L, U)
+            w = mx.dequantize(w, s, b, group_size=gs, bits=bits, mode=mode) if quantized else layer.weight[ids]
+            wt = w.swapaxes(-1, -2)
+
+            def proj(x):
+                return self._cap(x @ wt.astype(x.dtype))
+        elif quantized:
 
             def proj(x):
                 return self._cap(

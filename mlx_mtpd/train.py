@@ -103,7 +103,7 @@ def mtpd_loss(
 
 def make_batch(records: List[Dict[str, mx.array]], backbone: Backbone, top_n: int, num_heads: int):
     """Pad a list of cached sequences into arrays, with each head's targets and
-    teacher top-N mapped into the batch's token set U."""
+    teacher top-N mapped into its sequence's token set U (`union`, (B, U))."""
     L = max(int(r["tokens"].shape[0]) for r in records)
     B = len(records)
     toks = np.zeros((B, L), np.int32)
@@ -140,15 +140,24 @@ def make_batch(records: List[Dict[str, mx.array]], backbone: Backbone, top_n: in
                 "union": mx.arange(backbone.vocab_size, dtype=mx.int32), "teacher_idx": ids.astype(mx.int32),
                 "teacher_logits": vals, "token_idx": mx.array(toks), "num_tokens": int(lens.sum()),
                 "answer_tokens": int((lens - starts).sum())}
+    # U per sequence (its teacher top-N sets and its tokens), padded to the
+    # longest: half the rows of one union over the whole batch, so the student's
+    # projection costs half as much.
     ids_np = np.array(ids)
-    union = np.unique(np.concatenate([ids_np.reshape(-1), toks.reshape(-1)]))
+    unions = [np.unique(np.concatenate([ids_np[b, : lens[b]].reshape(-1), toks[b, : lens[b]]])) for b in range(B)]
+    U = max(len(u) for u in unions)
+    union = np.zeros((B, U), np.int32)
+    teacher_idx = np.zeros(ids_np.shape, np.int32)
+    token_idx = np.zeros((B, L), np.int32)
+    for b, u in enumerate(unions):
+        union[b, : len(u)], union[b, len(u):] = u, u[0]
+        # padding positions look up anything in range (they are masked)
+        teacher_idx[b] = np.minimum(np.searchsorted(u, ids_np[b]), len(u) - 1)
+        token_idx[b] = np.minimum(np.searchsorted(u, toks[b]), len(u) - 1)
     return {
         "tokens": mx.array(toks), "lens": mx.array(lens), "starts": mx.array(starts), "hidden": hidden,
-        "union": mx.array(union.astype(np.int32)),
-        "teacher_idx": mx.array(np.searchsorted(union, ids_np).astype(np.int32)),
-        "teacher_logits": vals,
-        "token_idx": mx.array(np.searchsorted(union, toks).astype(np.int32)),
-        "num_tokens": int(lens.sum()),
+        "union": mx.array(union), "teacher_idx": mx.array(teacher_idx), "teacher_logits": vals,
+        "token_idx": mx.array(token_idx), "num_tokens": int(lens.sum()),
         "answer_tokens": int((lens - starts).sum()),
     }
 

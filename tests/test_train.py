@@ -363,3 +363,35 @@ def test_cache_is_prepared_again_when_the_data_changes(tiny_ckpt, tmp_path):
     assert "preparing it again" in r.stderr
     assert json.loads(index.read_text())["sequences"] == 24
     assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_per_sequence_token_sets_give_the_same_loss_as_the_whole_vocabulary(tiny_ckpt, tmp_path):
+    """make_batch maps each sequence's teacher top-N and targets into its own
+    token set; the loss equals the one computed over the whole vocabulary with
+    the same top-N and targets (a mapping error would change it)."""
+    import mlx_lm
+
+    from mlx_mtpd.data_cache import iter_sequences, open_cache, prepare_cache, read_sequences
+    from mlx_mtpd.heads import Backbone, init_heads
+    from mlx_mtpd.train import TrainConfig, forward_heads, make_batch
+
+    model, tok = mlx_lm.load(str(tiny_ckpt / "model"))
+    seqs, _ = read_sequences([str(tiny_ckpt / "data.jsonl")], tok, 64)
+    cache = open_cache(prepare_cache(model, seqs, tmp_path / "c", 16))
+    bb = Backbone(model)
+    mx.random.seed(1)
+    heads = init_heads(model, 2)
+    for h in heads.heads:  # away from the pass-through start, so every term matters
+        h.eh_proj.weight = h.eh_proj.weight + 0.05 * mx.random.normal(h.eh_proj.weight.shape)
+    batch = make_batch(list(iter_sequences(cache, [0, 5, 9])), bb, 16, 2)
+    assert batch["union"].ndim == 2 and batch["union"].shape[1] < bb.vocab_size
+    full = dict(batch)
+    full["union"] = mx.arange(bb.vocab_size, dtype=mx.int32)
+    full["teacher_idx"] = mx.stack([batch["union"][b][batch["teacher_idx"][b]] for b in range(3)])
+    full["token_idx"] = batch["tokens"]
+    cfg = TrainConfig(num_heads=2, alpha=[1.0, 0.5], beta=[0.5, 1.0], top_n=16)
+    a, ma = forward_heads(heads, bb, batch, cfg)
+    b, mb = forward_heads(heads, bb, full, cfg)
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    for (c1, k1, g1), (c2, k2, g2) in zip(ma, mb):
+        assert c1.item() == pytest.approx(c2.item(), rel=1e-5) and k1.item() == pytest.approx(k2.item(), rel=1e-5)
