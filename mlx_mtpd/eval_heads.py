@@ -19,6 +19,7 @@ import mlx.core as mx
 from .errors import MTPDError
 
 EVAL_PROMPTS = Path(__file__).parent / "data" / "prompts_eval.jsonl"
+TF_MAX_DEPTH = 4  # teacher-forced agreement is reported up to this depth (or the heads)
 
 
 def decoding_acceptance(model, tokenizer, heads, prompts: List[str], *, max_tokens: int,
@@ -108,7 +109,8 @@ def main(argv=None) -> None:
                "max_tokens": args.max_tokens}
         agreement = None
         if args.data:
-            agreement = teacher_forced(model, tok, heads, args.data)
+            agreement = teacher_forced(model, tok, heads, args.data,
+                                       depth=max(heads.num_heads, min(max(drafts), TF_MAX_DEPTH)))
             out["teacher_forced_agreement"] = agreement
         out["decoding"] = decoding_acceptance(model, tok, heads, prompts, max_tokens=args.max_tokens,
                                               drafts=drafts, loops=loops)
@@ -132,8 +134,12 @@ def main(argv=None) -> None:
     run_main("eval-heads", run)
 
 
-def teacher_forced(model, tokenizer, heads, data: List[str], seq_len: int = 512, top_n: int = 256) -> List[float]:
-    """Per-head top-1 agreement with the backbone's greedy token, teacher-forced."""
+def teacher_forced(model, tokenizer, heads, data: List[str], seq_len: int = 512, top_n: int = 256,
+                   depth: int = 0) -> List[float]:
+    """Top-1 agreement with the backbone's greedy token per depth, teacher-forced
+    on answer tokens (depths beyond the heads loop them, as the engine does):
+    on greedy data, depth k's agreement is the acceptance rate AR_k of greedy
+    decoding at positions where the k-1 drafts before it were accepted."""
     import tempfile
 
     from .data_cache import open_cache, prepare_cache, read_sequences
@@ -145,5 +151,5 @@ def teacher_forced(model, tokenizer, heads, data: List[str], seq_len: int = 512,
         path = prepare_cache(model, seqs, Path(d) / "eval", top_n, desc="backbone (eval)")
         cache = open_cache(path)
         k = heads.num_heads
-        cfg = TrainConfig(num_heads=k, alpha=[1.0] * k, beta=[1.0] * k, top_n=top_n)
+        cfg = TrainConfig(num_heads=k, alpha=[1.0] * k, beta=[1.0] * k, top_n=top_n, train_depth=max(depth, k))
         return teacher_forced_agreement(heads, Backbone(model), cache, cfg)

@@ -206,7 +206,7 @@ def forward_heads(head_set: HeadSet, backbone: Backbone, batch, cfg: TrainConfig
 def teacher_forced_agreement(heads: HeadSet, backbone: Backbone, cache: dict, cfg: TrainConfig,
                              max_sequences: Optional[int] = None) -> List[float]:
     """Per-head top-1 agreement with the teacher's greedy token, over a cached set."""
-    agree = [[0.0, 0.0] for _ in heads.heads]
+    agree: List[List[float]] = []  # per depth (the trained depth may loop past the heads)
     n_seq = cache["sequences"] if max_sequences is None else min(max_sequences, cache["sequences"])
     recs = list(iter_sequences(cache, list(range(n_seq))))
     for b in range(0, len(recs), cfg.batch_size):
@@ -214,6 +214,8 @@ def teacher_forced_agreement(heads: HeadSet, backbone: Backbone, cache: dict, cf
         _, metrics = forward_heads(heads, backbone, batch, cfg)
         n = batch["num_tokens"] if cfg.prompt_loss else batch["answer_tokens"]
         for k, (_, _, a) in enumerate(metrics):
+            if k == len(agree):
+                agree.append([0.0, 0.0])
             agree[k][0] += a.item() * n
             agree[k][1] += n
     return [a / max(n, 1) for a, n in agree]

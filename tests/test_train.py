@@ -232,7 +232,7 @@ def test_eval_heads_json_and_plot(tiny_ckpt, tmp_path):
                                     "D=3,loop=last", "D=3,loop=cycle"}
     for v in res["decoding"].values():
         assert len(v["acceptance_rates"]) == v["num_draft"] and v["mean_accepted_length"] >= 1
-    assert len(res["teacher_forced_agreement"]) == 1
+    assert len(res["teacher_forced_agreement"]) == 3  # depths 2 and 3 loop the one head
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -291,9 +291,9 @@ def test_looped_depth_training_trains_the_head_on_its_own_output(tiny_ckpt, tmp_
         mx.random.seed(0)
         heads = init_heads(model, 1)
         cfg = TrainConfig(num_heads=1, alpha=[1.0], beta=[1.0], top_n=64, steps=6, warmup=1, batch_size=2,
-                          eval_every=0, save_every=0, train_depth=depth)
-        hist = Trainer(model, heads, cfg, tmp_path / f"out{depth}", cache).train(progress=False)
-        assert len(hist[-1]["agreement"]) == depth
+                          eval_every=3, save_every=0, train_depth=depth)
+        hist = Trainer(model, heads, cfg, tmp_path / f"out{depth}", cache, cache).train(progress=False)
+        assert len(hist[-1]["agreement"]) == depth and len(hist[-1]["eval_agreement"]) == depth
         results[depth] = dict(tree_flatten(heads.parameters()))
         if depth == 2:
             from mlx_mtpd.heads import Backbone
