@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PROMPT ?= Write a short poem about the sea.
 CHAT_ARGS ?=
 
-.PHONY: chat generate server bench test setup blas heads ablation clean
+.PHONY: chat generate server bench test setup blas data heads ablation clean
 
 $(BIN)/mlx_mtpd: pyproject.toml
 	@$(MAKE) --no-print-directory blas
@@ -52,30 +52,34 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 # Reproduce the shipped heads from scratch: the backbone answers this project's
-# training prompts (greedy and sampled), the heads train on that with MTP-D,
-# and eval-heads measures them on held-out prompts.  About an hour on 2 cores.
+# training prompts (greedy and sampled), the head trains on that with MTP-D
+# (answer tokens only; its own output fed back once: --train-depth 2), and
+# eval-heads measures it on held-out prompts.  About an hour on 2 cores.
 RUNS ?= runs/smollm2
 SHIPPED := mlx_mtpd/heads_data/smollm2-135m-instruct
-HEADS_ARGS ?= --num-heads 1 --top-n 256 --steps 500 --batch-size 8 --learning-rate 1e-3 --warmup 30
-heads: setup
+HEADS_ARGS ?= --num-heads 1 --train-depth 2 --top-n 256 --steps 500 --batch-size 8 --learning-rate 1e-3 --warmup 30
+EVAL_ARGS ?= --data $(RUNS)/eval --num-prompts 16 --max-tokens 96 --num-draft 1,2,3 --loops last
+data: setup
 	$(BIN)/mlx_mtpd gen-data --out $(RUNS)/data --batch-size 64 --max-tokens 256 --temps 0,0.7 --resume
 	$(BIN)/mlx_mtpd gen-data --prompts mlx_mtpd/data/prompts_eval.jsonl --out $(RUNS)/eval \
 	  --batch-size 60 --max-tokens 256 --temps 0 --resume
+
+heads: data
 	$(BIN)/mlx_mtpd train --data $(RUNS)/data --eval-data $(RUNS)/eval --out $(RUNS)/mtpd \
 	  --cache-dir $(RUNS)/cache $(HEADS_ARGS) --eval-every 100 --save-every 100 --force \
 	  --export $(SHIPPED)
-	$(BIN)/mlx_mtpd eval-heads --heads $(SHIPPED) --num-prompts 8 --max-tokens 64 --num-draft 1,2,3,4 \
+	$(BIN)/mlx_mtpd eval-heads --heads $(SHIPPED) $(EVAL_ARGS) \
 	  --json $(SHIPPED)/eval.json --plot $(SHIPPED)/acceptance.png
-	$(BIN)/mlx_mtpd bench --heads $(SHIPPED) --num-draft 0,1,2 --num-prompts 12 --max-tokens 128 \
-	  --json $(SHIPPED)/bench_cpu.json
-	@echo "set num_draft in $(SHIPPED)/mtp_config.json to the best D of bench_cpu.json (0 if none beats plain)"
 
-# The paper's ablation in miniature: CE-only heads (beta = 0), same data and budget.
-ablation: setup
+# The paper's ablations in miniature, same data and budget as `make heads`:
+# CE-only (beta = 0), and MTP-D trained at depth 1 only (the head never sees its own output).
+ablation: data
 	$(BIN)/mlx_mtpd train --data $(RUNS)/data --eval-data $(RUNS)/eval --out $(RUNS)/ce-only \
 	  --cache-dir $(RUNS)/cache $(HEADS_ARGS) --beta 0 --eval-every 100 --save-every 100 --force
-	$(BIN)/mlx_mtpd eval-heads --heads $(RUNS)/ce-only --num-prompts 8 --max-tokens 64 --num-draft 1,2,3,4 \
-	  --json $(RUNS)/ce-only/eval.json
+	$(BIN)/mlx_mtpd eval-heads --heads $(RUNS)/ce-only $(EVAL_ARGS) --json $(RUNS)/ce-only/eval.json
+	$(BIN)/mlx_mtpd train --data $(RUNS)/data --eval-data $(RUNS)/eval --out $(RUNS)/depth1 \
+	  --cache-dir $(RUNS)/cache $(HEADS_ARGS) --train-depth 1 --eval-every 100 --save-every 100 --force
+	$(BIN)/mlx_mtpd eval-heads --heads $(RUNS)/depth1 $(EVAL_ARGS) --json $(RUNS)/depth1/eval.json
 
 clean:
 	rm -rf $(VENV) *.egg-info
