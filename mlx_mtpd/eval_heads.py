@@ -55,9 +55,12 @@ def plot(results: Dict[str, dict], agreement: Optional[List[float]], path: Path,
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    from matplotlib.ticker import MaxNLocator
+
+    looped = {r["loop"] for r in results.values() if r["num_draft"] > num_heads} or {"last"}
     for loop, style in (("last", "o-"), ("cycle", "s--")):
         best = [r for r in results.values() if r["loop"] == loop or r["num_draft"] <= num_heads]
-        if not best:
+        if not best or loop not in looped:  # a policy that was not run (or cannot differ)
             continue
         deepest = max(best, key=lambda r: r["num_draft"])
         k = range(1, len(deepest["acceptance_rates"]) + 1)
@@ -70,6 +73,7 @@ def plot(results: Dict[str, dict], agreement: Optional[List[float]], path: Path,
     a1.set(xlabel="draft position k", ylabel="rate", ylim=(0, 1), title="acceptance by draft position")
     a2.set(xlabel="draft length D", ylabel="mean accepted length tau", title="tau by draft length")
     for a in (a1, a2):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.suptitle(title)
@@ -126,8 +130,8 @@ def main(argv=None) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2))
         if args.plot:
-            plot(out["decoding"], agreement, Path(args.plot), f"{heads.num_heads} heads, {len(prompts)} prompts",
-                 heads.num_heads)
+            title = f"{heads.num_heads} head(s), {len(prompts)} held-out prompts x {args.max_tokens} tokens, greedy"
+            plot(out["decoding"], agreement, Path(args.plot), title, heads.num_heads)
         print(f"best: D={best['num_draft']} loop={best['loop']} tau {best['mean_accepted_length']:.2f}",
               file=sys.stderr)
 

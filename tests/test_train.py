@@ -395,3 +395,4 @@ def test_per_sequence_token_sets_give_the_same_loss_as_the_whole_vocabulary(tiny
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
     for (c1, k1, g1), (c2, k2, g2) in zip(ma, mb):
         assert c1.item() == pytest.approx(c2.item(), rel=1e-5) and k1.item() == pytest.approx(k2.item(), rel=1e-5)
+        assert g1.item() == pytest.approx(g2.item())
