@@ -41,12 +41,15 @@ def data_signature(paths: List[str], seq_len: int, top_n: int) -> Dict[str, obje
     --top-n.  A cache whose signature differs is prepared again."""
     files = []
     for p in paths:
-        path = Path(p)
-        found = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.txt")) if path.is_dir() else [path]
-        for f in found:
+        for f in _data_files(Path(p)):
             st = f.stat() if f.exists() else None
             files.append([str(f.resolve()), st.st_size if st else -1, int(st.st_mtime) if st else -1])
     return {"files": files, "seq_len": int(seq_len), "top_n": int(top_n), "format": 2}
+
+
+def _data_files(path: Path) -> List[Path]:
+    """The files a --data path names: a folder's .jsonl and .txt files, or the file itself."""
+    return sorted(path.glob("*.jsonl")) + sorted(path.glob("*.txt")) if path.is_dir() else [path]
 
 
 def read_sequences(paths: List[str], tokenizer, seq_len: int) -> Tuple[List[List[int]], Dict[str, int]]:
@@ -59,7 +62,7 @@ def read_sequences(paths: List[str], tokenizer, seq_len: int) -> Tuple[List[List
     eos = tokenizer.eos_token_id
     for p in paths:
         path = Path(p)
-        files = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.txt")) if path.is_dir() else [path]
+        files = _data_files(path)
         if not files or not all(f.exists() for f in files):
             raise MTPDError(f"training data {path} not found (or holds no .jsonl/.txt files)")
         for f in files:

@@ -54,9 +54,9 @@ def plot(results: Dict[str, dict], agreement: Optional[List[float]], path: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     from matplotlib.ticker import MaxNLocator
 
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     looped = {r["loop"] for r in results.values() if r["num_draft"] > num_heads} or {"last"}
     for loop, style in (("last", "o-"), ("cycle", "s--")):
         best = [r for r in results.values() if r["loop"] == loop or r["num_draft"] <= num_heads]
