@@ -39,14 +39,21 @@ generate: setup
 server: setup
 	$(BIN)/mlx_mtpd server
 
-# The README's results table: plain mlx-lm against this engine on the project's
-# own benchmark prompts (held out from training), greedy, 256 new tokens.
-BENCH_ARGS ?= --num-prompts 5 --max-tokens 256 --num-draft 1,2,auto --draft heads+lookup
+# The README's results tables: plain mlx-lm against this engine on the project's
+# own benchmark prompts (held out from training), 256 new tokens each (past the
+# end-of-sequence token: sustained decoding), greedy and at T = 0.7; then the
+# conversations whose last answer edits or repeats an earlier one (answers end
+# at their end-of-sequence token, as in a chat).
+BENCH_ARGS ?= --num-prompts 5 --max-tokens 256 --num-draft 1,2,auto --draft heads+lookup --ignore-eos
+EDITS_ARGS ?= --prompts mlx_mtpd/data/conversations_bench.jsonl --max-tokens 256 --num-draft auto --draft heads+lookup
 bench: setup
 	mkdir -p bench
 	$(BIN)/mlx_mtpd bench $(BENCH_ARGS) --json bench/greedy.json --plot bench/greedy.png --readme README.md
 	$(BIN)/mlx_mtpd bench $(BENCH_ARGS) --temp 0.7 --json bench/temp-0.7.json --plot bench/temp-0.7.png \
 	  --readme README.md
+	$(BIN)/mlx_mtpd bench $(EDITS_ARGS) --json bench/edits-greedy.json --readme README.md --table edits-greedy
+	$(BIN)/mlx_mtpd bench $(EDITS_ARGS) --temp 0.7 --json bench/edits-temp-0.7.json --readme README.md \
+	  --table edits-temp-0.7
 
 test: setup
 	$(BIN)/python -m pytest -q tests

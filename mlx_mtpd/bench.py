@@ -22,15 +22,19 @@ from .errors import MTPDError
 BENCH_PROMPTS = Path(__file__).parent / "data" / "prompts_bench.jsonl"
 
 
-def _run(gen) -> tuple:
-    """(tokens, total seconds, decode seconds after the first token)."""
+def _run(gen, eos=()) -> tuple:
+    """(tokens, total seconds, decode seconds after the first token); an
+    end-of-sequence token ends the answer, as in a chat (it is not counted)."""
     toks: List[int] = []
     tic = time.perf_counter()
     first = None
     for item in gen:
         if first is None:
             first = time.perf_counter()
+        if int(item[0]) in eos:
+            break
         toks.append(int(item[0]))
+    gen.close()
     end = time.perf_counter()
     return toks, end - tic, end - (first or end)
 
@@ -43,42 +47,49 @@ def _plain(prompt, model, max_tokens, temp):
 
 
 def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: List, temp: float = 0.0,
-          loop: Optional[str] = None, seed: int = 0, progress: bool = True, draft: str = "heads") -> Dict:
-    """drafts: draft lengths and/or 'auto' (one planner for the whole run, as in a chat)."""
+          loop: Optional[str] = None, seed: int = 0, progress: bool = True, draft: str = "heads",
+          stop_at_eos: bool = True) -> Dict:
+    """drafts: draft lengths and/or 'auto' (one planner for the whole run, as in a chat).
+    An answer ends at the tokenizer's end-of-sequence token unless `stop_at_eos` is False."""
     from tqdm import tqdm
 
     from . import _blas
     from .gen_data import _messages
 
     ids = [mx.array(tokenizer.apply_chat_template(_messages(p), add_generation_prompt=True)) for p in prompts]
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]) if stop_at_eos else set()
     names = ["plain"] + [f"D={d}" for d in drafts]
     planner = DraftPlanner("auto", draft) if "auto" in drafts else None
     totals = {n: {"tokens": 0, "time": 0.0, "decode_tokens": 0, "decode_time": 0.0} for n in names}
     stats = {n: SpecStats() for n in names[1:]}
     mismatches = []
+    per_prompt = []
     _run(_plain(ids[0], model, 4, 0.0))  # warm-up
     bar = tqdm(total=len(ids) * len(names), desc="bench", unit="run", disable=not progress)
     for i, p in enumerate(ids):
         order = names if i % 2 == 0 else names[::-1]
         outs = {}
+        row = {"prompt": i, "prompt_tokens": p.size}
         for name in order:
             mx.random.seed(seed + i)
             if name == "plain":
-                toks, t, td = _run(_plain(p, model, max_tokens, temp))
+                toks, t, td = _run(_plain(p, model, max_tokens, temp), eos)
             else:
                 d = name[2:] if name == "D=auto" else int(name[2:])
                 st = SpecStats()
                 toks, t, td = _run(mtp_generate_step(p, model, heads if d else None, num_draft=d, loop=loop,
                                                      max_tokens=max_tokens, temp=temp, stats=st, draft=draft,
-                                                     planner=planner if d == "auto" else None))
+                                                     planner=planner if d == "auto" else None), eos)
                 stats[name].add(st)
             outs[name] = toks
+            row[name] = {"tokens": len(toks), "seconds": t, "decode_seconds": td}
             tot = totals[name]
             tot["tokens"] += len(toks)
             tot["time"] += t
             tot["decode_tokens"] += max(len(toks) - 1, 0)
             tot["decode_time"] += td
             bar.update(1)
+        per_prompt.append(row)
         if temp == 0:
             mismatches += [{"prompt": i, "setting": n} for n in names[1:] if outs[n] != outs["plain"]]
     bar.close()
@@ -95,6 +106,10 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
             "acceptance_by_position": s.cumulative_acceptance,
             "acceptance_rates": s.acceptance_rates,
             "steps_by_source": dict(s.sources),
+            # the suffix-match check after each plainly decoded token: its share of the run's time
+            "match_checks": s.match_checks,
+            "match_check_us": 1e6 * s.match_check_time / max(s.match_checks, 1),
+            "match_check_share": s.match_check_time / max(t["time"], 1e-9),
         }
     # The headline is `auto` when it ran (what users get), else the best fixed D.
     best = per_d["D=auto"] if "D=auto" in per_d else max(per_d.values(), key=lambda r: r["speedup"])
@@ -112,9 +127,11 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
         "max_tokens": max_tokens,
         "temp": temp,
         "draft": draft,
+        "stop_at_eos": stop_at_eos,
         "device": str(mx.default_device()),
         "blas": _blas.describe(),
         "by_num_draft": per_d,
+        "per_prompt": per_prompt,
     }
 
 
@@ -147,33 +164,37 @@ def plot(result: Dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _markers(res: Dict):
-    tag = "greedy" if res["temp"] == 0 else f"temp-{res['temp']:g}"
+def _markers(res: Dict, tag: Optional[str] = None):
+    tag = tag or ("greedy" if res["temp"] == 0 else f"temp-{res['temp']:g}")
     return f"<!-- bench:{tag}:begin -->", f"<!-- bench:{tag}:end -->"
 
 
 def results_table(res: Dict, command: str) -> str:
     lines = [
         f"`{command}` on {res['device']} ({res['blas']}), {res['num_prompts']} prompts x {res['max_tokens']} "
-        f"tokens, temperature {res['temp']}, draft source {res['draft']}:",
+        f"tokens{' at most (an answer ends at its end-of-sequence token)' if res.get('stop_at_eos') else ''}, "
+        f"temperature {res['temp']}, "
+        f"draft source {res['draft']}:",
         "",
-        "| setting | tokens/s | speedup vs plain mlx-lm | tau | acceptance by position |",
-        "|---|---|---|---|---|",
-        f"| plain mlx-lm | {res['plain_tokens_per_s']:.2f} | 1.000x | 1.00 | - |",
+        "| setting | tokens/s | speedup vs plain mlx-lm | tau | acceptance by position | steps by source |",
+        "|---|---|---|---|---|---|",
+        f"| plain mlx-lm | {res['plain_tokens_per_s']:.2f} | 1.000x | 1.00 | - | - |",
     ]
     for name, r in res["by_num_draft"].items():
-        acc = " ".join(f"{x:.2f}" for x in r["acceptance_by_position"]) or "-"
+        acc = r["acceptance_by_position"]
+        acc = " ".join(f"{x:.2f}" for x in acc[:8]) + (f" ... ({len(acc)} positions)" if len(acc) > 8 else "")
+        src = ", ".join(f"{k} {v}" for k, v in sorted(r["steps_by_source"].items())) or "-"
         lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {r['speedup']:.3f}x | "
-                     f"{r['mean_accepted_length']:.2f} | {acc} |")
+                     f"{r['mean_accepted_length']:.2f} | {acc or '-'} | {src} |")
     if res["identical_outputs"] is not None:
         lines += ["", f"Greedy outputs identical to plain mlx-lm: {'yes' if res['identical_outputs'] else 'NO'}."]
     return "\n".join(lines)
 
 
-def update_readme(path: Path, res: Dict, command: str) -> None:
-    """Replace the text between the bench markers of this temperature (atomically)."""
+def update_readme(path: Path, res: Dict, command: str, tag: Optional[str] = None) -> None:
+    """Replace the text between the bench markers `tag` (default: of this temperature), atomically."""
     text = path.read_text()
-    BEGIN, END = _markers(res)
+    BEGIN, END = _markers(res, tag)
     if BEGIN not in text or END not in text:
         raise MTPDError(f"{path} has no {BEGIN} ... {END} markers: add them where the table goes")
     head, rest = text.split(BEGIN, 1)
@@ -199,8 +220,12 @@ def main(argv=None) -> None:
                    help="Draft source (default heads).")
     p.add_argument("--readme", default=None,
                    help="Rewrite the results table between the bench markers of this Markdown file.")
+    p.add_argument("--table", default=None,
+                   help="Name of the README table to rewrite (default: 'greedy' or 'temp-T').")
     p.add_argument("--loop", choices=("last", "cycle"), default=None)
     p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="Decode --max-tokens tokens for every prompt, past the end-of-sequence token.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
@@ -226,12 +251,14 @@ def main(argv=None) -> None:
             raise MTPDError("no head set: pass --heads (or --heads untrained), or --draft prompt-lookup")
         prompts = read_prompts(args.prompts)[: args.num_prompts]
         res = bench(model, tok, heads, prompts, max_tokens=args.max_tokens, drafts=drafts, temp=args.temp,
-                    loop=args.loop, seed=args.seed, draft=args.draft)
+                    loop=args.loop, seed=args.seed, draft=args.draft, stop_at_eos=not args.ignore_eos)
         print(f"device {res['device']}, BLAS: {res['blas']}, {res['num_prompts']} prompts, temp {args.temp}")
         print(f"plain mlx-lm: {res['plain_tokens_per_s']:.2f} tokens/s")
         for name, r in res["by_num_draft"].items():
             print(f"{name:<5} {r['tokens_per_s']:7.2f} tokens/s  speedup {r['speedup']:.3f}x  "
-                  f"tau {r['mean_accepted_length']:.2f}")
+                  f"tau {r['mean_accepted_length']:.2f}  steps {r['steps_by_source']}"
+                  + (f"  match checks {r['match_checks']} x {r['match_check_us']:.0f} us "
+                     f"({100 * r['match_check_share']:.3f}% of the time)" if r["match_checks"] else ""))
         if args.temp == 0:
             print("greedy outputs identical:", "yes" if res["identical_outputs"] else f"no {res['mismatches']}")
         if args.json:
@@ -239,7 +266,8 @@ def main(argv=None) -> None:
         if args.plot:
             plot(res, Path(args.plot))
         if args.readme:
-            update_readme(Path(args.readme), res, " ".join(["mlx_mtpd bench"] + list(argv or sys.argv[1:])))
+            update_readme(Path(args.readme), res, " ".join(["mlx_mtpd bench"] + list(argv or sys.argv[1:])),
+                          args.table)
         print(f"best: D={res['num_draft']} speedup {res['speedup']:.3f}x", file=sys.stderr)
 
     run_main("bench", run)

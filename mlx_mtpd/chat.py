@@ -117,7 +117,7 @@ def main(argv=None) -> None:
             mx.random.seed(args.seed)
         model, tokenizer, heads = load(args.model, heads=args.heads, dtype=args.dtype)
         session = Session(model, tokenizer, heads, num_draft=num_draft, draft=args.draft, loop=args.loop,
-                          max_context=args.max_context)
+                          max_context=args.max_context, memory=True)
         sampling = dict(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
         make_logprobs_transform(**sampling)  # bad values: one clear error now
         heads_note = f"{heads.num_heads} MTP head(s)" if heads is not None else "no MTP heads"

@@ -17,7 +17,11 @@ t_0..t_{n-1}), each step:
    entries whose input token was accepted.
 
 Steps 1-3 are one lazy MLX graph evaluated once per step; drafts reach the next
-depth without a host round-trip.  See ../shared/docs/METHOD.md.
+depth without a host round-trip.  The heads are one draft source
+(:mod:`mlx_mtpd.head_drafts`), the suffix index over the conversation another
+(:mod:`mlx_mtpd.suffix`); :class:`~mlx_mtpd.planner.DraftPlanner` chooses
+between them and plain decoding before every step.  The design, the caches and
+the planner are described in docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -28,15 +32,17 @@ from typing import Callable, Generator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.models.cache import ArraysCache, trim_prompt_cache
 
+from . import head_drafts
 from .errors import MTPDError
 from .heads import Backbone, HeadSet
+from .planner import DRAFT_SOURCES, MARGIN, DraftPlanner, parse_num_draft  # noqa: F401  (re-exported)
+from .suffix import AnswerMemory, SuffixIndex, prompt_lookup  # noqa: F401  (re-exported)
 
 # Greedy speculative output may differ from plain decoding only where the
-# backbone's top-two logits are closer than this (float32; see METHOD.md's
-# numerical note): verifying several tokens at once changes matmul shapes.
+# backbone's top-two logits are closer than this (float32; see docs/DESIGN.md,
+# "The contract"): verifying several tokens at once changes matmul shapes.
 TIE_TOLERANCE = {mx.float32: 1e-3, mx.float16: 0.15, mx.bfloat16: 0.25}
 
 
@@ -54,6 +60,8 @@ class SpecStats:
     step_time: float = 0.0  # seconds in draft + verify + rollback steps
     fallback: Optional[str] = None  # why drafting stopped early, if it did
     sources: dict = field(default_factory=dict)  # steps by kind: plain, heads, lookup
+    match_checks: int = 0  # suffix-match checks after plainly decoded tokens (they may end a burst)
+    match_check_time: float = 0.0  # seconds spent in them (host side)
 
     def record(self, num_draft: int, accepted: int) -> None:
         if len(self.drafted) < num_draft:
@@ -82,6 +90,8 @@ class SpecStats:
         self.forwards += other.forwards
         self.emitted += other.emitted
         self.step_time += other.step_time
+        self.match_checks += other.match_checks
+        self.match_check_time += other.match_check_time
         self.num_draft = other.num_draft
         for kind, n_steps in other.sources.items():
             self.sources[kind] = self.sources.get(kind, 0) + n_steps
@@ -115,6 +125,8 @@ class SpecStats:
             "mean_accepted_length": self.mean_accepted_length,
             "fallback": self.fallback,
             "steps_by_source": dict(self.sources),
+            "match_checks": self.match_checks,
+            "match_check_seconds": self.match_check_time,
         }
 
 
@@ -197,7 +209,11 @@ class DraftState:
 
     A state outlives one generation: given again with a prompt that extends
     what it holds (the next turn of a chat), only the new tokens are prefilled.
+    Its suffix index follows its tokens (every turn, the prompt, the tokens
+    generated so far); `memory`, when set, holds earlier answers to draft from.
     """
+
+    memory: Optional[AnswerMemory] = None
 
     def __init__(self, model: nn.Module, head_set: Optional[HeadSet], max_depth: int, loop: Optional[str] = None):
         self.model = model
@@ -231,8 +247,19 @@ class DraftState:
         self.committed = [0] * (self.max_depth + 2)  # c[k] for k = 1..D (c[0] unused)
         self.tail: List[Optional[mx.array]] = [None] * (self.max_depth + 1)  # k = 1..D (0 unused: see hist)
         self.tokens: List[int] = []
+        self.index = SuffixIndex()
         self.hist: List[mx.array] = []  # backbone hidden states, in chunks
         self.hist_pos: List[int] = []  # first position of each chunk
+
+    def set_tokens(self, tokens: List[int]) -> None:
+        """The context is now `tokens` (a new prompt): the index keeps the common prefix."""
+        self.tokens = list(tokens)
+        self.index.sync(self.tokens)
+
+    def push_tokens(self, new: List[int]) -> None:
+        """Tokens emitted after the context (the index follows, one entry per token)."""
+        self.tokens.extend(new)
+        self.index.extend(new)
 
     # -- the backbone's hidden states -------------------------------------------
     def push_hidden(self, h: mx.array) -> None:
@@ -361,192 +388,6 @@ def _headroom(cache) -> float:
     return max_size - cache.offset - 1
 
 
-def _concat(a: Optional[mx.array], b: mx.array) -> mx.array:
-    return b if a is None or a.shape[0] == 0 else mx.concatenate([a, b], axis=0)
-
-
-# -- draft sources and the choice of D ----------------------------------------------
-
-DRAFT_SOURCES = ("heads", "prompt-lookup", "heads+lookup")
-MARGIN = 1.02  # `auto` drafts only when it expects at least 2% more tokens per second
-
-
-def prompt_lookup(tokens: List[int], num_draft: int, max_ngram: int = 4, min_ngram: int = 2) -> List[int]:
-    """Drafts that need no model: the tokens that followed the most recent
-    earlier occurrence of the context's last n-gram (longest n first)."""
-    n = len(tokens)
-    if num_draft <= 0 or n < min_ngram + 1:
-        return []
-    arr = np.asarray(tokens[-8192:], dtype=np.int64)
-    n = arr.size
-    for g in range(min(max_ngram, n - 1), min_ngram - 1, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(arr[: n - 1], g)
-        hits = np.flatnonzero((windows == arr[n - g :]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + g
-            return arr[start : start + num_draft].tolist()
-    return []
-
-
-def parse_num_draft(value) -> Union[int, str, None]:
-    """--num-draft: an integer >= 0 or 'auto' (None passes through)."""
-    if value is None or value == "auto":
-        return value
-    try:
-        d = int(value)
-    except (TypeError, ValueError):
-        raise MTPDError(f"--num-draft must be an integer >= 0 or 'auto' (got {value!r})") from None
-    if d < 0:
-        raise MTPDError(f"--num-draft must be >= 0 (got {d})")
-    return d
-
-
-class DraftPlanner:
-    """Chooses each step's draft: its source (heads or prompt lookup) and length.
-
-    A fixed `num_draft` drafts that many tokens every step (prompt lookup: up to
-    that many, when the context has a match).  `auto` picks, before every step,
-    the option with the most expected tokens per second:
-
-        E(d) / T(d),  E(d) = 1 + sum_{i<=d} prod_{j<=i} AR_j
-
-    where AR_j is the measured acceptance at draft position j (counts decayed
-    so that it follows the conversation, with a prior that shrinks toward the
-    previous position's) and T(d) the measured wall time of a step that drafts
-    d tokens (drafting, verification, catch-up, host work), against T_plain,
-    the measured time per token of plain pipelined decoding.  When no option
-    beats plain decoding, it decodes plainly in bursts and spends one step
-    every `probe_every` tokens re-measuring the best drafting option.  A
-    planner keeps what it learned across generations (a chat, a server).
-    """
-
-    def __init__(self, num_draft="auto", source: str = "heads", max_draft: int = 6,
-                 burst: int = 8, probe_every: int = 128, decay: float = 0.97):
-        if source not in DRAFT_SOURCES:
-            raise MTPDError(f"unknown draft source {source!r}: choose from {', '.join(DRAFT_SOURCES)}")
-        num_draft = parse_num_draft(num_draft)
-        self.auto = num_draft == "auto"
-        self.num_draft = max_draft if self.auto else num_draft
-        self.source = source
-        self.burst, self.probe_every, self.decay = burst, probe_every, decay
-        self.counts = {"heads": [], "lookup": []}  # per position: [accepted, reached], decayed
-        self.cost: dict = {}  # ("plain", 0): seconds per token; (kind, d): seconds per step
-        self.plain_since_probe = 0
-        self.drafted_since_plain = 0  # tokens emitted by drafting steps since plain decoding was last timed
-        self.plain_seen = 0  # plain bursts observed (the first one warms up and is not timed)
-
-    @property
-    def uses_heads(self) -> bool:
-        return self.source != "prompt-lookup" and self.num_draft > 0
-
-    @property
-    def uses_lookup(self) -> bool:
-        return self.source != "heads"
-
-    # -- estimates --------------------------------------------------------------
-    def acceptance(self, kind: str, j: int) -> float:
-        """AR_j (1-based) with a prior of weight 1: 0.5 at j = 1, else 0.9 AR_{j-1}."""
-        prior = 0.5 if j == 1 else 0.9 * self.acceptance(kind, j - 1)
-        c = self.counts[kind]
-        a, r = c[j - 1] if j <= len(c) else (0.0, 0.0)
-        return (a + prior) / (r + 1)
-
-    def expected(self, kind: str, d: int) -> float:
-        e, p = 1.0, 1.0
-        for j in range(1, d + 1):
-            p *= self.acceptance(kind, j)
-            e += p
-        return e
-
-    def step_cost(self, kind: str, d: int) -> Optional[float]:
-        t0 = self.cost.get(("plain", 0))
-        if t0 is None:
-            return None
-        if (kind, d) in self.cost:
-            return self.cost[(kind, d)]
-        known = [(dd, t) for (k, dd), t in self.cost.items() if k == kind and dd > 0]
-        if known:  # the slope per drafted token of the nearest measured length
-            dd, t = min(known, key=lambda x: abs(x[0] - d))
-            return t0 + (t - t0) * d / dd
-        return t0 * (1 + 0.25 * d)  # a pessimistic prior until measured
-
-    @property
-    def plain_tokens_per_s(self) -> Optional[float]:
-        t0 = self.cost.get(("plain", 0))
-        return 1.0 / t0 if t0 else None
-
-    def _ema(self, key, value: float) -> None:
-        old = self.cost.get(key)
-        self.cost[key] = value if old is None else 0.8 * old + 0.2 * value
-
-    def observe(self, kind: str, d: int, accepted: int, seconds: Optional[float]) -> None:
-        c = self.counts[kind]
-        while len(c) < d:
-            c.append([0.0, 0.0])
-        for j in range(len(c)):
-            c[j][0] *= self.decay
-            c[j][1] *= self.decay
-        for i in range(d):
-            if i <= accepted:
-                c[i][1] += 1
-            if i < accepted:
-                c[i][0] += 1
-        if seconds is not None:
-            self._ema((kind, d), seconds)
-        self.drafted_since_plain += accepted + 1
-
-    def observe_plain(self, tokens: int, seconds: float) -> None:
-        self.plain_seen += 1
-        self.drafted_since_plain = 0
-        if tokens >= 2 and self.plain_seen > 1:  # the first burst after loading pays for warm-up
-            self._ema(("plain", 0), seconds / tokens)
-
-    # -- the choice -------------------------------------------------------------
-    def plan(self, st: "DraftState", remaining: int):
-        """('plain', n tokens) or ('heads', d) or ('lookup', drafts)."""
-        cap = min(self.num_draft, remaining - 1)
-        lookup = prompt_lookup(st.tokens, cap) if self.uses_lookup and cap > 0 else []
-        heads_ok = self.uses_heads and st.max_depth > 0 and cap > 0
-        if heads_ok and not st.can_verify(cap):
-            return "plain", remaining if self.auto else 1, "sliding-window cache full: plain decoding"
-        if lookup and not st.can_verify(len(lookup)):
-            lookup = []
-        if not self.auto:
-            if lookup and (not heads_ok or self.expected("lookup", len(lookup)) >= self.expected("heads", cap)):
-                return "lookup", lookup, None
-            if heads_ok:
-                return "heads", cap, None
-            return "plain", 1 if self.uses_lookup else remaining, None
-        t0 = self.cost.get(("plain", 0))
-        if t0 is None or self.drafted_since_plain >= self.probe_every:
-            # measure plain decoding first, and again now and then while drafting:
-            # the yardstick drifts (context length, other load on the machine)
-            self.drafted_since_plain = 0
-            return "plain", min(self.burst, remaining), None
-        options = []
-        if heads_ok:
-            options += [("heads", d) for d in range(1, min(cap, st.max_depth) + 1)]
-        options += [("lookup", lookup[:m]) for m in range(1, len(lookup) + 1)]
-        # Drafting must beat plain decoding by a margin: timings are noisy, and a
-        # wrong "draft" costs speed while a wrong "plain" costs only a missed gain.
-        best, best_rate = None, MARGIN / t0
-        for kind, arg in options:
-            d = arg if kind == "heads" else len(arg)
-            rate = self.expected(kind, d) / self.step_cost(kind, d)
-            if rate > best_rate or (best is None and self.plain_since_probe >= self.probe_every):
-                if rate > best_rate:
-                    best_rate = rate
-                best = (kind, arg)
-        if best is None:
-            n = min(self.burst, remaining)
-            if self.uses_lookup and self.acceptance("lookup", 1) > 0.5:
-                n = min(n, 2)  # lookup pays here: look again soon (a burst cannot look mid-way)
-            self.plain_since_probe += n
-            return "plain", n, None
-        self.plain_since_probe = 0
-        return best[0], best[1], None
-
-
 def mtp_generate_step(
     prompt: mx.array,
     model: nn.Module,
@@ -596,7 +437,7 @@ def mtp_generate_step(
         state = DraftState(model, head_set if depth else None, depth, loop)
     st = state
     done = st.rewind(prompt_list) if st.length else 0
-    st.tokens = list(prompt_list)
+    st.set_tokens(prompt_list)
     plain_only = planner.num_draft == 0 or (st.max_depth == 0 and not planner.uses_lookup)
 
     def forward(tokens: mx.array):
@@ -622,13 +463,14 @@ def mtp_generate_step(
         return
     mx.eval(first)
     token = first.item()
-    st.tokens.append(token)
+    st.push_tokens([token])
     stats.emitted += 1
     yield token, lp[0], False
     emitted = 1
 
     while max_tokens < 0 or emitted < max_tokens:
-        remaining = max_tokens - emitted if max_tokens >= 0 else planner.num_draft + planner.burst + 1
+        remaining = (max_tokens - emitted if max_tokens >= 0
+                     else max(planner.num_draft, planner.lookup_cap) + planner.burst + 1)
         kind, arg, why = planner.plan(st, remaining)
         if why:
             stats.fallback = why
@@ -636,10 +478,10 @@ def mtp_generate_step(
         if kind == "plain":
             tic = time.perf_counter()
             n_out = 0
-            for tok, row in _plain_burst(st, arg, transform, stats):
+            for tok, row, last in _plain_burst(st, arg, transform, stats, planner.stop_match):
                 emitted += 1
                 n_out += 1
-                if n_out == arg:  # the burst's time, before the consumer's
+                if last:  # the burst's time, before the consumer's
                     planner.observe_plain(n_out, time.perf_counter() - tic)
                 yield tok, row, False
                 if max_tokens >= 0 and emitted >= max_tokens:
@@ -654,7 +496,8 @@ def mtp_generate_step(
         stats.record(d, a)
         stats.step_time += seconds
         # A long catch-up (after plain bursts or a new turn) is not a typical step's cost.
-        planner.observe("heads" if kind == "heads" else "lookup", d, a, seconds if catch_up <= d + 2 else None)
+        planner.observe("heads" if kind == "heads" else "lookup", d, a, seconds if catch_up <= d + 2 else None,
+                        match=0 if kind == "heads" else arg.match)
         for i, t in enumerate(new_tokens):
             yield t, rows[i], i < a
             emitted += 1
@@ -678,7 +521,7 @@ def _plain_decode(st: DraftState, y: mx.array, lp: mx.array, transform, max_toke
             next_y, next_lp = step(y)
             mx.async_eval(next_y, next_lp)
         token = y.item()
-        st.tokens.append(token)
+        st.push_tokens([token])
         if n:
             stats.record(0, 0)
         else:
@@ -692,9 +535,12 @@ def _plain_decode(st: DraftState, y: mx.array, lp: mx.array, transform, max_toke
         y, lp = next_y, next_lp
 
 
-def _plain_burst(st: DraftState, n: int, transform, stats):
-    """n tokens decoded plainly and pipelined inside the drafting loop, the
-    backbone's hidden states kept so that the heads can catch up later."""
+def _plain_burst(st: DraftState, n: int, transform, stats, stop_match: Optional[int] = None):
+    """Up to n tokens decoded plainly and pipelined inside the drafting loop,
+    the backbone's hidden states kept so that the heads can catch up later.
+    Yields (token, logprobs, last).  With `stop_match`, the burst ends as soon
+    as the context's suffix matches an earlier passage that long: the forward
+    already queued gives one more token, and nothing is wasted."""
 
     def fwd(y):
         st.length += 1
@@ -705,15 +551,24 @@ def _plain_burst(st: DraftState, n: int, transform, stats):
 
     nxt = fwd(mx.array([st.tokens[-1]], mx.uint32))
     mx.async_eval(*nxt)
+    stop = False
     for i in range(n):
         y, lp = nxt
-        if i + 1 < n:
+        last = stop or i + 1 == n
+        if not last:
             nxt = fwd(y.astype(mx.uint32))
             mx.async_eval(*nxt)
         token = y.item()
-        st.tokens.append(token)
+        st.push_tokens([token])
         stats.record(0, 0)
-        yield token, lp[0]
+        if stop_match and not last:
+            tic = time.perf_counter()
+            stop = st.index.match_length() >= stop_match
+            stats.match_checks += 1
+            stats.match_check_time += time.perf_counter() - tic
+        yield token, lp[0], last
+        if last:
+            return
 
 
 def _pick(logits: mx.array, transform):
@@ -724,59 +579,14 @@ def _pick(logits: mx.array, transform):
     return mx.random.categorical(transform(logits)), lp
 
 
-def _draft(st: DraftState, d: int, transform):
-    """Build (lazily) the depth calls: drafts d_{n+1..n+d}, their q, each depth's stream."""
-    n = len(st.tokens) - 1
-    tokens = st.tokens
-    drafts: List[mx.array] = []
-    qs: List[mx.array] = []
-    streams: List[mx.array] = [None] * (d + 1)
-    prev_start = st.committed[1]
-    prev = st.hidden_range(prev_start, n)
-    if st.entry is not None:
-        prev = st.entry(prev)
-    for k in range(1, d + 1):
-        start = st.committed[k]
-        hid = prev[start - prev_start :]
-        true_ids = tokens[start + k : n + 1]
-        first_draft = max(start + k, n + 1) - (n + 1)
-        parts = []
-        if true_ids:
-            parts.append(mx.array(true_ids, mx.uint32))
-        parts.extend(x.reshape(1).astype(mx.uint32) for x in drafts[first_draft : k - 1])
-        tok = parts[0] if len(parts) == 1 else mx.concatenate(parts)
-        head = st.heads[k - 1]
-        out = head(hid, st.backbone.embed_tokens(tok), st.depth_cache[k - 1])
-        if st.feedback_post:
-            out = head.norm(out)
-            logits = st.project(out[-1:])[0]
-        else:
-            logits = st.project(head.norm(out[-1:]))[0]
-        if transform is None:
-            choice = mx.argmax(logits)
-        else:
-            lq = transform(logits)
-            choice = mx.random.categorical(lq)
-            q = mx.exp(lq)
-            if st.draft_ids is not None:
-                q = mx.zeros((st.backbone.vocab_size,), q.dtype).at[st.draft_ids].add(q)
-            qs.append(q)
-        token = st.draft_ids[choice] if st.draft_ids is not None else choice
-        drafts.append(token.astype(mx.uint32))
-        prev = _concat(st.tail[k], out)
-        prev_start = st.tail_start(k)
-        streams[k] = prev
-    return drafts, qs, streams
-
-
 def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None):
     """One verification step: d head drafts, or the given lookup drafts."""
     n = len(st.tokens) - 1
     if lookup:
-        draft_arr = mx.array(lookup, mx.uint32)
+        draft_arr = mx.array(list(lookup), mx.uint32)
         qs, streams = [], [None]  # q is one-hot at the drafts: built below
     else:
-        drafts, qs, streams = _draft(st, d, transform) if d else ([], [], [None])
+        drafts, qs, streams = head_drafts.draft(st, d, transform) if d else ([], [], [None])
         draft_arr = mx.stack(drafts) if drafts else mx.zeros((0,), mx.uint32)
     nd = draft_arr.size
     verify_in = mx.concatenate([mx.array([st.tokens[-1]], mx.uint32), draft_arr])
@@ -808,23 +618,8 @@ def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None)
     st.length += a + 1
     if st.max_depth:
         st.push_hidden(hidden[: a + 1])
-        _rollback_depths(st, 0 if lookup else d, a, n, streams)
-    st.tokens.extend(new_tokens)
+        head_drafts.rollback_depths(st, 0 if lookup else d, a, n, streams)
+    st.push_tokens(new_tokens)
     lp = logits.astype(mx.float32)
     rows = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
     return new_tokens, a, rows
-
-
-def _rollback_depths(st: DraftState, d: int, a: int, n: int, streams) -> None:
-    """Depth k keeps its entries whose input token t_{j+k} was accepted: j <= n+a-k."""
-    old = list(st.committed)
-    new = list(st.committed)
-    for k in range(1, d + 1):
-        new[k] = min(n, n - k + 1 + a)
-        st.depth_cache[k - 1].trim(n - new[k])
-    st.committed = new
-    for k in range(1, d + 1):
-        s = streams[k]  # positions [old tail start of k, n-1]
-        lo = st.tail_start(k, new) - st.tail_start(k, old)
-        hi = new[k] - st.tail_start(k, old)
-        st.tail[k] = s[lo:hi]

@@ -237,7 +237,7 @@ class HeadSet(nn.Module):
 
 
 def new_head(backbone: Backbone, config: Optional[Dict[str, Any]] = None) -> MTPHead:
-    """A head initialised as METHOD.md says: a copy of the last decoder layer and
+    """A head initialised as docs/DESIGN.md says: a copy of the last decoder layer and
     the final norm, with W = [0 ; I] so the hidden path passes through.
     `config` (a head set's) may ask for the layouts of native MTP layers:
     `concat_order`, `eh_bias`, `final_norm: false`."""

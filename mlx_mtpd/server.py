@@ -358,6 +358,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=None, help="Context size in tokens (default: the model's).")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     p.add_argument("--quiet", action="store_true", help="No request log lines.")
+    p.add_argument("--draft-memory", action="store_true",
+                   help="Draft also from earlier requests' answers (off: clients never draft from "
+                        "each other's conversations; turn on for one user or trusted clients).")
     return p
 
 
@@ -389,7 +392,7 @@ def main(argv=None) -> None:
             raise MTPDError(f"--port must be in 0..65535 (got {args.port})")
         model, tokenizer, heads = load(args.model, heads=args.heads, dtype=args.dtype)
         session = Session(model, tokenizer, heads, num_draft=num_draft, draft=args.draft, loop=args.loop,
-                          max_context=args.max_context)
+                          max_context=args.max_context, memory=args.draft_memory)
         model_id = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
         try:
             httpd, worker = serve(session, args.host, args.port, model_id, args.quiet)

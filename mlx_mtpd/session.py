@@ -10,6 +10,7 @@ from typing import Dict, Generator, List, Optional, Sequence, Union
 import mlx.core as mx
 
 from .engine import DraftPlanner, DraftState, SpecStats
+from .suffix import AnswerMemory
 from .errors import MTPDError
 from .generate import GenerationResponse, stream_generate
 
@@ -51,6 +52,9 @@ class Session:
     loop: Optional[str] = None
     max_draft: int = 6
     max_context: Optional[int] = None
+    # Draft also from this session's earlier answers when they have left the
+    # context (trimmed turns, a reset, the server's earlier requests).
+    memory: bool = False
     turns: List[Turn] = field(default_factory=list)
 
     def __post_init__(self):
@@ -67,6 +71,8 @@ class Session:
         self.planner = DraftPlanner(self.num_draft, self.draft, max_draft=self.max_draft)
         depth = self.planner.num_draft if self.planner.uses_heads else 0
         self.state = DraftState(self.model, self.heads if depth else None, depth, self.loop)
+        if self.memory and self.planner.uses_lookup:
+            self.state.memory = AnswerMemory()
         self.max_context = self.max_context or context_length(self.model)
         self.total = SpecStats()
 
@@ -121,10 +127,12 @@ class Session:
             max_tokens = min(max_tokens, room) if max_tokens > 0 else room
         cached = self.state.common_prefix(ids)
         last = None
+        answer: List[int] = []
         gen = stream_generate(self.model, self.tokenizer, mx.array(ids), max_tokens=max_tokens, heads=self.heads,
                               loop=self.loop, state=self.state, planner=self.planner, **sampling)
         try:
             for last in gen:
+                answer.append(last.token)
                 if last.finish_reason is None and should_stop is not None and should_stop():
                     last.finish_reason = "interrupted"
                     yield last
@@ -132,6 +140,8 @@ class Session:
                 yield last
         finally:
             gen.close()
+            if self.state.memory is not None:
+                self.state.memory.add(answer)
         if last is not None:
             self.total.add(last.stats)
             self.turns.append(Turn(len(ids), len(ids) - cached, last.generation_tokens, last.generation_tps,

@@ -5,9 +5,11 @@ tokens (one block call per depth over its catch-up and draft positions, the
 reduced-vocabulary projection and argmax), and the whole engine step measured
 inside `mtp_generate_step`; host overhead is what the step costs beyond the two
 (graph building, .item() syncs, cache trims, Python).  Plain decoding's time per
-token (mlx-lm's pipelined generate_step) is the yardstick.
+token (mlx-lm's pipelined generate_step) is the yardstick.  `--verify-lengths`
+adds the backbone's time to verify the longer drafts that the suffix index
+proposes (model-free, so verification is the whole cost besides host work).
 
-    python scripts/step_breakdown.py [--json out.json]
+    python scripts/step_breakdown.py [--json out.json] [--verify-lengths 8,16,32]
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--max-d", type=int, default=4)
+    ap.add_argument("--verify-lengths", default="8,16,32")
     args = ap.parse_args()
     model, tok, heads = load(None)
     bb = Backbone(model)
@@ -85,7 +88,19 @@ def main():
                      "host_s": max(step - t_verify - t_draft, 0.0), "tau": st.mean_accepted_length,
                      "tokens_per_s": st.emitted / max(st.step_time, 1e-9),
                      "step_over_plain_token": step / plain})
+    long_rows = []
+    for d in [int(x) for x in args.verify_lengths.split(",") if x.strip()]:
+        def verify_long(d=d):
+            logits = model(mx.array(prompt[-d - 1:])[None], cache=cache)
+            mx.eval(mx.argmax(logits, -1))
+            trim_prompt_cache(cache, d + 1)
+
+        t = timed(verify_long, reps=7)
+        long_rows.append({"num_draft": d, "verify_s": t, "verify_over_plain_token": t / plain})
     print(f"plain decoding: {plain * 1e3:.1f} ms/token ({1 / plain:.1f} tokens/s)")
+    for r in long_rows:
+        print(f"model-free draft of {r['num_draft']}: verify {r['verify_s'] * 1e3:.1f} ms "
+              f"= {r['verify_over_plain_token']:.2f} plain tokens")
     print("D  verify(D+1) ms  draft(D) ms  host ms  step ms  step/plain  tau   break-even tau")
     for r in rows:
         print(f"{r['num_draft']}  {r['verify_s'] * 1e3:14.1f}  {r['draft_s'] * 1e3:11.1f}  {r['host_s'] * 1e3:7.1f}"
@@ -93,8 +108,8 @@ def main():
               f"  {r['step_over_plain_token']:14.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"plain_s_per_token": plain, "device": str(mx.default_device()), "by_num_draft": rows}, f,
-                      indent=2)
+            json.dump({"plain_s_per_token": plain, "device": str(mx.default_device()), "by_num_draft": rows,
+                       "long_verify": long_rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,51 @@ def test_chat_multi_turn_stats_reset_and_interrupt(smol_path):
     assert child.exitstatus == 0
 
 
+def _plain_mlx_lm_text(model, tokenizer, messages, max_tokens):
+    import mlx_lm
+
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return "".join(r.text for r in mlx_lm.stream_generate(model, tokenizer, ids, max_tokens=max_tokens))
+
+
+def test_chat_drafts_a_repeat_from_the_conversation_under_load(smol):
+    """A user asks for a function, then for the same function renamed.  With
+    both CPU cores loaded by other processes during the second answer (the
+    planner's plain-decoding yardstick was measured on an idle machine), the
+    second answer still drafts from the conversation, and both answers are
+    plain mlx-lm's, token for token."""
+    model, tokenizer = smol
+    q1 = "Write a Python function that checks whether a number is prime, then explain it briefly"
+    q2 = "Now repeat the function exactly, but rename it to check_prime."
+    n = 120
+    child = spawn_chat("--max-tokens", n)
+    reply1, _ = answer(child, q1)
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        reply2, _ = answer(child, q2)
+    finally:
+        for p in load:
+            p.kill()
+    child.sendline("/stats")
+    child.expect(">> ")
+    stats = ANSI.sub("", child.before)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    steps = dict((k, int(v)) for k, v in re.findall(r"(\w+) (\d+)", stats.split("steps:")[1].split("\n")[0]))
+    assert steps.get("lookup", 0) >= 3, stats
+    ref1 = _plain_mlx_lm_text(model, tokenizer, [{"role": "user", "content": q1}], n)
+    ref2 = _plain_mlx_lm_text(model, tokenizer, [{"role": "user", "content": q1},
+                                                 {"role": "assistant", "content": ref1},
+                                                 {"role": "user", "content": q2}], n)
+    assert "check_prime" in ref2
+
+    def norm(text):  # the terminal's line endings, and the echoed question before the answer
+        return text.replace("\r\n", "\n").strip()
+
+    assert norm(reply1).endswith(ref1.strip()), (reply1, ref1)
+    assert norm(reply2).endswith(ref2.strip()), (reply2, ref2)
+
+
 def test_chat_outgrows_the_context(smol_path):
     """A small --max-context: the oldest turns are dropped with a message, and a
     message longer than the context gets a clear error; never a crash."""
@@ -188,6 +233,27 @@ def test_server_endpoints(server):
                               {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 30, "stop": [" 9"], "stream": True})
     text = "".join(e["choices"][0]["text"] for e in sse_events(payload) if e["choices"])
     assert text == res["choices"][0]["text"]
+
+
+def test_server_long_drafts_run_into_a_stop_string(server, smol):
+    """A prompt that repeats a passage: the suffix index drafts past the stop
+    string; the text ends just before it and equals plain mlx-lm's up to there."""
+    import mlx_lm
+
+    model, tokenizer = smol
+    line = "The quick brown fox jumps over the lazy dog near the old mill by the river."
+    prompt = f"{line}\n{line}\n{line}\nThe quick brown fox"
+    plain = "".join(r.text for r in mlx_lm.stream_generate(model, tokenizer, tokenizer.encode(prompt), max_tokens=60))
+    stop = " mill"
+    assert stop in plain, plain
+    status, body = request(server, "POST", "/v1/completions",
+                           {"prompt": prompt, "max_tokens": 60, "stop": [stop, "unlikely stop"]})
+    assert status == 200, body
+    res = json.loads(body)
+    assert res["choices"][0]["text"] == plain[: plain.index(stop)]
+    assert res["choices"][0]["finish_reason"] == "stop"
+    mtp = res["usage"]["mtp"]
+    assert mtp["steps_by_source"].get("lookup", 0) >= 1 and mtp["mean_accepted_length"] > 3, mtp
 
 
 @pytest.mark.parametrize("raw,fragment", [

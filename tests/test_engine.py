@@ -12,7 +12,7 @@ import pytest
 
 from conftest import greedy_tokens, run_cli, tiny_model
 from heads_util import fit_heads
-from mlx_mtpd.engine import TIE_TOLERANCE, DraftPlanner, DraftState, SpecStats, mtp_generate_step, prompt_lookup
+from mlx_mtpd.engine import TIE_TOLERANCE, DraftPlanner, DraftState, SpecStats, mtp_generate_step
 from mlx_mtpd.errors import MTPDError
 from mlx_mtpd.heads import init_heads
 
@@ -51,7 +51,7 @@ def spec_tokens(model, prompt, n, heads, num_draft, loop=None, stats=None, state
 
 def assert_lossless(model, prompt, got, ref, tol):
     """Identical, or the first difference sits on a near-tie of the backbone's
-    top-two logits (METHOD.md's numerical note); anything else is a bug."""
+    top-two logits (docs/DESIGN.md, "The contract"); anything else is a bug."""
     if got == ref:
         return
     i = next(i for i, (a, b) in enumerate(zip(got, ref)) if a != b) if len(got) == len(ref) else None
@@ -218,6 +218,28 @@ def _check_depth_caches(st, model, heads, loop):
         np.testing.assert_allclose(np.array(values), np.array(want[k][1]), rtol=1e-3, atol=1e-3)
 
 
+def test_heads_catch_up_after_long_lookup_steps():
+    """heads+lookup on repeated text: lookup steps of up to 12 tokens (accepted,
+    rejected mid-draft, cut by the budget) between head steps; the depth caches
+    still equal recomputation and the output is plain greedy decoding's."""
+    model, _ = tiny_model("llama", vocab_size=300, seed=3)
+    rng = np.random.default_rng(2)
+    base = rng.integers(3, 300, size=10).tolist()
+    ref0 = greedy_tokens(model, base, 40)
+    heads = fit_heads(model, [base + ref0], num_heads=2)
+    kinds = {}
+    for cut in (13, 25, 40):
+        prompt = base + ref0[:cut] + base  # the model's own continuation of `base` was said before
+        stats = SpecStats()
+        st = DraftState(model, heads, 12, "last")
+        got = spec_tokens(model, prompt, 30, heads, 12, stats=stats, state=st, draft="heads+lookup", loop="last")
+        assert_lossless(model, prompt, got, greedy_tokens(model, prompt, 30), TIE_TOLERANCE[mx.float32])
+        _check_depth_caches(st, model, heads, "last")
+        for k, v in stats.sources.items():
+            kinds[k] = kinds.get(k, 0) + v
+    assert kinds.get("lookup", 0) >= 3 and kinds.get("heads", 0) >= 1, kinds
+
+
 def test_state_kept_across_turns_prefills_only_new_tokens():
     """A chat's next turn extends the cached conversation (or edits its end):
     the caches rewind to the common prefix, only the rest is prefilled, the
@@ -248,15 +270,6 @@ def test_state_kept_across_turns_prefills_only_new_tokens():
         assert st.rewind(turn4) == 0 and st.length == 0
         got4 = spec_tokens(model, turn4, 10, heads, 4, loop=loop, state=st, planner=planner)
         assert got4 == greedy_tokens(model, turn4, 10)
-
-
-def test_prompt_lookup_takes_the_latest_longest_match():
-    assert prompt_lookup([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3) == [7, 5, 1]
-    assert prompt_lookup([5, 1, 2, 9, 4, 1, 2, 8, 6, 1, 2], 2) == [8, 6]  # most recent 2-gram
-    assert prompt_lookup([4, 1, 2, 9, 6, 6, 1, 2, 8, 4, 1, 2], 2) == [9, 6]  # 3-gram [4 1 2] first
-    assert prompt_lookup([1, 2, 3, 4], 3) == []
-    assert prompt_lookup([1, 2, 1, 2], 5) == [1, 2]  # the continuation may be short
-    assert prompt_lookup([1, 2, 1, 2], 0) == []
 
 
 class _FakeState:
@@ -445,6 +458,44 @@ def test_speculative_sampling_matches_the_backbone_distribution(params, source, 
     for i in range(3):
         p = _chi2_pvalue(counts[i], marg[i])
         assert p > 1e-3, (i, p, counts[i], marg[i])
+
+
+def test_long_lookup_drafts_sample_the_backbone_distribution():
+    """Drafts of up to 9 tokens from repeated text (long accepted runs, rejections
+    mid-draft, drafts cut by the token budget): the first three tokens against
+    the exact marginals, tokens 6 and 10 against plain mlx-lm sampling (two-sample
+    chi-square, N = 700 each)."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+    from scipy.stats import chi2_contingency
+
+    from mlx_mtpd.engine import make_logprobs_transform
+
+    model, _ = tiny_model("llama", vocab_size=24, seed=5)
+    params = dict(temp=0.4)  # the model repeats token 16 with probability 0.8
+    transform = make_logprobs_transform(**params)
+    prompt = [16] * 6
+    marg = _exact_marginals(model, prompt, transform)
+    N, V, T = 700, 24, 10
+    spec, plain = np.zeros((T, V)), np.zeros((T, V))
+    stats = SpecStats()
+    mx.random.seed(7)
+    for _ in range(N):
+        for i, t in enumerate(spec_tokens(model, prompt, T, None, 9, stats=stats, draft="prompt-lookup", **params)):
+            spec[i, t] += 1
+        for i, (t, _) in enumerate(generate_step(mx.array(prompt), model, max_tokens=T,
+                                                 sampler=make_sampler(**params))):
+            plain[i, int(t)] += 1
+    assert len(stats.drafted) == 8 and stats.drafted[7] > 300  # 8 drafts (the budget's cap) after the first token
+    assert stats.accepted[4] > 100, stats.accepted  # runs of 5+ accepted drafts
+    partial = sum(stats.reached[i] - stats.accepted[i] for i in range(1, len(stats.reached)))
+    assert partial > 100  # rejections after the first position
+    for i in range(3):
+        assert _chi2_pvalue(spec[i], marg[i]) > 1e-3, (i, spec[i], marg[i])
+    for i in (5, 9):
+        keep = (spec[i] + plain[i]) > 0
+        p = chi2_contingency(np.stack([spec[i][keep], plain[i][keep]]))[1]
+        assert p > 1e-3, (i, p, spec[i], plain[i])
 
 
 def test_transform_matches_mlx_lm_sampler():

@@ -1,0 +1,281 @@
+"""The one planner behind every draft source: what to verify next, and how much.
+
+Before every step it weighs the options, each by its expected tokens per
+second, against plain decoding (see docs/DESIGN.md, "The planner"):
+
+    E(d) / T(d),  E(d) = 1 + sum_{i<=d} prod_{j<=i} AR_j
+
+- heads (:mod:`mlx_mtpd.heads` drafts, d = 1..max_draft);
+- the suffix index's proposal (:mod:`mlx_mtpd.suffix`), any prefix of it.  Its
+  acceptance is measured per *match-length bucket* (a 12-token match is not a
+  2-token match), so early misses of short matches never hide a long repeat:
+  a draft token that extends a match of length L (L + j - 1 at draft position
+  j) is accepted with the rate measured for L's bucket, pooled over positions,
+  so a copy that goes on drafts further at every step.
+
+For heads, AR_j is measured per draft position (counts decayed so that it
+follows the conversation, with a prior of weight 1 that shrinks toward the
+previous position's).  T(d) is the measured wall time of a step that drafts d tokens
+(interpolated between the lengths measured, and beyond the longest at a prior
+slope per drafted token until a longer draft is measured), and T_plain the
+measured time per token of plain pipelined decoding.  When no
+option pays, it decodes plainly in bursts that end as soon as the context has
+a match long enough to pay (the engine checks after every token), and spends
+one step every `probe_every` plain tokens re-measuring the best option.
+A planner keeps what it learned across generations (a chat, a server).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple, Union
+
+from .errors import MTPDError
+from .suffix import MAX_LOOKUP_DRAFT, Proposal, propose
+
+DRAFT_SOURCES = ("heads", "prompt-lookup", "heads+lookup")
+MARGIN = 1.02  # `auto` drafts only when it expects at least 2% more tokens per second
+# Match-length buckets: 2, 3-4, 5-8, 9-16, 17-32, 33+ tokens.
+NUM_BUCKETS = 6
+# Prior acceptance of a draft token extending a match of each bucket, and its weight.
+LOOKUP_PRIOR = [0.35, 0.5, 0.6, 0.75, 0.85, 0.9]
+LOOKUP_PRIOR_WEIGHT = 2.0
+HEADS_PRIOR = (0.5, 0.9)  # AR_1, and the factor from one position's AR to the next's prior
+# Step cost before it is measured, per drafted token, as a fraction of a plain token.
+PRIOR_SLOPE = {"heads": 0.25, "lookup": 0.08}
+ALWAYS_TRY_MATCH = 12  # a match this long is verified even when history says it will not pay
+RETIME_ADVANTAGE = 1.5  # while drafting beats plain by this much, plain decoding is not re-timed
+
+
+def match_bucket(match: int) -> int:
+    """0 for a 2-token match, 1 for 3-4, 2 for 5-8, 3 for 9-16, 4 for 17-32, 5 beyond."""
+    return min(NUM_BUCKETS - 1, max(0, (max(match, 2) - 1).bit_length() - 1))
+
+
+def parse_num_draft(value) -> Union[int, str, None]:
+    """--num-draft: an integer >= 0 or 'auto' (None passes through)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        d = int(value)
+    except (TypeError, ValueError):
+        raise MTPDError(f"--num-draft must be an integer >= 0 or 'auto' (got {value!r})") from None
+    if d < 0:
+        raise MTPDError(f"--num-draft must be >= 0 (got {d})")
+    return d
+
+
+class DraftPlanner:
+    """Chooses each step's draft: its source (heads or the suffix index) and length.
+
+    A fixed `num_draft` drafts that many tokens every step (lookup: up to that
+    many, when the context has a match).  `auto` picks, before every step, the
+    option with the most expected tokens per second (module docstring); its
+    model-free drafts go up to `max_lookup` tokens, its head drafts up to
+    `max_draft`.
+    """
+
+    def __init__(self, num_draft="auto", source: str = "heads", max_draft: int = 6,
+                 burst: int = 8, probe_every: int = 128, decay: float = 0.97, max_lookup: int = MAX_LOOKUP_DRAFT):
+        if source not in DRAFT_SOURCES:
+            raise MTPDError(f"unknown draft source {source!r}: choose from {', '.join(DRAFT_SOURCES)}")
+        num_draft = parse_num_draft(num_draft)
+        self.auto = num_draft == "auto"
+        self.num_draft = max_draft if self.auto else num_draft
+        self.lookup_cap = max_lookup if self.auto else num_draft
+        self.source = source
+        self.burst, self.probe_every, self.decay = burst, probe_every, decay
+        self.counts: Dict[str, List[List[float]]] = {"heads": []}  # per position: [accepted, reached], decayed
+        self.match_counts = [[0.0, 0.0] for _ in range(NUM_BUCKETS)]  # lookup, per bucket: [accepted, reached]
+        self.cost: dict = {}  # ("plain", 0): seconds per token; (kind, d): seconds per step
+        self._curves: Dict[str, List[Tuple[int, float]]] = {}  # kind -> measured (d, seconds), sorted
+        self.plain_since_probe = 0
+        self.drafted_since_plain = 0  # tokens emitted by drafting steps since plain decoding was last timed
+        self.plain_seen = 0  # plain bursts observed (the first one warms up and is not timed)
+        self.stop_match: Optional[int] = None  # a plain burst ends at a match this long (None: never)
+
+    @property
+    def uses_heads(self) -> bool:
+        return self.source != "prompt-lookup" and self.num_draft > 0
+
+    @property
+    def uses_lookup(self) -> bool:
+        return self.source != "heads"
+
+    # -- estimates --------------------------------------------------------------
+    def match_acceptance(self, match: int) -> float:
+        """Acceptance of a draft token that extends a match of this length."""
+        b = match_bucket(match)
+        a, r = self.match_counts[b]
+        return (a + LOOKUP_PRIOR_WEIGHT * LOOKUP_PRIOR[b]) / (r + LOOKUP_PRIOR_WEIGHT)
+
+    def profile(self, kind: str, d: int, match: int = 0) -> List[float]:
+        """AR_1..AR_d: for heads, measured per position with a prior of weight 1;
+        for lookup, position j extends a match of length match + j - 1."""
+        if kind != "heads":
+            by_bucket = [self.match_acceptance(lo) for lo in (2, 3, 5, 9, 17, 33)]
+            return [by_bucket[match_bucket(match + j)] for j in range(d)]
+        prior, shrink = HEADS_PRIOR
+        c = self.counts["heads"]
+        out = []
+        for j in range(d):
+            a, r = c[j] if j < len(c) else (0.0, 0.0)
+            ar = (a + prior) / (r + 1)
+            out.append(ar)
+            prior = shrink * ar
+        return out
+
+    def acceptance(self, kind: str, j: int, match: int = 0) -> float:
+        """AR_j (1-based)."""
+        return self.profile(kind, j, match)[-1]
+
+    def expected(self, kind: str, d: int, match: int = 0) -> float:
+        e, p = 1.0, 1.0
+        for ar in self.profile(kind, d, match):
+            p *= ar
+            e += p
+        return e
+
+    def step_cost(self, kind: str, d: int) -> Optional[float]:
+        """T(d): the measured step times of this kind, interpolated piecewise
+        linearly between the lengths measured (from one plain token at d = 0),
+        and beyond the longest at the prior slope per drafted token; before any
+        measurement, the prior line (pessimistic)."""
+        t0 = self.cost.get(("plain", 0))
+        if t0 is None:
+            return None
+        pts = self._curves.get(kind)
+        if pts is None:
+            pts = sorted((dd, t) for (k, dd), t in self.cost.items() if k == kind and dd > 0)
+            for i in range(1, len(pts)):  # a longer draft never costs less to verify
+                pts[i] = (pts[i][0], max(pts[i][1], pts[i - 1][1]))
+            self._curves[kind] = pts
+        slope = PRIOR_SLOPE[kind] * t0
+        if not pts:
+            return t0 + slope * d
+        lo = (0, t0)
+        for hi in pts:
+            if d <= hi[0]:
+                return max(t0, lo[1] + (hi[1] - lo[1]) * (d - lo[0]) / (hi[0] - lo[0]))
+            lo = hi
+        return max(t0, lo[1] + slope * (d - lo[0]))
+
+    @property
+    def plain_tokens_per_s(self) -> Optional[float]:
+        t0 = self.cost.get(("plain", 0))
+        return 1.0 / t0 if t0 else None
+
+    def _ema(self, key, value: float) -> None:
+        old = self.cost.get(key)
+        self.cost[key] = value if old is None else 0.8 * old + 0.2 * value
+        self._curves.pop(key[0], None)
+
+    def observe(self, kind: str, d: int, accepted: int, seconds: Optional[float], match: int = 0) -> None:
+        if seconds is not None:
+            self._ema((kind, d), seconds)
+        self.drafted_since_plain += accepted + 1
+        if kind != "heads":
+            for c in self.match_counts:
+                c[0] *= self.decay
+                c[1] *= self.decay
+            for j in range(min(accepted + 1, d)):  # the positions verified: all up to the first rejection
+                c = self.match_counts[match_bucket(match + j)]
+                c[1] += 1
+                c[0] += j < accepted
+            return
+        c = self.counts["heads"]
+        while len(c) < d:
+            c.append([0.0, 0.0])
+        for j in range(len(c)):
+            c[j][0] *= self.decay
+            c[j][1] *= self.decay
+        for i in range(d):
+            if i <= accepted:
+                c[i][1] += 1
+            if i < accepted:
+                c[i][0] += 1
+
+    def observe_plain(self, tokens: int, seconds: float) -> None:
+        self.plain_seen += 1
+        self.drafted_since_plain = 0
+        if tokens >= 2 and self.plain_seen > 1:  # the first burst after loading pays for warm-up
+            self._ema(("plain", 0), seconds / tokens)
+
+    def _best_length(self, kind: str, cap: int, match: int = 0) -> Tuple[float, int]:
+        """(tokens per second, d) of the best draft length up to `cap`."""
+        best, best_d, e, p = 0.0, 0, 1.0, 1.0
+        for d, ar in enumerate(self.profile(kind, cap, match), 1):
+            p *= ar
+            e += p
+            rate = e / self.step_cost(kind, d)
+            if rate > best:
+                best, best_d = rate, d
+        return best, best_d
+
+    def useful_match(self) -> Optional[int]:
+        """The shortest match worth verifying now (ends a plain burst), None before timing."""
+        if self.cost.get(("plain", 0)) is None or not self.uses_lookup or self.lookup_cap <= 0:
+            return None
+        bar = MARGIN / self.cost[("plain", 0)]
+        for lo in (2, 3, 5, 9, 17, 33):  # the shortest match of each bucket
+            if lo >= ALWAYS_TRY_MATCH:
+                break
+            if self._best_length("lookup", self.lookup_cap, lo)[0] > bar:
+                return lo
+        return ALWAYS_TRY_MATCH
+
+    # -- the choice -------------------------------------------------------------
+    def plan(self, st, remaining: int):
+        """('plain', n tokens, why) or ('heads', d, why) or ('lookup', Proposal, why)."""
+        cap = min(self.num_draft, remaining - 1)
+        lcap = min(self.lookup_cap, remaining - 1)
+        index = getattr(st, "index", None)
+        lookup = Proposal([], 0)
+        if self.uses_lookup and lcap > 0 and index is not None:
+            lookup = propose(index, lcap, getattr(st, "memory", None))
+        heads_ok = self.uses_heads and st.max_depth > 0 and cap > 0
+        if heads_ok and not st.can_verify(cap):
+            return "plain", remaining if self.auto else 1, "sliding-window cache full: plain decoding"
+        if lookup.tokens and not st.can_verify(len(lookup)):
+            lookup = Proposal([], 0)
+        if not self.auto:
+            if lookup.tokens and (not heads_ok or self.expected("lookup", len(lookup), lookup.match)
+                                  >= self.expected("heads", cap)):
+                return "lookup", lookup, None
+            if heads_ok:
+                return "heads", cap, None
+            return "plain", 1 if self.uses_lookup else remaining, None
+        t0 = self.cost.get(("plain", 0))
+        if t0 is None:
+            return self._plain(remaining)
+        options = []  # (rate, kind, arg)
+        if heads_ok:
+            rate, d = self._best_length("heads", min(cap, st.max_depth))
+            options.append((rate, "heads", d))
+        if lookup.tokens:
+            rate, d = self._best_length("lookup", len(lookup), lookup.match)
+            options.append((rate, "lookup", lookup[:d]))
+        rate, kind, arg = max(options, key=lambda o: o[0], default=(0.0, "plain", None))
+        if self.drafted_since_plain >= self.probe_every and rate * t0 < RETIME_ADVANTAGE * MARGIN:
+            # time plain decoding again now and then while drafting: the yardstick
+            # drifts (context length, other load on the machine); not while drafting
+            # clearly wins, as in a long repeat
+            self.drafted_since_plain = 0
+            return self._plain(remaining)
+        # Drafting must beat plain decoding by a margin: timings are noisy, and a
+        # wrong "draft" costs speed while a wrong "plain" costs only a missed gain.
+        # A long match is tried whatever the history (a repeat must be drafted),
+        # and one step every probe_every plain tokens re-measures the best option.
+        pays = rate > MARGIN / t0
+        if not pays and lookup.match >= ALWAYS_TRY_MATCH:
+            _, d = self._best_length("lookup", len(lookup), lookup.match)
+            kind, arg, pays = "lookup", lookup[:d], True
+        if pays or (options and self.plain_since_probe >= self.probe_every):
+            self.plain_since_probe = 0
+            return kind, arg, None
+        return self._plain(remaining)
+
+    def _plain(self, remaining: int):
+        n = min(self.burst, remaining)
+        self.plain_since_probe += n
+        self.stop_match = self.useful_match()
+        return "plain", n, None
