@@ -45,7 +45,7 @@ server: setup
 # conversations whose last answer edits or repeats an earlier one (answers end
 # at their end-of-sequence token, as in a chat).
 BENCH_ARGS ?= --num-prompts 5 --max-tokens 256 --num-draft 1,2,auto --draft heads+lookup --ignore-eos
-EDITS_ARGS ?= --prompts mlx_mtpd/data/conversations_bench.jsonl --max-tokens 256 --num-draft auto --draft heads+lookup
+EDITS_ARGS ?= --prompts edits --max-tokens 256 --num-draft auto --draft heads+lookup
 bench: setup
 	mkdir -p bench
 	$(BIN)/mlx_mtpd bench $(BENCH_ARGS) --json bench/greedy.json --plot bench/greedy.png --readme README.md

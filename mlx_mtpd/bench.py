@@ -20,6 +20,8 @@ from .engine import DraftPlanner, SpecStats, mtp_generate_step
 from .errors import MTPDError
 
 BENCH_PROMPTS = Path(__file__).parent / "data" / "prompts_bench.jsonl"
+# Conversations whose last answer edits or repeats an earlier one (`--prompts edits`).
+EDITS_PROMPTS = Path(__file__).parent / "data" / "conversations_bench.jsonl"
 
 
 def _run(gen, eos=()) -> tuple:
@@ -211,7 +213,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--heads", default=None,
                    help="Head set (default: the model's own); 'untrained' makes one untrained head.")
-    p.add_argument("--prompts", default=str(BENCH_PROMPTS), help="JSONL with 'prompt' or 'messages' per line.")
+    p.add_argument("--prompts", default=str(BENCH_PROMPTS),
+                   help="JSONL with 'prompt' or 'messages' per line; 'edits' = the shipped conversations whose "
+                        "last answer edits or repeats an earlier one.")
     p.add_argument("--num-prompts", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--num-draft", default="1,2,3,auto",
@@ -249,7 +253,7 @@ def main(argv=None) -> None:
             heads = init_heads(model, 1, draft_vocab=8192)
         if heads is None and args.draft != "prompt-lookup" and any(d != "auto" and d for d in drafts):
             raise MTPDError("no head set: pass --heads (or --heads untrained), or --draft prompt-lookup")
-        prompts = read_prompts(args.prompts)[: args.num_prompts]
+        prompts = read_prompts(EDITS_PROMPTS if args.prompts == "edits" else args.prompts)[: args.num_prompts]
         res = bench(model, tok, heads, prompts, max_tokens=args.max_tokens, drafts=drafts, temp=args.temp,
                     loop=args.loop, seed=args.seed, draft=args.draft, stop_at_eos=not args.ignore_eos)
         print(f"device {res['device']}, BLAS: {res['blas']}, {res['num_prompts']} prompts, temp {args.temp}")

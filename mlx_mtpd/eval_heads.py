@@ -22,15 +22,24 @@ EVAL_PROMPTS = Path(__file__).parent / "data" / "prompts_eval.jsonl"
 TF_MAX_DEPTH = 4  # teacher-forced agreement is reported up to this depth (or the heads)
 
 
+def conversation_prompt(prompt):
+    """A prompt as the backbone answers it: text as is; a chat `messages` record
+    up to its last user turn (the answer that followed it is the model's to give)."""
+    if isinstance(prompt, str):
+        return prompt
+    last_user = max((i for i, m in enumerate(prompt) if isinstance(m, dict) and m.get("role") == "user"), default=-1)
+    return prompt[: last_user + 1] if last_user >= 0 else None
+
+
 def decoding_acceptance(model, tokenizer, heads, prompts: List[str], *, max_tokens: int,
                         drafts: List[int], loops: List[str], progress: bool = True) -> Dict[str, dict]:
     """Aggregate SpecStats over `prompts` for every (D, loop); loop only matters for D > K."""
     from tqdm import tqdm
 
     from .engine import SpecStats, mtp_generate_step
+    from .gen_data import _messages
 
-    ids = [mx.array(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
-           for p in prompts]
+    ids = [mx.array(tokenizer.apply_chat_template(_messages(p), add_generation_prompt=True)) for p in prompts]
     configs = [(d, lp) for d in drafts for lp in (loops if d > heads.num_heads else loops[:1])]
     results = {}
     bar = tqdm(total=len(configs) * len(ids), desc="decode", unit="run", disable=not progress)
@@ -108,7 +117,12 @@ def main(argv=None) -> None:
             raise MTPDError("no head set to evaluate: pass --heads")
         drafts = [int(x) for x in args.num_draft.split(",")]
         loops = args.loops.split(",")
-        prompts = [p for p in read_prompts(args.prompts) if isinstance(p, str)][: args.num_prompts]
+        if args.num_prompts < 1:
+            raise MTPDError(f"--num-prompts must be at least 1 (got {args.num_prompts})")
+        prompts = [conversation_prompt(p) for p in read_prompts(args.prompts)]
+        prompts = [p for p in prompts if p][: args.num_prompts]
+        if not prompts:
+            raise MTPDError(f"{args.prompts} holds no prompt to answer (a 'messages' record needs a user turn)")
         out = {"heads": str(args.heads), "num_heads": heads.num_heads, "prompts": len(prompts),
                "max_tokens": args.max_tokens}
         agreement = None

@@ -72,20 +72,36 @@ def test_chat_multi_turn_stats_reset_and_interrupt(smol_path):
     assert child.exitstatus == 0
 
 
-def _plain_mlx_lm_text(model, tokenizer, messages, max_tokens):
-    import mlx_lm
+_PLAIN = """
+import json, sys
+import mlx_mtpd, mlx_lm
+model, tok = mlx_lm.load(sys.argv[1])
+out = []
+for job in json.loads(sys.stdin.read()):
+    if "text" in job:
+        ids = tok.encode(job["text"])
+    else:
+        ids = tok.apply_chat_template(job["messages"], add_generation_prompt=True)
+    out.append("".join(r.text for r in mlx_lm.stream_generate(model, tok, ids, max_tokens=job["max_tokens"])))
+print(json.dumps(out))
+"""
 
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return "".join(r.text for r in mlx_lm.stream_generate(model, tokenizer, ids, max_tokens=max_tokens))
+
+def plain_mlx_lm_texts(model_path, jobs):
+    """Plain mlx-lm greedy answers, computed in a subprocess: this process forks
+    pseudo-terminals, which MLX's threads must not be busy across."""
+    r = subprocess.run([sys.executable, "-c", _PLAIN, str(model_path)], input=json.dumps(jobs), text=True,
+                       capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
 
 
-def test_chat_drafts_a_repeat_from_the_conversation_under_load(smol):
+def test_chat_drafts_a_repeat_from_the_conversation_under_load(smol_path):
     """A user asks for a function, then for the same function renamed.  With
     both CPU cores loaded by other processes during the second answer (the
     planner's plain-decoding yardstick was measured on an idle machine), the
     second answer still drafts from the conversation, and both answers are
     plain mlx-lm's, token for token."""
-    model, tokenizer = smol
     q1 = "Write a Python function that checks whether a number is prime, then explain it briefly"
     q2 = "Now repeat the function exactly, but rename it to check_prime."
     n = 120
@@ -104,11 +120,10 @@ def test_chat_drafts_a_repeat_from_the_conversation_under_load(smol):
     child.expect(pexpect.EOF)
     steps = dict((k, int(v)) for k, v in re.findall(r"(\w+) (\d+)", stats.split("steps:")[1].split("\n")[0]))
     assert steps.get("lookup", 0) >= 3, stats
-    ref1 = _plain_mlx_lm_text(model, tokenizer, [{"role": "user", "content": q1}], n)
-    ref2 = _plain_mlx_lm_text(model, tokenizer, [{"role": "user", "content": q1},
-                                                 {"role": "assistant", "content": ref1},
-                                                 {"role": "user", "content": q2}], n)
-    assert "check_prime" in ref2
+    (ref1,) = plain_mlx_lm_texts(smol_path, [{"messages": [{"role": "user", "content": q1}], "max_tokens": n}])
+    (ref2,) = plain_mlx_lm_texts(smol_path, [{"messages": [{"role": "user", "content": q1},
+                                                           {"role": "assistant", "content": ref1},
+                                                           {"role": "user", "content": q2}], "max_tokens": n}])
 
     def norm(text):  # the terminal's line endings, and the echoed question before the answer
         return text.replace("\r\n", "\n").strip()
@@ -235,15 +250,12 @@ def test_server_endpoints(server):
     assert text == res["choices"][0]["text"]
 
 
-def test_server_long_drafts_run_into_a_stop_string(server, smol):
+def test_server_long_drafts_run_into_a_stop_string(server, smol_path):
     """A prompt that repeats a passage: the suffix index drafts past the stop
     string; the text ends just before it and equals plain mlx-lm's up to there."""
-    import mlx_lm
-
-    model, tokenizer = smol
     line = "The quick brown fox jumps over the lazy dog near the old mill by the river."
     prompt = f"{line}\n{line}\n{line}\nThe quick brown fox"
-    plain = "".join(r.text for r in mlx_lm.stream_generate(model, tokenizer, tokenizer.encode(prompt), max_tokens=60))
+    (plain,) = plain_mlx_lm_texts(smol_path, [{"text": prompt, "max_tokens": 60}])
     stop = " mill"
     assert stop in plain, plain
     status, body = request(server, "POST", "/v1/completions",

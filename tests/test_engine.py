@@ -219,25 +219,34 @@ def _check_depth_caches(st, model, heads, loop):
 
 
 def test_heads_catch_up_after_long_lookup_steps():
-    """heads+lookup on repeated text: lookup steps of up to 12 tokens (accepted,
-    rejected mid-draft, cut by the budget) between head steps; the depth caches
-    still equal recomputation and the output is plain greedy decoding's."""
+    """heads+lookup drafting from an earlier answer (the answer memory) that the
+    model now repeats with two changes: lookup steps of up to 12 tokens accepted
+    whole, rejected mid-draft and cut by the token budget, with head steps
+    between them; the depth caches still equal recomputation and the output is
+    plain greedy decoding's."""
+    from mlx_mtpd.suffix import AnswerMemory
+
     model, _ = tiny_model("llama", vocab_size=300, seed=3)
     rng = np.random.default_rng(2)
     base = rng.integers(3, 300, size=10).tolist()
-    ref0 = greedy_tokens(model, base, 40)
-    heads = fit_heads(model, [base + ref0], num_heads=2)
-    kinds = {}
-    for cut in (13, 25, 40):
-        prompt = base + ref0[:cut] + base  # the model's own continuation of `base` was said before
-        stats = SpecStats()
+    ref = greedy_tokens(model, base, 40)
+    heads = init_heads(model, 2)  # heads that rarely guess right: lookup wins wherever it proposes
+    earlier = base + ref[:12] + [7] + ref[13:25] + [9] + ref[26:]  # what was said before, a bit different
+    total = SpecStats()
+    for n_tokens in (33, 24):
         st = DraftState(model, heads, 12, "last")
-        got = spec_tokens(model, prompt, 30, heads, 12, stats=stats, state=st, draft="heads+lookup", loop="last")
-        assert_lossless(model, prompt, got, greedy_tokens(model, prompt, 30), TIE_TOLERANCE[mx.float32])
+        st.memory = AnswerMemory()
+        st.memory.add(earlier)
+        stats = SpecStats()
+        prompt = base + ref[:3]
+        got = spec_tokens(model, prompt, n_tokens, heads, 12, stats=stats, state=st, draft="heads+lookup",
+                          loop="last")
+        assert_lossless(model, prompt, got, greedy_tokens(model, prompt, n_tokens), TIE_TOLERANCE[mx.float32])
         _check_depth_caches(st, model, heads, "last")
-        for k, v in stats.sources.items():
-            kinds[k] = kinds.get(k, 0) + v
-    assert kinds.get("lookup", 0) >= 3 and kinds.get("heads", 0) >= 1, kinds
+        total.add(stats)
+    assert total.sources.get("lookup", 0) >= 4 and total.sources.get("heads", 0) >= 2, total.sources
+    assert len(total.accepted) >= 9 and total.accepted[8] >= 2  # runs of 9+ accepted lookup drafts
+    assert any(r > a for r, a in zip(total.reached[1:], total.accepted[1:]))  # a rejection mid-draft
 
 
 def test_state_kept_across_turns_prefills_only_new_tokens():
@@ -274,7 +283,9 @@ def test_state_kept_across_turns_prefills_only_new_tokens():
 
 class _FakeState:
     def __init__(self, tokens):
-        self.tokens, self.max_depth = tokens, 6
+        from mlx_mtpd.suffix import SuffixIndex
+
+        self.tokens, self.max_depth, self.index = tokens, 6, SuffixIndex(tokens)
 
     def can_verify(self, d):
         return True
@@ -305,16 +316,27 @@ def test_auto_planner_drafts_only_when_it_pays():
     pl2.observe_plain(8, 8 * 0.050)
     kind, d, _ = pl2.plan(st, 500)
     assert kind == "heads" and d >= 4
-    # while drafting, plain decoding is timed again every 128 tokens
+    # while drafting wins by far (a long repeat), plain decoding is not re-timed ...
     for _ in range(30):
         pl2.observe("heads", d, d, 0.050 + 0.006 * d)
-    assert pl2.plan(st, 500)[0] == "plain"
+    assert pl2.drafted_since_plain >= 128 and pl2.plan(st, 500)[0] == "heads"
+    # ... but where the gain is marginal, it is timed again every 128 drafted tokens
+    pl3 = DraftPlanner("auto", "heads")
+    pl3.observe_plain(8, 8 * 0.050)
+    pl3.observe_plain(8, 8 * 0.050)
+    for i in range(60):  # AR_1 0.5 at 1.2x a token's cost: 1.25x plain
+        pl3.observe("heads", 1, i % 2, 0.060)
+    assert pl3.plan(st, 500)[:2] == ("heads", 1)
+    for i in range(40):
+        pl3.observe("heads", 1, i % 2, 0.060)
+    assert pl3.drafted_since_plain >= 128 and pl3.plan(st, 500)[0] == "plain"
     # a fixed D drafts D every step, capped by the tokens left
     assert DraftPlanner(3, "heads").plan(st, 500)[:2] == ("heads", 3)
     assert DraftPlanner(3, "heads").plan(st, 2)[:2] == ("heads", 1)
     # prompt lookup: a repeated context gives drafts, a fresh one does not
     rep = _FakeState([1, 2, 3, 4, 5, 1, 2, 3])
-    assert DraftPlanner(3, "prompt-lookup").plan(rep, 500)[:2] == ("lookup", [4, 5, 1])
+    kind, proposal, _ = DraftPlanner(3, "prompt-lookup").plan(rep, 500)
+    assert kind == "lookup" and proposal.tokens == [4, 5, 1] and proposal.match == 3
     assert DraftPlanner(3, "prompt-lookup").plan(st, 500)[:2] == ("plain", 1)
     with pytest.raises(MTPDError, match="unknown draft source"):
         DraftPlanner(3, "medusa")

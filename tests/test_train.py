@@ -234,6 +234,23 @@ def test_eval_heads_json_and_plot(tiny_ckpt, tmp_path):
         assert len(v["acceptance_rates"]) == v["num_draft"] and v["mean_accepted_length"] >= 1
     assert len(res["teacher_forced_agreement"]) == 3  # depths 2 and 3 loop the one head
     assert png.read_bytes()[:4] == b"\x89PNG"
+    # chat `messages` records count (the conversation up to its last user turn) ...
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "the cat"},
+                                              {"role": "assistant", "content": "an inn"},
+                                              {"role": "user", "content": "the theme"},
+                                              {"role": "assistant", "content": "ignored"}]}) + "\n"
+                     + json.dumps({"prompt": "an inn"}) + "\n")
+    r = run_cli("eval-heads", "--model", tiny_ckpt / "model", "--heads", tmp_path / "h", "--prompts", chats,
+                "--num-draft", "1", "--max-tokens", 6, "--json", out)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["prompts"] == 2 and res["decoding"]["D=1,loop=last"]["rounds"] > 0
+    # ... and an evaluation over no prompt is refused, not reported as tau 1.00
+    (tmp_path / "none.jsonl").write_text(json.dumps({"messages": [{"role": "system", "content": "x"}]}) + "\n")
+    r = run_cli("eval-heads", "--model", tiny_ckpt / "model", "--heads", tmp_path / "h", "--prompts",
+                tmp_path / "none.jsonl", "--max-tokens", 6)
+    assert r.returncode != 0 and "holds no prompt to answer" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_full_vocabulary_loss_runs(tiny_ckpt, tmp_path):
