@@ -34,10 +34,13 @@ from .suffix import MAX_LOOKUP_DRAFT, Proposal, propose
 
 DRAFT_SOURCES = ("heads", "prompt-lookup", "heads+lookup")
 MARGIN = 1.02  # `auto` drafts only when it expects at least 2% more tokens per second
+# Short matches are common in any text ("of the") and their drafts gain little when right:
+# they must promise more (a wrong draft costs a verification, a missed one only a small gain).
+SHORT_MATCH_MARGIN = {0: 1.15, 1: 1.08, 2: 1.04}
 # Match-length buckets: 2, 3-4, 5-8, 9-16, 17-32, 33+ tokens.
 NUM_BUCKETS = 6
 # Prior acceptance of a draft token extending a match of each bucket, and its weight.
-LOOKUP_PRIOR = [0.35, 0.5, 0.6, 0.75, 0.85, 0.9]
+LOOKUP_PRIOR = [0.3, 0.45, 0.6, 0.75, 0.85, 0.9]
 LOOKUP_PRIOR_WEIGHT = 2.0
 HEADS_PRIOR = (0.5, 0.9)  # AR_1, and the factor from one position's AR to the next's prior
 # Step cost before it is measured, per drafted token, as a fraction of a plain token.
@@ -215,11 +218,11 @@ class DraftPlanner:
         """The shortest match worth verifying now (ends a plain burst), None before timing."""
         if self.cost.get(("plain", 0)) is None or not self.uses_lookup or self.lookup_cap <= 0:
             return None
-        bar = MARGIN / self.cost[("plain", 0)]
+        t0 = self.cost[("plain", 0)]
         for lo in (2, 3, 5, 9, 17, 33):  # the shortest match of each bucket
             if lo >= ALWAYS_TRY_MATCH:
                 break
-            if self._best_length("lookup", self.lookup_cap, lo)[0] > bar:
+            if self._best_length("lookup", self.lookup_cap, lo)[0] > self._margin("lookup", lo) / t0:
                 return lo
         return ALWAYS_TRY_MATCH
 
@@ -265,7 +268,7 @@ class DraftPlanner:
         # wrong "draft" costs speed while a wrong "plain" costs only a missed gain.
         # A long match is tried whatever the history (a repeat must be drafted),
         # and one step every probe_every plain tokens re-measures the best option.
-        pays = rate > MARGIN / t0
+        pays = rate > self._margin(kind, lookup.match) / t0
         if not pays and lookup.match >= ALWAYS_TRY_MATCH:
             _, d = self._best_length("lookup", len(lookup), lookup.match)
             kind, arg, pays = "lookup", lookup[:d], True
@@ -273,6 +276,10 @@ class DraftPlanner:
             self.plain_since_probe = 0
             return kind, arg, None
         return self._plain(remaining)
+
+    @staticmethod
+    def _margin(kind: str, match: int = 0) -> float:
+        return SHORT_MATCH_MARGIN.get(match_bucket(match), MARGIN) if kind == "lookup" else MARGIN
 
     def _plain(self, remaining: int):
         n = min(self.burst, remaining)
