@@ -104,7 +104,7 @@ def test_chat_drafts_a_repeat_from_the_conversation_under_load(smol_path):
     plain mlx-lm's, token for token."""
     q1 = "Write a Python function that checks whether a number is prime, then explain it briefly"
     q2 = "Now repeat the function exactly, but rename it to check_prime."
-    n = 120
+    n = 90
     child = spawn_chat("--max-tokens", n)
     reply1, _ = answer(child, q1)
     load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]

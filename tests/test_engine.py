@@ -486,7 +486,7 @@ def test_long_lookup_drafts_sample_the_backbone_distribution():
     """Drafts of up to 9 tokens from repeated text (long accepted runs, rejections
     mid-draft, drafts cut by the token budget): the first three tokens against
     the exact marginals, tokens 6 and 10 against plain mlx-lm sampling (two-sample
-    chi-square, N = 700 each)."""
+    chi-square, N = 500 each)."""
     from mlx_lm.generate import generate_step
     from mlx_lm.sample_utils import make_sampler
     from scipy.stats import chi2_contingency
@@ -498,7 +498,7 @@ def test_long_lookup_drafts_sample_the_backbone_distribution():
     transform = make_logprobs_transform(**params)
     prompt = [16] * 6
     marg = _exact_marginals(model, prompt, transform)
-    N, V, T = 700, 24, 10
+    N, V, T = 500, 24, 10
     spec, plain = np.zeros((T, V)), np.zeros((T, V))
     stats = SpecStats()
     mx.random.seed(7)
@@ -508,10 +508,10 @@ def test_long_lookup_drafts_sample_the_backbone_distribution():
         for i, (t, _) in enumerate(generate_step(mx.array(prompt), model, max_tokens=T,
                                                  sampler=make_sampler(**params))):
             plain[i, int(t)] += 1
-    assert len(stats.drafted) == 8 and stats.drafted[7] > 300  # 8 drafts (the budget's cap) after the first token
-    assert stats.accepted[4] > 100, stats.accepted  # runs of 5+ accepted drafts
+    assert len(stats.drafted) == 8 and stats.drafted[7] > 200  # 8 drafts (the budget's cap) after the first token
+    assert stats.accepted[4] > 70, stats.accepted  # runs of 5+ accepted drafts
     partial = sum(stats.reached[i] - stats.accepted[i] for i in range(1, len(stats.reached)))
-    assert partial > 100  # rejections after the first position
+    assert partial > 70  # rejections after the first position
     for i in range(3):
         assert _chi2_pvalue(spec[i], marg[i]) > 1e-3, (i, spec[i], marg[i])
     for i in (5, 9):
