@@ -254,9 +254,11 @@ class DraftPlanner:
         if heads_ok:
             rate, d = self._best_length("heads", min(cap, st.max_depth))
             options.append((rate, "heads", d))
+        lookup_option = None
         if lookup.tokens:
             rate, d = self._best_length("lookup", len(lookup), lookup.match)
-            options.append((rate, "lookup", lookup[:d]))
+            lookup_option = (rate, "lookup", lookup[:d])
+            options.append(lookup_option)
         rate, kind, arg = max(options, key=lambda o: o[0], default=(0.0, "plain", None))
         if self.drafted_since_plain >= self.probe_every and rate * t0 < RETIME_ADVANTAGE * MARGIN:
             # time plain decoding again now and then while drafting: the yardstick
@@ -269,9 +271,9 @@ class DraftPlanner:
         # A long match is tried whatever the history (a repeat must be drafted),
         # and one step every probe_every plain tokens re-measures the best option.
         pays = rate > self._margin(kind, lookup.match) / t0
-        if not pays and lookup.match >= ALWAYS_TRY_MATCH:
-            _, d = self._best_length("lookup", len(lookup), lookup.match)
-            kind, arg, pays = "lookup", lookup[:d], True
+        if not pays and lookup_option is not None and lookup.match >= ALWAYS_TRY_MATCH:
+            _, kind, arg = lookup_option
+            pays = True
         if pays or (options and self.plain_since_probe >= self.probe_every):
             self.plain_since_probe = 0
             return kind, arg, None
