@@ -36,19 +36,28 @@ class TokenSeq(list):
         self.prompt_len = int(prompt_len)
 
 
-def data_signature(paths: List[str], seq_len: int, top_n: int) -> Dict[str, object]:
+def data_signature(paths: List[str], seq_len: int, top_n: int,
+                   features: Optional[List[int]] = None) -> Dict[str, object]:
     """What a cache was prepared from: the data files (size, mtime), --seq-len,
-    --top-n.  A cache whose signature differs is prepared again."""
+    --top-n, the fused layers.  A cache whose signature differs is prepared again."""
     files = []
     for p in paths:
         for f in _data_files(Path(p)):
             st = f.stat() if f.exists() else None
             files.append([str(f.resolve()), st.st_size if st else -1, int(st.st_mtime) if st else -1])
-    return {"files": files, "seq_len": int(seq_len), "top_n": int(top_n), "format": 2}
+    sig = {"files": files, "seq_len": int(seq_len), "top_n": int(top_n), "format": 2}
+    if features:
+        sig["features"] = list(features)
+    return sig
 
 
 def _data_files(path: Path) -> List[Path]:
-    """The files a --data path names: a folder's .jsonl and .txt files, or the file itself."""
+    """The files a --data path names: a token data set's chunks (`dataset.py`), a
+    folder's .jsonl and .txt files, or the file itself."""
+    from .dataset import chunk_files, is_dataset
+
+    if is_dataset(path):
+        return chunk_files(path)
     return sorted(path.glob("*.jsonl")) + sorted(path.glob("*.txt")) if path.is_dir() else [path]
 
 
@@ -70,6 +79,8 @@ def read_sequences(paths: List[str], tokenizer, seq_len: int) -> Tuple[List[List
                 raise MTPDError(f"training data file {f} is empty")
             if f.suffix == ".jsonl":
                 _read_jsonl(f, tokenizer, seq_len, eos, seqs, counts)
+            elif f.suffix == ".npz":
+                _read_chunk(f, seq_len, seqs, counts)
             else:
                 ids = tokenizer.encode(f.read_text())
                 for i in range(0, len(ids) - 1, seq_len):
@@ -111,26 +122,42 @@ def _read_jsonl(f: Path, tokenizer, seq_len, eos, seqs, counts) -> None:
             else:
                 counts["skipped_invalid"] += 1
                 continue
-            if len(prompt) >= seq_len - 1:
-                counts["skipped_long_prompt"] += 1
-                continue
-            if len(ids) > seq_len:
-                counts["truncated"] += 1
-                ids = ids[:seq_len]
-            if len(ids) > 2:
-                seqs.append(TokenSeq(ids, len(prompt)))
-                counts["records"] += 1
+            _add_sequence(ids, len(prompt), seq_len, seqs, counts)
+
+
+def _read_chunk(f: Path, seq_len, seqs, counts) -> None:
+    from .dataset import load_chunk
+
+    z = load_chunk(f)
+    ends = np.cumsum(z["lengths"])
+    for i, end in enumerate(ends):
+        ids = z["tokens"][end - z["lengths"][i] : end].astype(np.int64).tolist()
+        _add_sequence(ids, int(z["prompt_lens"][i]), seq_len, seqs, counts)
+
+
+def _add_sequence(ids, prompt_len, seq_len, seqs, counts) -> None:
+    """Keep a (prompt + answer) sequence, cut to seq_len; a prompt that fills it is skipped."""
+    if prompt_len >= seq_len - 1:
+        counts["skipped_long_prompt"] += 1
+        return
+    if len(ids) > seq_len:
+        counts["truncated"] += 1
+        ids = ids[:seq_len]
+    if len(ids) > 2:
+        seqs.append(TokenSeq(ids, prompt_len))
+        counts["records"] += 1
 
 
 def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_size: int = 4,
                   shard_size: int = 64, force: bool = False, desc: str = "backbone",
-                  signature: Optional[dict] = None) -> Path:
-    """Run the frozen backbone over `seqs` and write the cache (atomically)."""
+                  signature: Optional[dict] = None, features: Optional[List[int]] = None) -> Path:
+    """Run the frozen backbone over `seqs` and write the cache (atomically).
+    `features`: the layers fused heads take (their outputs are cached before the last state)."""
     from tqdm import tqdm
 
     from .heads import Backbone
 
-    bb = Backbone(model)
+    bb = Backbone(model, features)
     vocab = bb.vocab_size
     top_n = min(top_n, vocab)
     cache_top_n = top_n if top_n <= MAX_CACHED_TOP_N else 0
@@ -154,7 +181,8 @@ def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_
             toks = np.zeros((len(idx), L), np.int32)
             for r, i in enumerate(idx):
                 toks[r, : len(seqs[i])] = seqs[i]
-            logits, hidden = _backbone_batch(bb, mx.array(toks))
+            logits, hidden = bb.forward_batch(mx.array(toks))
+            logits = logits.astype(mx.float32)
             if cache_top_n:
                 ids = mx.argpartition(-logits, kth=cache_top_n - 1, axis=-1)[..., :cache_top_n]
                 vals = mx.take_along_axis(logits, ids, axis=-1)
@@ -181,7 +209,7 @@ def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_
         elapsed = time.perf_counter() - tic
         index = {
             "sequences": len(seqs), "tokens": n_tokens, "top_n": top_n, "cached_top_n": cache_top_n,
-            "hidden_size": bb.hidden_size, "vocab_size": vocab, "backbone": bb.fingerprint(),
+            "hidden_size": bb.hidden_size, "features": bb.features, "vocab_size": vocab, "backbone": bb.fingerprint(),
             "shards": shards, "prep_seconds": elapsed, "prep_tokens_per_s": n_tokens / max(elapsed, 1e-9),
             "answer_tokens": sum(len(s) - getattr(s, "prompt_len", 0) for s in seqs),
             "signature": signature,
@@ -190,14 +218,6 @@ def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_
     print(f"[mlx_mtpd] {desc}: {n_tokens} tokens in {elapsed:.0f} s "
           f"({n_tokens / max(elapsed, 1e-9):.0f} tokens/s) -> {out}", file=sys.stderr)
     return Path(out)
-
-
-def _backbone_batch(bb, toks: mx.array):
-    """Logits and pre-norm hidden states of a (B, L) batch (right-padded: causal
-    attention keeps the padding out of every real position)."""
-    logits = bb.model(toks)
-    hidden = bb.norm.__dict__.pop("_mtpd_last_input")
-    return logits.astype(mx.float32), hidden
 
 
 def open_cache(path: Path, backbone=None) -> dict:
@@ -209,6 +229,11 @@ def open_cache(path: Path, backbone=None) -> dict:
         from .heads import check_fingerprint
 
         check_fingerprint({"backbone": index["backbone"]}, backbone, path)
+        if list(index.get("features") or []) != list(backbone.features):
+            raise MTPDError(
+                f"the data cache {path} holds the outputs of layers {index.get('features') or []} "
+                f"but these heads fuse {backbone.features}: prepare it again (delete it)"
+            )
     index["path"] = str(path)
     return index
 

@@ -220,7 +220,7 @@ class DraftState:
         self.head_set = head_set
         self.max_depth = max_depth if head_set is not None else 0
         self.loop = loop
-        self.backbone = Backbone(model) if head_set is not None else None
+        self.backbone = Backbone(model, head_set.features) if head_set is not None else None
         self.heads = [head_set.head_for_depth(d, loop) for d in range(1, self.max_depth + 1)]
         if self.max_depth:
             self.project = self.backbone.projection_rows(head_set.draft_ids)

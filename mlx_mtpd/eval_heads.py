@@ -166,8 +166,8 @@ def teacher_forced(model, tokenizer, heads, data: List[str], seq_len: int = 512,
 
     seqs, _ = read_sequences(data, tokenizer, seq_len)
     with tempfile.TemporaryDirectory() as d:
-        path = prepare_cache(model, seqs, Path(d) / "eval", top_n, desc="backbone (eval)")
+        path = prepare_cache(model, seqs, Path(d) / "eval", top_n, desc="backbone (eval)", features=heads.features)
         cache = open_cache(path)
         k = heads.num_heads
         cfg = TrainConfig(num_heads=k, alpha=[1.0] * k, beta=[1.0] * k, top_n=top_n, train_depth=max(depth, k))
-        return teacher_forced_agreement(heads, Backbone(model), cache, cfg)
+        return teacher_forced_agreement(heads, Backbone(model, heads.features), cache, cfg)

@@ -99,9 +99,13 @@ def generate_answers(model, tokenizer, jobs: List[dict], max_tokens: int, batch_
 
 
 def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, temps=(0.0, 0.7),
-             seed=0, limit=None, system=None, resume=False, force=False) -> Path:
+             seed=0, limit=None, system=None, resume=False, force=False, pack_into=None, new=None) -> Path:
+    """Answer the prompts into OUT/data.jsonl.  With `pack_into` (a token data
+    set, `dataset.py`): skip what the data set already holds, answer at most
+    `new` more, then add them to it as one chunk and remove the work file."""
     from tqdm import tqdm
 
+    from .dataset import answered, job_id
     from .utils import load
 
     out = Path(out)
@@ -110,9 +114,10 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
         raise MTPDError(f"{target} already exists: pass --resume to add to it or --force to start over")
     prompts = read_prompts(prompts_file)[: limit or None]
     model, tokenizer, _ = load(model_path)
-    jobs = [{"id": f"{i}-t{t}", "temp": t, "messages": _messages(p, system)}
-            for t in temps for i, p in enumerate(prompts)]
-    done = set()
+    jobs = [{"id": job_id(_messages(p, system), t), "temp": t, "messages": _messages(p, system)}
+            for t in temps for p in prompts]
+    jobs = list({j["id"]: j for j in jobs}.values())  # a prompt listed twice is answered once
+    done = answered(pack_into) if pack_into else set()
     if target.exists() and resume:
         with open(target) as f:
             for line in f:
@@ -129,7 +134,11 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
                 f.write(b"\n")
     out.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if j["id"] not in done]
-    n_tokens, tic = 0, time.perf_counter()
+    if pack_into and new is not None:
+        in_work = _ids_in(target)
+        todo = [j for j in todo if j["id"] in in_work] + [j for j in todo if j["id"] not in in_work]
+        todo = [j for j in todo[:new] if j["id"] not in in_work]
+    n_tokens, tic, cpu0 = 0, time.perf_counter(), time.process_time()
     with open(target, "a") as f, tqdm(total=len(todo), desc="gen-data", unit="answer") as bar:
         for t in temps:
             group = [j for j in todo if j["temp"] == t]
@@ -144,7 +153,43 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
     elapsed = time.perf_counter() - tic
     print(f"[mlx_mtpd] {len(todo)} answers, {n_tokens} tokens in {elapsed:.0f} s "
           f"({n_tokens / max(elapsed, 1e-9):.1f} tokens/s) -> {target}", file=sys.stderr)
+    if pack_into:
+        _pack(target, Path(pack_into), model, tokenizer, prompts_file, elapsed, time.process_time() - cpu0)
     return target
+
+
+def _ids_in(path: Path) -> set:
+    ids = set()
+    if path.exists():
+        for rec in _records(path):
+            ids.add(rec["id"])
+    return ids
+
+
+def _records(path: Path):
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by an interruption
+
+
+def _pack(work: Path, dataset: Path, model, tokenizer, prompts_file, seconds: float, cpu_seconds: float) -> None:
+    from .dataset import pack
+    from .heads import Backbone
+
+    records = list(_records(work))
+    meta = {"prompts": Path(prompts_file).name, "seconds": round(seconds, 1),
+            "cpu_seconds": round(cpu_seconds, 1), "generated_tokens_per_s":
+            round(sum(len(r["completion_tokens"]) for r in records) / max(seconds, 1e-9), 2)}
+    entry = pack(records, dataset, eos=tokenizer.eos_token_id, backbone=Backbone(model).fingerprint(), meta=meta)
+    work.unlink()
+    if entry is None:
+        print(f"[mlx_mtpd] nothing new to add to {dataset}", file=sys.stderr)
+    else:
+        print(f"[mlx_mtpd] {dataset}/{entry['file']}: {entry['answers']} answers, {entry['tokens']} tokens "
+              f"({entry['bytes'] / 1e6:.2f} MB)", file=sys.stderr)
 
 
 def main(argv=None) -> None:
@@ -164,6 +209,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="Keep finished answers and generate the rest.")
     p.add_argument("--force", action="store_true", help="Start over, replacing data.jsonl.")
+    p.add_argument("--pack-into", default=None,
+                   help="A token data set (e.g. data/tokens): skip the prompts it has answered, then add "
+                        "this run's answers to it as one compact chunk.")
+    p.add_argument("--new", type=int, default=None,
+                   help="With --pack-into: answer at most this many new jobs (prompt x temperature).")
     args = p.parse_args(argv)
 
     def run():
@@ -175,6 +225,7 @@ def main(argv=None) -> None:
             raise MTPDError("--max-tokens and --batch-size must be positive")
         gen_data(args.model, args.prompts, args.out, max_tokens=args.max_tokens,
                  batch_size=args.batch_size, temps=temps, seed=args.seed, limit=args.limit,
-                 system=args.system_prompt, resume=args.resume, force=args.force)
+                 system=args.system_prompt, resume=args.resume, force=args.force,
+                 pack_into=args.pack_into, new=args.new)
 
     run_main("gen-data", run)

@@ -9,6 +9,13 @@ FinalNorm_k(h^k_j).  Block_k is one decoder layer of the backbone's own
 architecture (a copy of its last layer), so every decoder-only model mlx-lm
 supports gets heads without per-architecture code.  Everything that differs
 between architectures is handled in `Backbone`.
+
+A head set may declare `features`: backbone layers whose outputs feed depth 1
+beside the last hidden state (EAGLE-3's fusion).  Then h^0_j is not the last
+state alone but  F [RMSNorm(l_a(j)) ; ... ; RMSNorm(h_j)]  (one projection F,
+initialised to pass the last state through, so a fused head starts where a
+plain one does); the backbone's hidden state everywhere else (the engine's
+tails, the training cache) is the concatenation of those outputs.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ class Backbone:
       logit soft-capping where the architecture has it).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, features: Optional[List[int]] = None):
         self.model = model
         inner = getattr(model, "model", None)
         if inner is None and hasattr(model, "language_model"):
@@ -63,6 +70,9 @@ class Backbone:
         self.hidden_size = int(self.embed.weight.shape[-1] * _pack_factor(self.embed))
         self.vocab_size = int(self.embed.weight.shape[0])
         self._tap_norm()
+        self.features = check_features(features, len(inner.layers))
+        for i in self.features:
+            _tap_output(inner.layers[i])
 
     def _tap_norm(self) -> None:
         # Record the final norm's input without changing the parameter tree:
@@ -81,9 +91,31 @@ class Backbone:
         norm.__class__ = type(f"Tapped{base.__name__}", (base,), {"__call__": tapped, "_mtpd_tap": True})
 
     def forward(self, tokens: mx.array, cache: List[Any]):
-        logits = self.model(tokens[None], cache=cache)
-        hidden = self.norm.__dict__.pop("_mtpd_last_input")
+        logits, hidden = self.forward_batch(tokens[None], cache)
         return logits[0], hidden[0]
+
+    def forward_batch(self, tokens: mx.array, cache: Optional[List[Any]] = None):
+        """(logits, hidden) of a (B, L) batch; hidden is the pre-norm last state,
+        after the outputs of the `features` layers when there are any."""
+        logits = self.model(tokens, cache=cache)
+        return logits, self.captured()
+
+    def captured(self) -> mx.array:
+        """The hidden state of the forward that just ran (see `forward_batch`)."""
+        hidden = self.norm.__dict__.pop("_mtpd_last_input")
+        if not self.features:
+            return hidden
+        parts = [self.inner.layers[i].__dict__.pop("_mtpd_output", None) for i in self.features]
+        if any(not isinstance(x, mx.array) or x.shape != hidden.shape for x in parts):
+            raise MTPDError(
+                f"the {self.model_type} layers do not return the hidden state alone, so their "
+                "outputs cannot feed fused heads: train heads without --features"
+            )
+        return mx.concatenate(parts + [hidden], axis=-1)
+
+    def last_state(self, hidden: mx.array) -> mx.array:
+        """The last pre-norm state out of a (possibly fused) hidden state."""
+        return hidden[..., -self.hidden_size :] if self.features else hidden
 
     def project(self, x: mx.array) -> mx.array:
         logits = self.lm_head(x) if self.lm_head is not None else self.embed.as_linear(x)
@@ -147,6 +179,43 @@ class Backbone:
         }
 
 
+def check_features(features, num_layers: int) -> List[int]:
+    """Layer indices for fused heads: distinct, in [0, num_layers - 1) (the last
+    layer's output is the last state, always taken), in increasing order."""
+    features = [int(i) for i in (features or [])]
+    bad = [i for i in features if not 0 <= i < num_layers - 1]
+    if bad or len(set(features)) != len(features):
+        raise MTPDError(
+            f"features {features}: give distinct layer indices between 0 and {num_layers - 2} "
+            f"(the backbone has {num_layers} layers; its last state is always used)"
+        )
+    return sorted(features)
+
+
+def parse_features(text: Optional[str]) -> List[int]:
+    """`--features 2,15,27` (empty or `none`: no fusion)."""
+    if not text or text.strip().lower() == "none":
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MTPDError(f"--features takes layer indices separated by commas, e.g. 2,15,27 (got {text!r})") from None
+
+
+def _tap_output(layer: nn.Module) -> None:
+    """Record a decoder layer's output, as `_tap_norm` records the norm's input."""
+    if getattr(type(layer), "_mtpd_tap", False):
+        return
+    base = type(layer)
+
+    def tapped(module, *args, **kwargs):
+        out = base.__call__(module, *args, **kwargs)
+        module.__dict__["_mtpd_output"] = out
+        return out
+
+    layer.__class__ = type(f"Tapped{base.__name__}", (base,), {"__call__": tapped, "_mtpd_tap": True})
+
+
 def _pack_factor(layer) -> int:
     return 32 // layer.bits if isinstance(layer, (nn.QuantizedEmbedding, nn.QuantizedLinear)) else 1
 
@@ -186,12 +255,35 @@ class MTPHead(nn.Module):
         return out if batched else out[0]
 
 
-class HeadSet(nn.Module):
-    """K trained heads plus how to use them: loop policy, draft vocabulary, fingerprint."""
+class FeatureFusion(nn.Module):
+    """Depth 1's entry for fused heads: [l_a ; ... ; h] (each RMS-normalised) -> H."""
 
-    def __init__(self, heads: List[MTPHead], config: Dict[str, Any], draft_ids: Optional[mx.array] = None):
+    def __init__(self, parts: int, hidden_size: int, eps: float = 1e-6, dtype=mx.float32):
+        super().__init__()
+        self.norms = [nn.RMSNorm(hidden_size, eps=eps) for _ in range(parts)]
+        for n in self.norms:
+            n.weight = n.weight.astype(dtype)
+        self.proj = nn.Linear(parts * hidden_size, hidden_size, bias=False)
+        # pass-through: the last state alone, normalised (the head's own hnorm
+        # of it is then what a head without fusion computes)
+        eye = mx.eye(hidden_size, dtype=dtype)
+        self.proj.weight = mx.concatenate([mx.zeros((hidden_size, (parts - 1) * hidden_size), dtype), eye], axis=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        parts = mx.split(x, len(self.norms), axis=-1)
+        return self.proj(mx.concatenate([n(p) for n, p in zip(self.norms, parts)], axis=-1))
+
+
+class HeadSet(nn.Module):
+    """K trained heads plus how to use them: loop policy, draft vocabulary,
+    fingerprint, and the fusion of backbone features into depth 1 (`fuse`)."""
+
+    def __init__(self, heads: List[MTPHead], config: Dict[str, Any], draft_ids: Optional[mx.array] = None,
+                 fuse: Optional[FeatureFusion] = None):
         super().__init__()
         self.heads = heads
+        if fuse is not None:
+            self.fuse = fuse
         # Plain attributes, outside the module tree (a dict or array attribute
         # would otherwise join the parameters the optimizer walks).
         object.__setattr__(self, "config", config)
@@ -208,6 +300,23 @@ class HeadSet(nn.Module):
         return len(self.heads)
 
     @property
+    def features(self) -> List[int]:
+        """Backbone layers whose outputs depth 1 takes beside the last state."""
+        return list(self.config.get("features") or [])
+
+    def add_fusion(self, backbone: "Backbone", features: List[int]) -> None:
+        """Give a head set without fusion a pass-through fusion of `features`:
+        its drafts stay what they were until it trains."""
+        if self.features:
+            raise MTPDError(f"this head set already fuses layers {self.features}")
+        if self.config.get("hidden_state", "pre_norm") == "post_norm":
+            raise MTPDError("native MTP heads take the backbone's normed state: they cannot fuse features")
+        features = check_features(features, len(backbone.inner.layers))
+        if features:
+            self.fuse = _new_fusion(backbone, len(features) + 1)
+            self.config["features"] = features
+
+    @property
     def draft_ids(self) -> Optional[mx.array]:
         return self._draft_ids
 
@@ -215,6 +324,8 @@ class HeadSet(nn.Module):
         """What depth 1 takes from the backbone's pre-norm hidden state: itself
         (`hidden_state: pre_norm`) or the backbone's final norm of it (`post_norm`,
         the convention of most native MTP layers)."""
+        if "fuse" in self:
+            return self.fuse
         if self.config.get("hidden_state", "pre_norm") != "post_norm":
             return None
         norm, base = backbone.norm, backbone.norm_class
@@ -260,6 +371,11 @@ def new_head(backbone: Backbone, config: Optional[Dict[str, Any]] = None) -> MTP
     return head
 
 
+def _new_fusion(backbone: Backbone, parts: int) -> FeatureFusion:
+    eps = float(getattr(backbone.norm, "eps", 1e-6))
+    return FeatureFusion(parts, backbone.hidden_size, eps, _compute_dtype(backbone))
+
+
 def _compute_dtype(backbone: Backbone):
     norm_w = backbone.norm.weight
     return norm_w.dtype if mx.issubdtype(norm_w.dtype, mx.floating) else mx.float32
@@ -271,6 +387,7 @@ def init_heads(
     *,
     loop: str = "last",
     draft_vocab: Optional[int] = None,
+    features: Optional[List[int]] = None,
 ) -> HeadSet:
     if num_heads < 1:
         raise MTPDError(f"--num-heads must be at least 1 (got {num_heads})")
@@ -288,6 +405,8 @@ def init_heads(
         "trained": False,
     }
     hs = HeadSet(heads, config, _draft_vocab(backbone, draft_vocab))
+    if features:
+        hs.add_fusion(backbone, features)
     mx.eval(hs.parameters())
     return hs
 
@@ -302,7 +421,9 @@ def _draft_vocab(backbone: Backbone, size: Optional[int]) -> Optional[mx.array]:
 
 def _head_skeleton(backbone: Backbone, config: Dict[str, Any], draft_ids) -> HeadSet:
     heads = [new_head(backbone, config) for _ in range(int(config["num_heads"]))]
-    return HeadSet(heads, config, draft_ids)
+    features = check_features(config.get("features"), len(backbone.inner.layers))
+    fuse = _new_fusion(backbone, len(features) + 1) if features else None
+    return HeadSet(heads, config, draft_ids, fuse)
 
 
 def _weights_to_save(head_set: HeadSet) -> Dict[str, mx.array]:
@@ -425,6 +546,7 @@ def quantize_head_file(src: Path, dst: Path, bits: int, group_size: int) -> None
 
 __all__ = [
     "Backbone",
+    "FeatureFusion",
     "MTPHead",
     "HeadSet",
     "init_heads",

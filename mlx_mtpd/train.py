@@ -30,9 +30,10 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .data_cache import epoch_order, iter_sequences, open_cache
 from .errors import MTPDError
 from .heads import Backbone, HeadSet, init_heads, load_heads, write_head_files
-from .utils import atomic_dir
+from .utils import HEADS_WEIGHTS, atomic_dir
 
 STATE_FILE = "trainer_state.json"
+BEST_DIR = "best"  # the checkpoint with the best held-out agreement, inside --out
 OPT_FILE = "optimizer.safetensors"
 
 
@@ -56,6 +57,7 @@ class TrainConfig:
     train_depth: int = 0  # cascade depth trained (0: the number of heads); deeper depths loop the heads
     loop_weight: float = 1.0  # loss weight of the looped depths, relative to the last head's
     prompt_loss: bool = False  # also learn to draft prompt tokens (default: answer tokens only)
+    patience: int = 0  # stop after this many evaluations without a better held-out agreement (0: never)
 
 
 def per_head(values: Sequence[float], k: int, name: str) -> List[float]:
@@ -126,7 +128,7 @@ def make_batch(records: List[Dict[str, mx.array]], backbone: Backbone, top_n: in
             order = mx.argsort(-vals, axis=-1)[..., :top_n]
             ids, vals = mx.take_along_axis(ids, order, -1), mx.take_along_axis(vals, order, -1)
     else:  # the teacher from the hidden state: the backbone's own norm and projection
-        logits = backbone.project(backbone.norm(hidden))
+        logits = backbone.project(backbone.norm(backbone.last_state(hidden)))
         if top_n >= backbone.vocab_size:
             ids = mx.broadcast_to(mx.arange(backbone.vocab_size), logits.shape)
             vals = logits
@@ -225,7 +227,7 @@ class Trainer:
     def __init__(self, model, head_set: HeadSet, cfg: TrainConfig, out: Path, train_cache: dict,
                  eval_cache: Optional[dict] = None, group=None):
         self.model, self.heads, self.cfg, self.out = model, head_set, cfg, Path(out)
-        self.backbone = Backbone(model)
+        self.backbone = Backbone(model, head_set.features)
         self.train_cache, self.eval_cache = train_cache, eval_cache
         self.group = group
         self.rank = group.rank() if group is not None else 0
@@ -233,6 +235,8 @@ class Trainer:
         for i, head in enumerate(head_set.heads):
             if cfg.trainable and i not in cfg.trainable:
                 head.freeze()
+        if cfg.trainable and 0 not in cfg.trainable and "fuse" in head_set:
+            head_set.fuse.freeze()  # depth 1's entry belongs to the first head
         warm = min(cfg.warmup, max(cfg.steps - 1, 0))
         sched = optim.join_schedules(
             [optim.linear_schedule(1e-7, cfg.learning_rate, max(warm, 1)),
@@ -242,6 +246,8 @@ class Trainer:
         self.optimizer = optim.AdamW(learning_rate=sched, weight_decay=cfg.weight_decay)
         self.step, self.epoch, self.cursor = 0, 0, 0
         self.history: List[dict] = []
+        self.best: Optional[dict] = None  # {"step", "score"} of the best held-out evaluation
+        self.best_params: Optional[dict] = None
         self.loss_and_grad = nn.value_and_grad(head_set, self._loss)
 
     def _loss(self, batch):
@@ -280,7 +286,7 @@ class Trainer:
             opt_state = dict(tree_flatten(self.optimizer.state))
             mx.save_safetensors(str(tmp / OPT_FILE), {k: v for k, v in opt_state.items() if isinstance(v, mx.array)})
             state = {"step": self.step, "epoch": self.epoch, "cursor": self.cursor,
-                     "config": asdict(self.cfg), "history": self.history}
+                     "config": asdict(self.cfg), "history": self.history, "best": self.best}
             (tmp / STATE_FILE).write_text(json.dumps(state))
 
     def restore(self, path: Path) -> None:
@@ -288,6 +294,10 @@ class Trainer:
         state = json.loads((path / STATE_FILE).read_text())
         self.step, self.epoch, self.cursor = state["step"], state["epoch"], state["cursor"]
         self.history = state["history"]
+        self.best = state.get("best")
+        if self.best and (path / BEST_DIR / HEADS_WEIGHTS).exists():
+            self.best_params = mx.load(str(path / BEST_DIR / HEADS_WEIGHTS))
+            self.best_params.pop("draft_vocab", None)
         opt = mx.load(str(path / OPT_FILE))
         self.optimizer.init(self.heads.trainable_parameters())
         self.optimizer.state = tree_unflatten(list(opt.items()))
@@ -350,18 +360,50 @@ class Trainer:
                    "kl": [m[1] / cfg.grad_accum for m in metrics_sum],
                    "agreement": [m[2] / cfg.grad_accum for m in metrics_sum],
                    "tokens_per_s": tok_count / (time.perf_counter() - tic)}
+            stop = False
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 rec.update(self.evaluate())
+                stop = self._track_best(rec)
             self.history.append(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.3f}", acc="/".join(f"{a:.2f}" for a in rec["agreement"]),
                             tok_s=f"{rec['tokens_per_s']:.0f}")
-            if cfg.save_every and self.step % cfg.save_every == 0:
+            if cfg.save_every and self.step % cfg.save_every == 0 or stop:
                 self.save()
                 last_good = self.step
+            if stop:
+                if self.rank == 0:
+                    print(f"[mlx_mtpd] no better held-out agreement in {cfg.patience} evaluations: "
+                          f"stopping at step {self.step} (best: step {self.best['step']})", file=sys.stderr)
+                break
         bar.close()
         self.save()
         return self.history
+
+    def _track_best(self, rec: dict) -> bool:
+        """Keep the parameters of the best held-out depth-1 agreement (saved in
+        OUT/best); True when `patience` evaluations have passed without a better one."""
+        if "eval_agreement" not in rec:
+            return False
+        score = rec["eval_agreement"][0]
+        if self.best is None or score > self.best["score"]:
+            self.best = {"step": self.step, "score": score}
+            self.best_params = dict(tree_flatten(self.heads.parameters()))
+            if self.rank == 0:
+                path = self.out / BEST_DIR
+                path.mkdir(parents=True, exist_ok=True)
+                write_head_files(self.heads, path)
+            return False
+        evals_since = (self.step - self.best["step"]) // max(self.cfg.eval_every, 1)
+        return bool(self.cfg.patience) and evals_since >= self.cfg.patience
+
+    def use_best(self) -> Optional[dict]:
+        """Load the best evaluated parameters into the heads (for export)."""
+        if self.best_params is None:
+            return None
+        self.heads.load_weights(list(self.best_params.items()))
+        mx.eval(self.heads.parameters())
+        return self.best
 
 
 def frequent_tokens(cache: dict, size: int, tokenizer) -> mx.array:
@@ -384,9 +426,15 @@ def _all_finite(params) -> bool:
 
 
 def build_heads(model, args) -> HeadSet:
-    """New heads, or heads from --init-from, extended to --extend-to by copying."""
+    """New heads, or heads from --init-from (given a pass-through fusion of
+    --features if they have none), extended to --extend-to by copying."""
+    from .heads import parse_features
+
+    features = parse_features(getattr(args, "features", None))
     if args.init_from:
         hs = load_heads(Path(args.init_from), model)
+        if features and hs.features != sorted(features):
+            hs.add_fusion(Backbone(model), features)
         k_old = hs.num_heads
         if args.extend_to:
             if args.extend_to <= k_old:
@@ -398,7 +446,7 @@ def build_heads(model, args) -> HeadSet:
             hs.config["num_heads"] = args.extend_to
             hs.config["extended_from"] = k_old
         return hs
-    return init_heads(model, args.num_heads, draft_vocab=args.draft_vocab)
+    return init_heads(model, args.num_heads, draft_vocab=args.draft_vocab, features=features)
 
 
 def main(argv=None) -> None:
@@ -412,6 +460,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="Output head set / checkpoint folder.")
     p.add_argument("--cache-dir", default=None, help="Where the backbone's outputs are cached (default OUT.cache).")
     p.add_argument("--num-heads", type=int, default=1)
+    p.add_argument("--features", default=None,
+                   help="Fuse these backbone layers' outputs into depth 1 beside the last state "
+                        "(comma-separated indices, e.g. 2,15,27 for a 30-layer model; default: none).")
     p.add_argument("--init-from", default=None, help="Start from this head set (fine-tune or extend).")
     p.add_argument("--extend-to", type=int, default=None,
                    help="Copy heads 1..K into K+1..this, train only the new ones.")
@@ -436,6 +487,9 @@ def main(argv=None) -> None:
     p.add_argument("--draft-vocab", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--patience", type=int, default=0,
+                   help="Stop after this many evaluations without a better held-out depth-1 agreement "
+                        "(0: run all steps).  With --eval-data, --export writes the best evaluated heads.")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--export", default=None,
                    help="Also write the trained heads alone (no optimizer state) to this folder.")
@@ -464,8 +518,8 @@ def train_cli(args) -> None:
     mx.random.seed(args.seed)
     model, tokenizer, _ = load(args.model)
     model.freeze()
-    backbone = Backbone(model)
     heads = load_heads(out, model) if args.resume else build_heads(model, args)
+    backbone = Backbone(model, heads.features)
     k = heads.num_heads
     beta = args.beta or [1.0 if k == 1 else 0.5]
     # copy-and-train: only the new heads learn; the old ones stay as they were
@@ -476,7 +530,7 @@ def train_cli(args) -> None:
         warmup=args.warmup, steps=args.steps, weight_decay=args.weight_decay, batch_size=args.batch_size,
         grad_accum=args.grad_accum, seed=args.seed, eval_every=args.eval_every,
         save_every=args.save_every, trainable=trainable, train_depth=args.train_depth,
-        loop_weight=args.loop_weight, prompt_loss=args.prompt_loss,
+        loop_weight=args.loop_weight, prompt_loss=args.prompt_loss, patience=args.patience,
     )
     if args.train_depth and args.train_depth < k:
         raise MTPDError(f"--train-depth {args.train_depth} is below the {k} heads: give at least {k}")
@@ -488,12 +542,11 @@ def train_cli(args) -> None:
 
     def cache_for(name, paths):
         path = cache_root / name
-        sig = data_signature(paths, args.seq_len, cfg.top_n)
+        sig = data_signature(paths, args.seq_len, cfg.top_n, backbone.features)
         stale = False
         if (path / "index.json").exists():
-            cached = open_cache(path, backbone)
-            if cached.get("signature") == sig:
-                return cached
+            if open_cache(path).get("signature") == sig:
+                return open_cache(path, backbone)
             stale = True
         if rank != 0:
             raise MTPDError(f"prepare the data cache {path} first (run once with one process)")
@@ -503,7 +556,8 @@ def train_cli(args) -> None:
               (f" (skipped/truncated: {skipped})" if skipped else "") +
               (f"; the cache in {path} was made from other data or settings: preparing it again" if stale else ""),
               file=sys.stderr)
-        prepare_cache(model, seqs, path, cfg.top_n, desc=f"backbone ({name})", signature=sig, force=stale)
+        prepare_cache(model, seqs, path, cfg.top_n, desc=f"backbone ({name})", signature=sig, force=stale,
+                      features=backbone.features)
         return open_cache(path, backbone)
 
     train_cache = cache_for("train", args.data)
@@ -517,6 +571,12 @@ def train_cli(args) -> None:
     if rank == 0 and args.export:
         from .heads import save_heads
 
+        best = trainer.use_best()
+        if best is not None:
+            heads.config["training"]["exported_step"] = best["step"]
+            heads.config["training"]["exported_eval_agreement"] = round(best["score"], 4)
+            print(f"[mlx_mtpd] exporting the best evaluated heads: step {best['step']}, held-out "
+                  f"agreement {best['score']:.3f}", file=sys.stderr)
         save_heads(heads, Path(args.export), force=True, dtype=args.export_dtype)
     if rank == 0 and history:
         last = history[-1]

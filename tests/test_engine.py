@@ -133,16 +133,20 @@ def test_smollm_greedy_high_acceptance_heads(smol_chat, smol_refs):
 ARCHS = ["llama", "qwen2", "qwen3", "gemma3_text", "phi3"]
 
 
-@pytest.mark.parametrize("quant", [None, 4, 8])
+@pytest.mark.parametrize("quant", [None, 4, 8, "fused"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tiny_architectures_greedy(arch, quant):
+    """Greedy equality on every architecture, float and quantized, and with
+    heads that fuse an earlier layer's output (`fused`)."""
     model, config = tiny_model(arch, vocab_size=300, seed=1)
+    features = [0] if quant == "fused" else None
+    quant = None if quant == "fused" else quant
     if quant:
         nn.quantize(model, group_size=32, bits=quant)
     rng = np.random.default_rng(7)
     prompts = [rng.integers(3, 300, size=int(rng.integers(4, 12))).tolist() for _ in range(6)]
     refs = [greedy_tokens(model, p, 20) for p in prompts]
-    heads = fit_heads(model, [p + r for p, r in zip(prompts[:4], refs[:4])], num_heads=2)
+    heads = fit_heads(model, [p + r for p, r in zip(prompts[:4], refs[:4])], num_heads=2, features=features)
     tol = TIE_TOLERANCE[mx.float32] if quant is None else 0.05
     rounds = accepted = 0
     for p, ref in zip(prompts, refs):
@@ -175,10 +179,11 @@ def _recomputed_depth_keys(model, heads, tokens, committed, depth, loop):
 
     from mlx_mtpd.heads import Backbone
 
-    bb = Backbone(model)
+    bb = Backbone(model, heads.features)
     _, h = bb.forward(mx.array(tokens[:-1]), None)  # h_j for j = 0..len-2
     out = []
-    prev = h
+    entry = heads.entry_hidden(bb)
+    prev = entry(h) if entry is not None else h
     for k in range(1, depth + 1):
         c = committed[k]
         head = heads.head_for_depth(k, loop)
@@ -189,13 +194,16 @@ def _recomputed_depth_keys(model, heads, tokens, committed, depth, loop):
     return out
 
 
-@pytest.mark.parametrize("loop", ["last", "cycle"])
-def test_cache_rollback_equals_recomputation(loop):
+@pytest.mark.parametrize("loop,features", [("last", None), ("cycle", [0])])
+def test_cache_rollback_equals_recomputation(loop, features):
+    """The depth caches after decoding equal a recomputation from scratch (with
+    fused heads too: the fused layers' outputs kept in the hidden tails)."""
     model, _ = tiny_model("llama", vocab_size=300, seed=3)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 300, size=8).tolist() for _ in range(4)]
     refs = [greedy_tokens(model, p, 30) for p in prompts]
-    heads = fit_heads(model, [p + r for p, r in zip(prompts[:2], refs[:2])], num_heads=2, loop=loop)
+    heads = fit_heads(model, [p + r for p, r in zip(prompts[:2], refs[:2])], num_heads=2, loop=loop,
+                      features=features)
     for p in prompts:
         for n_tokens in (7, 19, 30):
             st = DraftState(model, heads, 4, loop)
@@ -441,13 +449,13 @@ def _chi2_pvalue(counts, probs):
     return chisquare(obs, ex).pvalue
 
 
-@pytest.mark.parametrize("params,source,num_draft", [
-    (dict(temp=1.0), "heads", 3),
-    (dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02), "heads", 3),
-    (dict(temp=1.0), "prompt-lookup", 3),
-    (dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02), "heads+lookup", "auto"),
+@pytest.mark.parametrize("params,source,num_draft,features", [
+    (dict(temp=1.0), "heads", 3, None),
+    (dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02), "heads", 3, [0]),  # fused heads
+    (dict(temp=1.0), "prompt-lookup", 3, None),
+    (dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02), "heads+lookup", "auto", None),
 ])
-def test_speculative_sampling_matches_the_backbone_distribution(params, source, num_draft):
+def test_speculative_sampling_matches_the_backbone_distribution(params, source, num_draft, features):
     """N = 1500 generations of 3 tokens with drafting (D = 3); chi-square of each
     position's marginal against the exact distribution.  Each p-value threshold
     is 1e-3, so a correct implementation fails one of the 6 checks with
@@ -460,7 +468,7 @@ def test_speculative_sampling_matches_the_backbone_distribution(params, source, 
     prompt = [15, 7, 2, 6, 15, 7] if source != "heads" else [3, 7, 11, 5]
     marg = _exact_marginals(model, prompt, transform)
     seqs = [prompt + greedy_tokens(model, prompt, 30)]
-    heads = fit_heads(model, seqs, num_heads=2, ridge=1.0)
+    heads = fit_heads(model, seqs, num_heads=2, ridge=1.0, features=features)
     mx.random.seed(1234)
     N, V = 1500, 24
     counts = np.zeros((3, V))
