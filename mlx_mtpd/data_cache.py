@@ -36,21 +36,6 @@ class TokenSeq(list):
         self.prompt_len = int(prompt_len)
 
 
-def data_signature(paths: List[str], seq_len: int, top_n: int,
-                   features: Optional[List[int]] = None) -> Dict[str, object]:
-    """What a cache was prepared from: the data files (size, mtime), --seq-len,
-    --top-n, the fused layers.  A cache whose signature differs is prepared again."""
-    files = []
-    for p in paths:
-        for f in _data_files(Path(p)):
-            st = f.stat() if f.exists() else None
-            files.append([str(f.resolve()), st.st_size if st else -1, int(st.st_mtime) if st else -1])
-    sig = {"files": files, "seq_len": int(seq_len), "top_n": int(top_n), "format": 2}
-    if features:
-        sig["features"] = list(features)
-    return sig
-
-
 def _data_files(path: Path) -> List[Path]:
     """The files a --data path names: a token data set's chunks (`dataset.py`), a
     folder's .jsonl and .txt files, or the file itself."""
@@ -229,13 +214,90 @@ def open_cache(path: Path, backbone=None) -> dict:
         from .heads import check_fingerprint
 
         check_fingerprint({"backbone": index["backbone"]}, backbone, path)
-        if list(index.get("features") or []) != list(backbone.features):
+        have = list(index.get("features") or [])
+        if not set(backbone.features) <= set(have):
             raise MTPDError(
-                f"the data cache {path} holds the outputs of layers {index.get('features') or []} "
+                f"the data cache {path} holds the outputs of layers {have} "
                 f"but these heads fuse {backbone.features}: prepare it again (delete it)"
             )
+        if have != list(backbone.features):  # a cache of more layers serves heads that fuse fewer
+            index["select"] = [have.index(i) for i in backbone.features] + [len(have)]
     index["path"] = str(path)
     return index
+
+
+def file_signature(f: Path, seq_len: int, top_n: int) -> Dict[str, object]:
+    """What one data file's cache is made from: the file (path, size, mtime),
+    --seq-len, --top-n.  A cache whose signature differs is prepared again; so
+    is one that lacks a layer the heads fuse (one with more layers serves)."""
+    st = f.stat()
+    return {"file": str(f.resolve()), "size": st.st_size, "mtime": int(st.st_mtime), "seq_len": int(seq_len),
+            "top_n": int(top_n), "format": 3}
+
+
+def file_cache_dir(root: Path, f: Path, sig: dict) -> Path:
+    import hashlib
+
+    digest = hashlib.sha1(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(root) / f"{f.name}-{digest}"
+
+
+def caches_for(model, tokenizer, paths: List[str], root: Path, *, seq_len: int, top_n: int,
+               features: Optional[List[int]] = None, backbone=None, name: str = "train",
+               may_prepare: bool = True) -> dict:
+    """One cache per data file under ROOT (a data set's chunks, .jsonl, .txt),
+    prepared where missing or where the file changed, merged into one index.
+    A data set that grows by a chunk costs one backbone pass over that chunk
+    only; `gen-data --cache-into` fills a new chunk's cache while generating it,
+    so its tokens never take a second pass."""
+    root = Path(root)
+    files = []
+    for p in paths:
+        fs = _data_files(Path(p))
+        if not fs or not all(f.exists() for f in fs):
+            raise MTPDError(f"training data {p} not found (or holds no .jsonl/.txt files)")
+        files.extend(fs)
+    indexes, wanted = [], set()
+    for f in files:
+        sig = file_signature(f, seq_len, top_n)
+        d = file_cache_dir(root, f, sig)
+        wanted.add(d.name)
+        ok = (d / CACHE_INDEX).exists() and set(features or []) <= set(open_cache(d).get("features") or [])
+        if not ok:
+            if not may_prepare:
+                raise MTPDError(f"prepare the data cache {d} first (run once with one process)")
+            stale = [q for q in root.glob(f"{f.name}-*") if q.is_dir()]
+            seqs, counts = read_sequences([str(f)], tokenizer, seq_len)
+            skipped = {k: v for k, v in counts.items() if k != "records" and v}
+            print(f"[mlx_mtpd] {name}: {f.name}: {counts['records']} sequences" +
+                  (f" (skipped/truncated: {skipped})" if skipped else "") +
+                  ("; it changed since its cache was made: preparing it again" if stale else ""), file=sys.stderr)
+            prepare_cache(model, seqs, d, top_n, desc=f"backbone ({name}: {f.name})", signature=sig,
+                          features=features, force=True)
+        indexes.append(open_cache(d, backbone))
+    for q in root.glob("*"):  # caches of files that changed or left the data
+        if q.is_dir() and q.name not in wanted and (q / CACHE_INDEX).exists() and may_prepare:
+            import shutil
+
+            shutil.rmtree(q, ignore_errors=True)
+    return merge_caches(indexes)
+
+
+def merge_caches(indexes: List[dict]) -> dict:
+    """One index over several caches: their shards in order, each read from its own folder."""
+    if len(indexes) == 1:
+        return indexes[0]
+    shards = []
+    for idx in indexes:
+        local = 0
+        for s in idx["shards"]:
+            shards.append({**s, "dir": idx["path"], "key0": local, "select": idx.get("select")})
+            local += s["sequences"]
+    merged = dict(indexes[0])
+    merged.pop("select", None)
+    merged.update(shards=shards, parts=[i["path"] for i in indexes],
+                  **{k: sum(i[k] for i in indexes) for k in ("sequences", "tokens", "answer_tokens")})
+    return merged
 
 
 def epoch_order(index: dict, seed: int, epoch: int) -> List[int]:
@@ -256,17 +318,23 @@ def epoch_order(index: dict, seed: int, epoch: int) -> List[int]:
 def iter_sequences(index: dict, order: Optional[List[int]] = None) -> Iterator[Dict[str, mx.array]]:
     """Sequences from the cache in `order` (global sequence numbers), one shard
     in memory at a time when the order is shard-major."""
-    path = Path(index["path"])
     bounds, start = [], 0
     for s in index["shards"]:
-        bounds.append((start, start + s["sequences"], s["file"]))
+        shard_file = Path(s.get("dir") or index["path"]) / s["file"]
+        select = s["select"] if "select" in s else index.get("select")
+        bounds.append((start, s.get("key0", start), shard_file, select))
         start += s["sequences"]
     order = list(range(index["sequences"])) if order is None else order
     loaded_file, data = None, None
-    starts = [lo for lo, _, _ in bounds]
+    starts = [b[0] for b in bounds]
     for i in order:
-        f = bounds[bisect.bisect_right(starts, i) - 1][2]
+        lo, key0, f, select = bounds[bisect.bisect_right(starts, i) - 1]
         if f != loaded_file:
-            data, loaded_file = mx.load(str(path / f)), f
-        key = f"{i:07d}"
-        yield {k.split(".", 1)[1]: v for k, v in data.items() if k.startswith(key + ".")}
+            data, loaded_file = mx.load(str(f)), f
+        key = f"{key0 + i - lo:07d}"
+        rec = {k.split(".", 1)[1]: v for k, v in data.items() if k.startswith(key + ".")}
+        if select is not None:  # the layers these heads fuse, out of a cache of more
+            h = rec["hidden"]
+            h = h.reshape(h.shape[0], -1, index["hidden_size"])[:, mx.array(select)]
+            rec["hidden"] = h.reshape(h.shape[0], -1)
+        yield rec

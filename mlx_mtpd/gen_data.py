@@ -180,8 +180,8 @@ def _pack(work: Path, dataset: Path, model, tokenizer, prompts_file, seconds: fl
     from .heads import Backbone
 
     records = list(_records(work))
-    meta = {"prompts": Path(prompts_file).name, "seconds": round(seconds, 1),
-            "cpu_seconds": round(cpu_seconds, 1), "generated_tokens_per_s":
+    meta = {"prompts": Path(prompts_file).name, "seconds": round(seconds, 3),
+            "cpu_seconds": round(cpu_seconds, 3), "generated_tokens_per_s":
             round(sum(len(r["completion_tokens"]) for r in records) / max(seconds, 1e-9), 2)}
     entry = pack(records, dataset, eos=tokenizer.eos_token_id, backbone=Backbone(model).fingerprint(), meta=meta)
     work.unlink()

@@ -27,7 +27,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .data_cache import epoch_order, iter_sequences, open_cache
+from .data_cache import epoch_order, iter_sequences
 from .errors import MTPDError
 from .heads import Backbone, HeadSet, init_heads, load_heads, write_head_files
 from .utils import HEADS_WEIGHTS, atomic_dir
@@ -502,7 +502,7 @@ def main(argv=None) -> None:
 
 
 def train_cli(args) -> None:
-    from .data_cache import data_signature, prepare_cache, read_sequences
+    from .data_cache import caches_for
     from .utils import load
 
     group = None
@@ -541,24 +541,8 @@ def train_cli(args) -> None:
     cache_root = Path(args.cache_dir) if args.cache_dir else out.with_name(out.name + ".cache")
 
     def cache_for(name, paths):
-        path = cache_root / name
-        sig = data_signature(paths, args.seq_len, cfg.top_n, backbone.features)
-        stale = False
-        if (path / "index.json").exists():
-            if open_cache(path).get("signature") == sig:
-                return open_cache(path, backbone)
-            stale = True
-        if rank != 0:
-            raise MTPDError(f"prepare the data cache {path} first (run once with one process)")
-        seqs, counts = read_sequences(paths, tokenizer, args.seq_len)
-        skipped = {k2: v for k2, v in counts.items() if k2 != "records" and v}
-        print(f"[mlx_mtpd] {name}: {counts['records']} sequences" +
-              (f" (skipped/truncated: {skipped})" if skipped else "") +
-              (f"; the cache in {path} was made from other data or settings: preparing it again" if stale else ""),
-              file=sys.stderr)
-        prepare_cache(model, seqs, path, cfg.top_n, desc=f"backbone ({name})", signature=sig, force=stale,
-                      features=backbone.features)
-        return open_cache(path, backbone)
+        return caches_for(model, tokenizer, paths, cache_root / name, seq_len=args.seq_len, top_n=cfg.top_n,
+                          features=backbone.features, backbone=backbone, name=name, may_prepare=rank == 0)
 
     train_cache = cache_for("train", args.data)
     if not (args.resume or args.init_from) and 0 < args.draft_vocab < backbone.vocab_size:

@@ -54,3 +54,44 @@ def test_gen_data_bad_prompts(tmp_path):
     assert r.returncode == 1 and "bad.jsonl:2: invalid JSON" in r.stderr
     r = run_cli("gen-data", "--model", model, "--prompts", tmp_path / "none.txt", "--out", tmp_path / "o")
     assert r.returncode == 1 and "not found" in r.stderr
+
+
+def test_gen_data_grows_a_token_data_set(tmp_path):
+    """--pack-into: each run adds only new answers as one compact chunk, the
+    manifest keeps the totals, the trainer reads the data set like any --data,
+    and a damaged chunk is refused with a clear error."""
+    import numpy as np
+
+    from mlx_mtpd.data_cache import read_sequences
+    from mlx_mtpd.dataset import iter_records, read_manifest
+    from mlx_mtpd.utils import load
+
+    model = tmp_path / "model"
+    write_hf_checkpoint(model, "qwen2", vocab_size=300, seed=6)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"tell me about the {w}"})
+                                 for w in ["sea", "moon", "tea", "cats", "rain", "sea"]) + "\n")
+    data = tmp_path / "tokens"
+    args = ["gen-data", "--model", model, "--prompts", prompts, "--out", tmp_path / "work", "--max-tokens", 8,
+            "--batch-size", 4, "--temps", "0,1.0", "--pack-into", data, "--new", 4, "--resume"]
+    for _ in range(3):
+        r = run_cli(*args)
+        assert r.returncode == 0, r.stderr
+    man = read_manifest(data)
+    assert [c["answers"] for c in man["chunks"]] == [4, 4, 2]  # 5 distinct prompts x 2 temperatures
+    assert man["totals"]["answers"] == 10 and man["backbone"]["vocab_size"] == 300
+    assert all(c["cpu_seconds"] > 0 and c["bytes"] > 0 for c in man["chunks"])
+    recs = list(iter_records(data))
+    assert len({r["id"] for r in recs}) == 10 and {r["temp"] for r in recs} == {0.0, 1.0}
+    assert not (tmp_path / "work" / "data.jsonl").exists()
+    with np.load(data / "chunk-0001.npz") as z:
+        assert z["tokens"].dtype == np.uint16
+    r = run_cli(*args)
+    assert r.returncode == 0 and "nothing new" in r.stderr
+    _, tok, _ = load(str(model))
+    seqs, counts = read_sequences([str(data)], tok, 64)
+    assert counts["records"] == 10 and all(0 < s.prompt_len < len(s) for s in seqs)
+    assert sorted(map(list, seqs)) == sorted(r["tokens"] for r in recs)
+    (data / "chunk-0002.npz").write_bytes(b"not a zip")
+    r = run_cli("train", "--model", model, "--data", data, "--out", tmp_path / "h", "--steps", 1)
+    assert r.returncode == 1 and "chunk-0002.npz is not a readable token chunk" in r.stderr

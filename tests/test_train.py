@@ -213,7 +213,7 @@ def test_training_reduces_the_loss_on_the_default_model(smol_path, tmp_path):
     first = np.mean([h["loss"] for h in hist[:3]])
     last = np.mean([h["loss"] for h in hist[-3:]])
     assert last < first, (first, last)
-    cache = json.loads((tmp_path / "heads.cache" / "train" / "index.json").read_text())
+    cache = json.loads(next((tmp_path / "heads.cache" / "train").glob("play.txt-*/index.json")).read_text())
     assert cache["cached_top_n"] == 256 and cache["prep_tokens_per_s"] > 0
 
 
@@ -258,7 +258,8 @@ def test_full_vocabulary_loss_runs(tiny_ckpt, tmp_path):
     r = _train(tiny_ckpt, tmp_path / "full", "--steps", 2, "--num-heads", 1, "--top-n", 300,
                "--cache-dir", tmp_path / "c")
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "c" / "train" / "index.json").read_text())["top_n"] == 300
+    (index,) = (tmp_path / "c" / "train").glob("*/index.json")
+    assert json.loads(index.read_text())["top_n"] == 300
 
 
 def test_backbone_parameters_stay_byte_equal_in_process(tiny_ckpt, tmp_path):
@@ -369,17 +370,29 @@ def test_cache_is_prepared_again_when_the_data_changes(tiny_ckpt, tmp_path):
             "--cache-dir", tmp_path / "c", "--force"]
     r = run_cli(*args, "--out", tmp_path / "a")
     assert r.returncode == 0, r.stderr
-    index = tmp_path / "c" / "train" / "index.json"
-    assert json.loads(index.read_text())["sequences"] == 12
+
+    def index():
+        (found,) = (tmp_path / "c" / "train").glob("data.jsonl-*/index.json")  # one: a stale cache is removed
+        return json.loads(found.read_text())
+
+    assert index()["sequences"] == 12
     r = run_cli(*args, "--out", tmp_path / "b")  # same data: the cache is reused
-    assert r.returncode == 0 and "preparing it again" not in r.stderr and "backbone (train)" not in r.stderr
+    assert r.returncode == 0 and "preparing it again" not in r.stderr and "backbone (train" not in r.stderr
     time.sleep(1.1)  # a new mtime
     data.write_text("\n".join(lines) + "\n")
     r = run_cli(*args, "--out", tmp_path / "c2")
     assert r.returncode == 0, r.stderr
     assert "preparing it again" in r.stderr
-    assert json.loads(index.read_text())["sequences"] == 24
-    assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]  # no leftovers
+    assert index()["sequences"] == 24
+    assert not [p for p in (tmp_path / "c" / "train").iterdir() if p.name.startswith(".")]  # no leftovers
+    # a second file joins the data: only its cache is prepared, both are trained on
+    more = tmp_path / "more.jsonl"
+    more.write_text("\n".join(lines[:6]) + "\n")
+    i = args.index("--data")
+    r = run_cli(*args[: i + 2], more, *args[i + 2 :], "--out", tmp_path / "d", "--steps", 3, "--batch-size", 10)
+    assert r.returncode == 0, r.stderr
+    assert "backbone (train: more.jsonl)" in r.stderr and "backbone (train: data.jsonl)" not in r.stderr
+    assert index()["sequences"] == 24 and len(list((tmp_path / "c" / "train").glob("*/index.json"))) == 2
 
 
 def test_per_sequence_token_sets_give_the_same_loss_as_the_whole_vocabulary(tiny_ckpt, tmp_path):
@@ -413,3 +426,58 @@ def test_per_sequence_token_sets_give_the_same_loss_as_the_whole_vocabulary(tiny
     for (c1, k1, g1), (c2, k2, g2) in zip(ma, mb):
         assert c1.item() == pytest.approx(c2.item(), rel=1e-5) and k1.item() == pytest.approx(k2.item(), rel=1e-5)
         assert g1.item() == pytest.approx(g2.item())
+
+
+def test_fused_heads_start_as_the_plain_head_train_and_export_the_best(tiny_ckpt, tmp_path):
+    """--init-from a plain head with --features: the fusion passes the last state
+    through (same depth-1 output as before), the cache is prepared again with
+    the fused layer's outputs, the fusion trains, and --patience stops a run
+    that does not improve and exports its best evaluated step."""
+    from mlx_lm import load as lm_load
+
+    from mlx_mtpd.heads import Backbone, load_heads
+
+    r = _train(tiny_ckpt, tmp_path / "plain", "--steps", 4, "--cache-dir", tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    model, _ = lm_load(str(tiny_ckpt / "model"))
+    plain = load_heads(tmp_path / "plain", model)
+    fused = load_heads(tmp_path / "plain", model)
+    bb = Backbone(model, [0])
+    fused.add_fusion(bb, [0])
+    toks = mx.array(list(range(5, 25)))
+    _, h = bb.forward(toks, None)
+    emb = bb.embed_tokens(toks[1:])
+    a = plain.heads[0](bb.last_state(h)[:-1], emb)
+    b = fused.heads[0](fused.entry_hidden(bb)(h[:-1]), emb)
+    np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-3, atol=1e-4)
+
+    r = _train(tiny_ckpt, tmp_path / "fused", "--steps", 6, "--init-from", tmp_path / "plain",
+               "--features", "0", "--cache-dir", tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    assert "preparing it again" in r.stderr  # the cached hidden states lacked the fused layer
+    (index,) = [json.loads(p.read_text()) for p in (tmp_path / "c" / "train").glob("*/index.json")]
+    assert index["features"] == [0]
+    w = _heads(tmp_path / "fused")
+    assert w["fuse.proj.weight"].shape == (64, 128)
+    assert not np.array_equal(np.array(w["fuse.proj.weight"][:, :64]), np.zeros((64, 64)))  # it trained
+    assert json.loads((tmp_path / "fused" / "mtp_config.json").read_text())["features"] == [0]
+
+    # no improvement possible (learning rate 0): stops after `patience` evaluations, exports step 1
+    r = _train(tiny_ckpt, tmp_path / "still", "--steps", 30, "--init-from", tmp_path / "fused",
+               "--learning-rate", 0, "--eval-data", tiny_ckpt / "data.jsonl", "--eval-every", 1,
+               "--patience", 2, "--export", tmp_path / "exp", "--cache-dir", tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    assert "stopping at step 3" in r.stderr
+    state = json.loads((tmp_path / "still" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["best"]["step"] == 1
+    cfg = json.loads((tmp_path / "exp" / "mtp_config.json").read_text())
+    assert cfg["training"]["exported_step"] == 1 and cfg["features"] == [0]
+
+    # a head without fusion trains from the same cache (the last state is a slice of it)
+    r = _train(tiny_ckpt, tmp_path / "plain2", "--steps", 2, "--cache-dir", tmp_path / "c", "--force")
+    assert r.returncode == 0 and "backbone (train" not in r.stderr, r.stderr
+    plain2 = load_heads(tmp_path / "plain2", model)
+    assert "fuse" not in plain2 and plain2.features == []
+
+    r = _train(tiny_ckpt, tmp_path / "bad", "--steps", 1, "--features", "1")  # 2 layers: only layer 0
+    assert r.returncode == 1 and "features [1]" in r.stderr and r.stderr.count("\n") <= 2, r.stderr
