@@ -31,9 +31,10 @@ class TokenSeq(list):
     (chat template, system and user turns): the heads learn to draft answers, so
     the loss counts only the positions whose target is an answer token."""
 
-    def __init__(self, ids, prompt_len: int = 0):
+    def __init__(self, ids, prompt_len: int = 0, key: Optional[str] = None):
         super().__init__(ids)
         self.prompt_len = int(prompt_len)
+        self.key = key  # a data set answer's job id
 
 
 def _data_files(path: Path) -> List[Path]:
@@ -117,10 +118,10 @@ def _read_chunk(f: Path, seq_len, seqs, counts) -> None:
     ends = np.cumsum(z["lengths"])
     for i, end in enumerate(ends):
         ids = z["tokens"][end - z["lengths"][i] : end].astype(np.int64).tolist()
-        _add_sequence(ids, int(z["prompt_lens"][i]), seq_len, seqs, counts)
+        _add_sequence(ids, int(z["prompt_lens"][i]), seq_len, seqs, counts, key=str(z["ids"][i]))
 
 
-def _add_sequence(ids, prompt_len, seq_len, seqs, counts) -> None:
+def _add_sequence(ids, prompt_len, seq_len, seqs, counts, key=None) -> None:
     """Keep a (prompt + answer) sequence, cut to seq_len; a prompt that fills it is skipped."""
     if prompt_len >= seq_len - 1:
         counts["skipped_long_prompt"] += 1
@@ -129,15 +130,18 @@ def _add_sequence(ids, prompt_len, seq_len, seqs, counts) -> None:
         counts["truncated"] += 1
         ids = ids[:seq_len]
     if len(ids) > 2:
-        seqs.append(TokenSeq(ids, prompt_len))
+        seqs.append(TokenSeq(ids, prompt_len, key))
         counts["records"] += 1
 
 
 def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_size: int = 4,
                   shard_size: int = 64, force: bool = False, desc: str = "backbone",
-                  signature: Optional[dict] = None, features: Optional[List[int]] = None) -> Path:
+                  signature: Optional[dict] = None, features: Optional[List[int]] = None,
+                  captured: Optional[Dict[str, dict]] = None) -> Path:
     """Run the frozen backbone over `seqs` and write the cache (atomically).
-    `features`: the layers fused heads take (their outputs are cached before the last state)."""
+    `features`: the layers fused heads take (their outputs are cached before the last state).
+    `captured`: what `capture.py` kept while generating, by job id: those
+    sequences are written without a second backbone pass."""
     from tqdm import tqdm
 
     from .heads import Backbone
@@ -146,7 +150,10 @@ def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_
     vocab = bb.vocab_size
     top_n = min(top_n, vocab)
     cache_top_n = top_n if top_n <= MAX_CACHED_TOP_N else 0
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths batch well
+    captured = captured if cache_top_n else None  # a capture keeps at most MAX_CACHED_TOP_N
+    have = [i for i in range(len(seqs)) if captured is not None and getattr(seqs[i], "key", None) in captured]
+    have_set = set(have)
+    order = sorted((i for i in range(len(seqs)) if i not in have_set), key=lambda i: len(seqs[i]))
     n_tokens = sum(len(s) for s in seqs)
     tic = time.perf_counter()
     shards, shard, shard_id, in_shard = [], {}, 0, 0
@@ -160,6 +167,31 @@ def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_
                 shard, shard_id, in_shard = {}, shard_id + 1, 0
 
         n_seq = 0
+
+        def add(seq, hidden, ids, vals):
+            nonlocal n_seq, in_shard
+            key = f"{n_seq:07d}"
+            shard[f"{key}.tokens"] = mx.array(seq, dtype=mx.int32)
+            shard[f"{key}.prompt_len"] = mx.array([getattr(seq, "prompt_len", 0)], dtype=mx.int32)
+            shard[f"{key}.hidden"] = hidden.astype(mx.float16)
+            if cache_top_n:
+                shard[f"{key}.top_ids"] = ids.astype(mx.int32)
+                shard[f"{key}.top_logits"] = vals.astype(mx.float16)
+            n_seq += 1
+            in_shard += 1
+            if in_shard == shard_size:
+                flush()
+
+        for i in have:
+            c, n = captured[seqs[i].key], len(seqs[i])
+            if c["hidden"].shape[-1] != bb.hidden_size * (len(bb.features) + 1) or c["top_ids"].shape[-1] < top_n:
+                raise MTPDError("a capture does not match this cache's layers or --top-n: generate it again")
+            ids, vals = mx.array(c["top_ids"][:n]), mx.array(c["top_logits"][:n])
+            if ids.shape[-1] > top_n:  # the N largest of a larger capture
+                keep = mx.argsort(-vals.astype(mx.float32), axis=-1)[:, :top_n]
+                ids, vals = mx.take_along_axis(ids, keep, -1), mx.take_along_axis(vals, keep, -1)
+            add(seqs[i], mx.array(c["hidden"][:n]), ids, vals)
+            bar.update(n)
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]
             L = max(len(seqs[i]) for i in idx)
@@ -176,17 +208,7 @@ def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_
                 mx.eval(hidden)
             for r, i in enumerate(idx):
                 n = len(seqs[i])
-                key = f"{n_seq:07d}"
-                shard[f"{key}.tokens"] = mx.array(seqs[i], dtype=mx.int32)
-                shard[f"{key}.prompt_len"] = mx.array([getattr(seqs[i], "prompt_len", 0)], dtype=mx.int32)
-                shard[f"{key}.hidden"] = hidden[r, :n].astype(mx.float16)
-                if cache_top_n:
-                    shard[f"{key}.top_ids"] = ids[r, :n].astype(mx.int32)
-                    shard[f"{key}.top_logits"] = vals[r, :n].astype(mx.float16)
-                n_seq += 1
-                in_shard += 1
-                if in_shard == shard_size:
-                    flush()
+                add(seqs[i], hidden[r, :n], ids[r, :n] if cache_top_n else None, vals[r, :n] if cache_top_n else None)
             bar.update(sum(len(seqs[i]) for i in idx))
             bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - tic):.0f}")
             mx.clear_cache()
@@ -197,7 +219,8 @@ def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_
             "hidden_size": bb.hidden_size, "features": bb.features, "vocab_size": vocab, "backbone": bb.fingerprint(),
             "shards": shards, "prep_seconds": elapsed, "prep_tokens_per_s": n_tokens / max(elapsed, 1e-9),
             "answer_tokens": sum(len(s) - getattr(s, "prompt_len", 0) for s in seqs),
-            "signature": signature,
+            "signature": signature, "captured_sequences": len(have),
+            "backbone_tokens": n_tokens - sum(len(seqs[i]) for i in have),
         }
         (tmp / CACHE_INDEX).write_text(json.dumps(index, indent=2))
     print(f"[mlx_mtpd] {desc}: {n_tokens} tokens in {elapsed:.0f} s "

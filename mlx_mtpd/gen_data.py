@@ -99,10 +99,14 @@ def generate_answers(model, tokenizer, jobs: List[dict], max_tokens: int, batch_
 
 
 def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, temps=(0.0, 0.7),
-             seed=0, limit=None, system=None, resume=False, force=False, pack_into=None, new=None) -> Path:
+             seed=0, limit=None, system=None, resume=False, force=False, pack_into=None, new=None,
+             cache_into=None, features=None, top_n=256, seq_len=512) -> Path:
     """Answer the prompts into OUT/data.jsonl.  With `pack_into` (a token data
     set, `dataset.py`): skip what the data set already holds, answer at most
-    `new` more, then add them to it as one chunk and remove the work file."""
+    `new` more, then add them to it as one chunk and remove the work file.
+    With `cache_into` (the trainer's --cache-dir) as well: keep the backbone's
+    outputs while generating (`capture.py`) and write the new chunk's training
+    cache from them, so its tokens never take a second backbone pass."""
     from tqdm import tqdm
 
     from .dataset import answered, job_id
@@ -113,7 +117,15 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
     if target.exists() and not (resume or force):
         raise MTPDError(f"{target} already exists: pass --resume to add to it or --force to start over")
     prompts = read_prompts(prompts_file)[: limit or None]
+    if cache_into and not pack_into:
+        raise MTPDError("--cache-into needs --pack-into (a cache belongs to a data set's chunk)")
     model, tokenizer, _ = load(model_path)
+    from . import capture
+
+    capture_dir = out / "capture" if cache_into and capture.supported(model) else None
+    if cache_into and capture_dir is None:
+        print("[mlx_mtpd] this model's caches are not plain KV caches: generating without capture "
+              "(training prepares the cache with one more pass)", file=sys.stderr)
     jobs = [{"id": job_id(_messages(p, system), t), "temp": t, "messages": _messages(p, system)}
             for t in temps for p in prompts]
     jobs = list({j["id"]: j for j in jobs}.values())  # a prompt listed twice is answered once
@@ -144,7 +156,14 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
             group = [j for j in todo if j["temp"] == t]
             if not group:
                 continue
-            for rec in generate_answers(model, tokenizer, group, max_tokens, batch_size, t, seed):
+            if capture_dir is not None:
+                capture_dir.mkdir(parents=True, exist_ok=True)
+                answers = _captured(capture.generate_captured(
+                    model, tokenizer, group, max_tokens=max_tokens, batch_size=batch_size, temp=t, seed=seed,
+                    features=features, top_n=top_n), capture_dir)
+            else:
+                answers = generate_answers(model, tokenizer, group, max_tokens, batch_size, t, seed)
+            for rec in answers:
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 n_tokens += len(rec["completion_tokens"])
@@ -154,8 +173,53 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
     print(f"[mlx_mtpd] {len(todo)} answers, {n_tokens} tokens in {elapsed:.0f} s "
           f"({n_tokens / max(elapsed, 1e-9):.1f} tokens/s) -> {target}", file=sys.stderr)
     if pack_into:
-        _pack(target, Path(pack_into), model, tokenizer, prompts_file, elapsed, time.process_time() - cpu0)
+        entry = _pack(target, Path(pack_into), model, tokenizer, prompts_file, elapsed, time.process_time() - cpu0)
+        if cache_into and entry is not None:
+            _write_chunk_cache(model, tokenizer, Path(pack_into) / entry["file"], Path(cache_into), out / "capture",
+                               features, top_n, seq_len)
     return target
+
+
+def _captured(answers, folder: Path):
+    """Store each answer's captured arrays (by job id) as it finishes; yield the records."""
+    import numpy as np
+
+    for rec, arrays in answers:
+        tmp = folder / f".{rec['id']}.tmp.npz"
+        np.savez(tmp, **arrays)
+        tmp.rename(folder / f"{rec['id']}.npz")
+        yield rec
+
+
+class _Captures(dict):
+    """Captured arrays by job id, read from disk when asked for."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+
+    def __contains__(self, key) -> bool:
+        return key is not None and (self.folder / f"{key}.npz").exists()
+
+    def __getitem__(self, key):
+        import numpy as np
+
+        with np.load(self.folder / f"{key}.npz") as z:
+            return {k: z[k] for k in z.files}
+
+
+def _write_chunk_cache(model, tokenizer, chunk: Path, cache_root: Path, capture_dir: Path, features, top_n,
+                       seq_len) -> None:
+    import shutil
+
+    from .data_cache import file_cache_dir, file_signature, prepare_cache, read_sequences
+
+    seqs, _ = read_sequences([str(chunk)], tokenizer, seq_len)
+    sig = file_signature(chunk, seq_len, top_n)
+    dest = file_cache_dir(cache_root / "train", chunk, sig)
+    prepare_cache(model, seqs, dest, top_n, desc=f"cache ({chunk.name})", signature=sig, features=features,
+                  captured=_Captures(capture_dir), force=True)
+    shutil.rmtree(capture_dir, ignore_errors=True)
 
 
 def _ids_in(path: Path) -> set:
@@ -190,6 +254,7 @@ def _pack(work: Path, dataset: Path, model, tokenizer, prompts_file, seconds: fl
     else:
         print(f"[mlx_mtpd] {dataset}/{entry['file']}: {entry['answers']} answers, {entry['tokens']} tokens "
               f"({entry['bytes'] / 1e6:.2f} MB)", file=sys.stderr)
+    return entry
 
 
 def main(argv=None) -> None:
@@ -214,9 +279,18 @@ def main(argv=None) -> None:
                         "this run's answers to it as one compact chunk.")
     p.add_argument("--new", type=int, default=None,
                    help="With --pack-into: answer at most this many new jobs (prompt x temperature).")
+    p.add_argument("--cache-into", default=None,
+                   help="With --pack-into: keep the backbone's outputs while generating and write the new "
+                        "chunk's training cache into this folder (train's --cache-dir): one pass per token.")
+    p.add_argument("--features", default=None,
+                   help="With --cache-into: also keep these layers' outputs (train's --features).")
+    p.add_argument("--top-n", type=int, default=256, help="With --cache-into: the teacher's top-N kept (train's).")
+    p.add_argument("--seq-len", type=int, default=512, help="With --cache-into: train's --seq-len.")
     args = p.parse_args(argv)
 
     def run():
+        from .heads import parse_features
+
         try:
             temps = tuple(float(x) for x in args.temps.split(","))
         except ValueError:
@@ -226,6 +300,7 @@ def main(argv=None) -> None:
         gen_data(args.model, args.prompts, args.out, max_tokens=args.max_tokens,
                  batch_size=args.batch_size, temps=temps, seed=args.seed, limit=args.limit,
                  system=args.system_prompt, resume=args.resume, force=args.force,
-                 pack_into=args.pack_into, new=args.new)
+                 pack_into=args.pack_into, new=args.new, cache_into=args.cache_into,
+                 features=parse_features(args.features), top_n=args.top_n, seq_len=args.seq_len)
 
     run_main("gen-data", run)

@@ -95,3 +95,56 @@ def test_gen_data_grows_a_token_data_set(tmp_path):
     (data / "chunk-0002.npz").write_bytes(b"not a zip")
     r = run_cli("train", "--model", model, "--data", data, "--out", tmp_path / "h", "--steps", 1)
     assert r.returncode == 1 and "chunk-0002.npz is not a readable token chunk" in r.stderr
+
+
+def test_capture_while_generating_gives_the_training_cache(tmp_path):
+    """--cache-into: the answers are the backbone's greedy ones, the chunk's
+    training cache is written from what generation kept (no second pass: the
+    trainer prepares nothing), and it equals a cache prepared by a backbone pass
+    at every position training reads (all but the last)."""
+    import numpy as np
+
+    from conftest import greedy_tokens
+    from mlx_mtpd.data_cache import iter_sequences, open_cache, prepare_cache, read_sequences
+    from mlx_mtpd.dataset import iter_records
+    from mlx_mtpd.utils import load
+
+    model = tmp_path / "model"
+    write_hf_checkpoint(model, "llama", vocab_size=300, seed=6)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in
+                                 ["tell me about the sea", "moon", "a much longer question about tea and cats"]) + "\n")
+    data, caches = tmp_path / "tokens", tmp_path / "cache"
+    r = run_cli("gen-data", "--model", model, "--prompts", prompts, "--out", tmp_path / "work", "--max-tokens", 20,
+                "--batch-size", 2, "--temps", "0,1.0", "--pack-into", data, "--cache-into", caches,
+                "--features", "0", "--top-n", 64, "--seq-len", 64)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "work" / "capture").exists()
+    (d,) = (caches / "train").iterdir()
+    got = open_cache(d)
+    assert got["captured_sequences"] == 6 and got["backbone_tokens"] == 0 and got["features"] == [0]
+    m, tok, _ = load(str(model))
+    for rec in iter_records(data):
+        if rec["temp"] == 0:
+            p, answer = rec["prompt_len"], rec["tokens"][rec["prompt_len"]:]
+            ref = greedy_tokens(m, rec["tokens"][:p], len(answer))
+            assert sum(a == b for a, b in zip(answer, ref)) >= len(ref) - 2  # batch numerics
+    seqs, _ = read_sequences([str(data)], tok, 64)
+    ref = open_cache(prepare_cache(m, seqs, tmp_path / "ref", 64, features=[0]))
+    by_tokens = {tuple(np.array(x["tokens"]).tolist()): x for x in iter_sequences(ref)}
+    assert len(by_tokens) == 6
+    for rec in iter_sequences(got):
+        want = by_tokens[tuple(np.array(rec["tokens"]).tolist())]
+        n = rec["tokens"].shape[0] - 1
+        np.testing.assert_allclose(np.array(rec["hidden"][:n], np.float32), np.array(want["hidden"][:n], np.float32),
+                                   rtol=2e-2, atol=2e-2)
+
+        def argmax_ids(x):
+            best = np.argmax(np.array(x["top_logits"][:n], np.float32), -1)
+            return np.array(x["top_ids"][:n])[np.arange(n), best]
+
+        assert (argmax_ids(rec) == argmax_ids(want)).mean() >= 0.9
+    r = run_cli("train", "--model", model, "--data", data, "--out", tmp_path / "h", "--cache-dir", caches,
+                "--features", "0", "--top-n", 64, "--seq-len", 64, "--steps", 2, "--batch-size", 2,
+                "--draft-vocab", 0, "--eval-every", 0)
+    assert r.returncode == 0 and "backbone (train" not in r.stderr, r.stderr

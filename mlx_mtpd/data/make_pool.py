@@ -73,7 +73,8 @@ CODE_TASKS = [
     "computes the sum of the squares of a list", "converts a list of strings to upper case",
     "returns all even numbers from a list", "finds the index of an item in a list",
     "rotates a list by k positions", "counts the lines of a text", "checks whether a number is prime",
-    "returns the minimum and maximum of a list", "converts binary to decimal", "computes a power by repeated multiplication",
+    "returns the minimum and maximum of a list", "converts binary to decimal",
+    "computes a power by repeated multiplication",
     "splits a list into chunks of size n", "returns the unique items of a list",
 ]
 LANGUAGES = ["Python", "JavaScript", "Go", "Rust", "C", "Java", "TypeScript", "Ruby"]
