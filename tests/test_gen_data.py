@@ -97,6 +97,13 @@ def test_gen_data_grows_a_token_data_set(tmp_path):
     assert r.returncode == 1 and "chunk-0002.npz is not a readable token chunk" in r.stderr
 
 
+def _argmax_ids(rec, n):
+    import numpy as np
+
+    best = np.argmax(np.array(rec["top_logits"][:n], np.float32), -1)
+    return np.array(rec["top_ids"][:n])[np.arange(n), best]
+
+
 def test_capture_while_generating_gives_the_training_cache(tmp_path):
     """--cache-into: the answers are the backbone's greedy ones, the chunk's
     training cache is written from what generation kept (no second pass: the
@@ -139,11 +146,7 @@ def test_capture_while_generating_gives_the_training_cache(tmp_path):
         np.testing.assert_allclose(np.array(rec["hidden"][:n], np.float32), np.array(want["hidden"][:n], np.float32),
                                    rtol=2e-2, atol=2e-2)
 
-        def argmax_ids(x):
-            best = np.argmax(np.array(x["top_logits"][:n], np.float32), -1)
-            return np.array(x["top_ids"][:n])[np.arange(n), best]
-
-        assert (argmax_ids(rec) == argmax_ids(want)).mean() >= 0.9
+        assert (_argmax_ids(rec, n) == _argmax_ids(want, n)).mean() >= 0.9
     r = run_cli("train", "--model", model, "--data", data, "--out", tmp_path / "h", "--cache-dir", caches,
                 "--features", "0", "--top-n", 64, "--seq-len", 64, "--steps", 2, "--batch-size", 2,
                 "--draft-vocab", 0, "--eval-every", 0)
