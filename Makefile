@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PROMPT ?= Write a short poem about the sea.
 CHAT_ARGS ?=
 
-.PHONY: chat generate server bench test setup blas data heads ablation clean
+.PHONY: chat generate server bench test setup blas data heads heads-from-scratch ablation clean
 
 $(BIN)/mlx_mtpd: pyproject.toml
 	@$(MAKE) --no-print-directory blas
@@ -58,33 +58,67 @@ bench: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-# Reproduce the shipped heads from scratch: the backbone answers this project's
-# training prompts (greedy and sampled), the head trains on that with MTP-D
-# (answer tokens only; its own output fed back once: --train-depth 2), and
-# eval-heads measures it on held-out prompts.  About an hour on 2 cores.
+# The growing data set and the shipped head (README, "Training the heads").
+# `make data` adds NEW answers of the prompt pool (data/prompts_pool.jsonl) to
+# the committed token data (data/tokens: ids only, a few MB), keeping the
+# backbone's outputs while generating (one pass per token: the new chunk's
+# training cache is written as it goes), then NEW_MULTI second turns that
+# repeat or edit an earlier greedy answer (data/prompts_multiturn.jsonl, made
+# from the data set); then the held-out answers and the Python documentation
+# text (teacher-labelled in training) if missing.
+# `make heads` continues the shipped head from its committed full-precision
+# checkpoint on all data so far, keeps the step with the best held-out
+# agreement, exports it (float16, shipped) and its checkpoint, and measures it.
+# `make heads-from-scratch` starts from a new head instead.
 RUNS ?= runs/smollm2
+DATA := data/tokens
+CACHE := $(RUNS)/cache
 SHIPPED := mlx_mtpd/heads_data/smollm2-135m-instruct
-HEADS_ARGS ?= --num-heads 1 --train-depth 2 --top-n 256 --steps 500 --batch-size 8 --learning-rate 1e-3 --warmup 30
+CHECKPOINT := data/checkpoint/smollm2-135m-instruct
+INIT := $(if $(wildcard $(CHECKPOINT)/mtp_heads.safetensors),$(CHECKPOINT),$(SHIPPED))
+NEW ?= 640
+NEW_MULTI ?= 128
+TEMPS ?= 0,0.7
+FEATURES ?= 2,15,27
+CAPTURE_FEATURES ?= 2,8,15,22,27
+TEXT := $(RUNS)/text/pydoc.txt
+TEXT_CHARS ?= 120000
+HEADS_ARGS ?= --num-heads 1 --train-depth 2 --top-n 256 --steps 400 --batch-size 8 --learning-rate 1e-3 \
+  --warmup 30 --eval-every 50 --patience 3 --features $(FEATURES)
 EVAL_ARGS ?= --data $(RUNS)/eval --num-prompts 16 --max-tokens 96 --num-draft 1,2,3 --loops last
 data: setup
-	$(BIN)/mlx_mtpd gen-data --out $(RUNS)/data --batch-size 64 --max-tokens 256 --temps 0,0.7 --resume
-	$(BIN)/mlx_mtpd gen-data --prompts mlx_mtpd/data/prompts_eval.jsonl --out $(RUNS)/eval \
-	  --batch-size 60 --max-tokens 256 --temps 0 --resume
+	$(BIN)/mlx_mtpd gen-data --prompts data/prompts_pool.jsonl --out $(RUNS)/gen --pack-into $(DATA) \
+	  --new $(NEW) --temps $(TEMPS) --batch-size 64 --max-tokens 256 --resume \
+	  --cache-into $(CACHE) --features $(CAPTURE_FEATURES) --top-n 256
+	$(BIN)/python -m mlx_mtpd.data.make_pool --multi-turn $(DATA)
+	$(BIN)/mlx_mtpd gen-data --prompts data/prompts_multiturn.jsonl --out $(RUNS)/gen-multi --pack-into $(DATA) \
+	  --new $(NEW_MULTI) --temps 0 --batch-size 64 --max-tokens 256 --resume \
+	  --cache-into $(CACHE) --features $(CAPTURE_FEATURES) --top-n 256
+	@test -f $(RUNS)/eval/data.jsonl || $(BIN)/mlx_mtpd gen-data --prompts mlx_mtpd/data/prompts_eval.jsonl \
+	  --out $(RUNS)/eval --batch-size 60 --max-tokens 256 --temps 0 --resume
+	@test -f $(TEXT) || $(BIN)/python -m mlx_mtpd.data.reference_text $(TEXT) --chars $(TEXT_CHARS)
 
 heads: data
-	$(BIN)/mlx_mtpd train --data $(RUNS)/data --eval-data $(RUNS)/eval --out $(RUNS)/mtpd \
-	  --cache-dir $(RUNS)/cache $(HEADS_ARGS) --eval-every 100 --save-every 100 --force \
-	  --export $(SHIPPED)
+	$(BIN)/mlx_mtpd train --data $(DATA) $(TEXT) --eval-data $(RUNS)/eval --out $(RUNS)/mtpd \
+	  --cache-dir $(CACHE) --init-from $(INIT) $(HEADS_ARGS) --save-every 50 --force \
+	  --export $(SHIPPED) --export-checkpoint $(CHECKPOINT)
+	$(BIN)/mlx_mtpd eval-heads --heads $(SHIPPED) $(EVAL_ARGS) \
+	  --json $(SHIPPED)/eval.json --plot $(SHIPPED)/acceptance.png
+
+heads-from-scratch: data
+	$(BIN)/mlx_mtpd train --data $(DATA) $(TEXT) --eval-data $(RUNS)/eval --out $(RUNS)/mtpd \
+	  --cache-dir $(CACHE) $(HEADS_ARGS) --save-every 50 --force \
+	  --export $(SHIPPED) --export-checkpoint $(CHECKPOINT)
 	$(BIN)/mlx_mtpd eval-heads --heads $(SHIPPED) $(EVAL_ARGS) \
 	  --json $(SHIPPED)/eval.json --plot $(SHIPPED)/acceptance.png
 
 # The paper's ablations in miniature, same data and budget as `make heads`:
 # CE-only (beta = 0), and MTP-D trained at depth 1 only (the head never sees its own output).
 ablation: data
-	$(BIN)/mlx_mtpd train --data $(RUNS)/data --eval-data $(RUNS)/eval --out $(RUNS)/ce-only \
+	$(BIN)/mlx_mtpd train --data $(DATA) $(TEXT) --eval-data $(RUNS)/eval --out $(RUNS)/ce-only \
 	  --cache-dir $(RUNS)/cache $(HEADS_ARGS) --beta 0 --eval-every 100 --save-every 100 --force
 	$(BIN)/mlx_mtpd eval-heads --heads $(RUNS)/ce-only $(EVAL_ARGS) --json $(RUNS)/ce-only/eval.json
-	$(BIN)/mlx_mtpd train --data $(RUNS)/data --eval-data $(RUNS)/eval --out $(RUNS)/depth1 \
+	$(BIN)/mlx_mtpd train --data $(DATA) $(TEXT) --eval-data $(RUNS)/eval --out $(RUNS)/depth1 \
 	  --cache-dir $(RUNS)/cache $(HEADS_ARGS) --train-depth 1 --eval-every 100 --save-every 100 --force
 	$(BIN)/mlx_mtpd eval-heads --heads $(RUNS)/depth1 $(EVAL_ARGS) --json $(RUNS)/depth1/eval.json
 

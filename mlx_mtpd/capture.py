@@ -9,10 +9,11 @@ last token of an answer is never fed, and nothing in training reads its
 position (a depth-k prediction at i needs h_i and the teacher at i + k, both
 before the last token).
 
-Batches are left-padded through mlx-lm's `BatchKVCache`, and rows leave the
-batch as they finish.  Models whose caches are not plain KV caches (sliding
-windows, recurrent layers) generate with mlx-lm's BatchGenerator instead and
-their cache is prepared by a pass at training time.
+Batches are left-padded through mlx-lm's `BatchKVCache`; rows leave the
+batch as they finish and new prompts join it (continuous batching).  Models
+whose caches are not plain KV caches (sliding windows, recurrent layers)
+generate with mlx-lm's BatchGenerator instead, and their cache is prepared by
+a pass at training time.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def generate_captured(model, tokenizer, jobs: List[dict], *, max_tokens: int, ba
                       ) -> Iterator[Tuple[dict, Dict[str, np.ndarray]]]:
     """Yield (gen-data record, captured arrays) per finished answer.  The arrays
     cover the record's sequence (prompt + answer, + the end token if it stopped):
-    `hidden` (L, W) float16, `top_ids` (L, N) int32, `top_logits` (L, N) float16."""
+    `hidden` (L, W) float16, `top_ids` (L, N) int32, `top_logits` (L, N) float16.
+    Continuous batching: finished rows leave the batch, and new prompts are
+    prefilled and join it once a quarter of it is free."""
     from mlx_lm.models.cache import BatchKVCache
     from mlx_lm.sample_utils import make_sampler
 
@@ -51,51 +54,60 @@ def generate_captured(model, tokenizer, jobs: List[dict], *, max_tokens: int, ba
     eos = set(tokenizer.eos_token_ids)
     mx.random.seed(seed)
     prompts = [list(tokenizer.apply_chat_template(j["messages"], add_generation_prompt=True)) for j in jobs]
-    order = sorted(range(len(jobs)), key=lambda i: len(prompts[i]))
+    pending = sorted(range(len(jobs)), key=lambda i: len(prompts[i]), reverse=True)  # pop(): shortest first
     n_layers = len(bb.inner.layers)
-    for b in range(0, len(order), batch_size):
-        rows = order[b : b + batch_size]
-        width = max(len(prompts[i]) for i in rows)
-        pad = [width - len(prompts[i]) for i in rows]
-        toks = mx.array([[0] * p + prompts[i] for p, i in zip(pad, rows)])
-        cache = [BatchKVCache(pad) for _ in range(n_layers)]
-        logits, hidden = bb.forward_batch(toks, cache)
-        logits = logits.astype(mx.float32)
-        ids, vals = _top_n(logits, top_n)
-        y = sampler(logits[:, -1] - mx.logsumexp(logits[:, -1], axis=-1, keepdims=True))
-        mx.eval(y, ids, vals, hidden)
-        # per row: lists of (hidden, ids, vals) chunks, and its answer so far
-        caps = [[(np.array(hidden[r, p:].astype(mx.float16)), np.array(ids[r, p:]), np.array(vals[r, p:]))]
-                for r, p in enumerate(pad)]
-        answers: List[List[int]] = [[] for _ in rows]
-        live = list(range(len(rows)))  # positions in `rows` still generating
-        while live:
-            ys = y.tolist()
-            keep = []
-            for slot, r in enumerate(live):
-                answers[r].append(ys[slot])
-                if ys[slot] in eos or len(answers[r]) >= max_tokens:
-                    yield _finish(jobs[rows[r]], prompts[rows[r]], answers[r], caps[r], tokenizer, eos, top_n)
-                    caps[r] = None
-                else:
-                    keep.append(slot)
-            if not keep:
-                break
-            if len(keep) < len(live):
-                idx = mx.array(keep)
-                for c in cache:
-                    c.filter(idx)
-                y = y[idx]
-                live = [live[s] for s in keep]
-            logits, hidden = bb.forward_batch(y[:, None], cache)
-            logits = logits[:, 0].astype(mx.float32)
+    refill = max(1, batch_size // 4)
+
+    def sample(logits):
+        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    cache, y, live = None, None, []  # live: [job index, answer tokens, captured chunks] per batch row
+    while pending or live:
+        if pending and batch_size - len(live) >= min(refill, len(pending)):
+            new = [pending.pop() for _ in range(min(batch_size - len(live), len(pending)))]
+            width = max(len(prompts[i]) for i in new)
+            pad = [width - len(prompts[i]) for i in new]
+            fresh = [BatchKVCache(pad) for _ in range(n_layers)]
+            logits, hidden = bb.forward_batch(mx.array([[0] * p + prompts[i] for p, i in zip(pad, new)]), fresh)
+            logits = logits.astype(mx.float32)
             ids, vals = _top_n(logits, top_n)
-            y = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-            mx.eval(y, ids, vals, hidden)
-            h, i_np, v_np = np.array(hidden[:, 0].astype(mx.float16)), np.array(ids), np.array(vals)
-            for slot, r in enumerate(live):
-                caps[r].append((h[slot : slot + 1], i_np[slot : slot + 1], v_np[slot : slot + 1]))
-        mx.clear_cache()
+            y_new = sample(logits[:, -1])
+            mx.eval(y_new, ids, vals, hidden)
+            for r, (p, i) in enumerate(zip(pad, new)):
+                live.append([i, [], [(np.array(hidden[r, p:].astype(mx.float16)), np.array(ids[r, p:]),
+                                      np.array(vals[r, p:]))]])
+            if cache is None:
+                cache, y = fresh, y_new
+            else:
+                for c, f in zip(cache, fresh):
+                    c.extend(f)
+                y = mx.concatenate([y, y_new])
+        ys = y.tolist()
+        keep = []
+        for slot, row in enumerate(live):
+            row[1].append(ys[slot])
+            if ys[slot] in eos or len(row[1]) >= max_tokens:
+                yield _finish(jobs[row[0]], prompts[row[0]], row[1], row[2], tokenizer, eos, top_n)
+            else:
+                keep.append(slot)
+        if len(keep) < len(live):
+            live = [live[s] for s in keep]
+            if not live:
+                cache, y = None, None
+                mx.clear_cache()
+                continue
+            idx = mx.array(keep)
+            for c in cache:
+                c.filter(idx)
+            y = y[idx]
+        logits, hidden = bb.forward_batch(y[:, None], cache)
+        logits = logits[:, 0].astype(mx.float32)
+        ids, vals = _top_n(logits, top_n)
+        y = sample(logits)
+        mx.eval(y, ids, vals, hidden)
+        h, i_np, v_np = np.array(hidden[:, 0].astype(mx.float16)), np.array(ids), np.array(vals)
+        for slot, row in enumerate(live):
+            row[2].append((h[slot : slot + 1], i_np[slot : slot + 1], v_np[slot : slot + 1]))
 
 
 def _finish(job, prompt, answer, chunks, tokenizer, eos, top_n):

@@ -146,10 +146,8 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
                 f.write(b"\n")
     out.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if j["id"] not in done]
-    if pack_into and new is not None:
-        in_work = _ids_in(target)
-        todo = [j for j in todo if j["id"] in in_work] + [j for j in todo if j["id"] not in in_work]
-        todo = [j for j in todo[:new] if j["id"] not in in_work]
+    if pack_into and new is not None:  # answers kept from an interrupted run count toward --new
+        todo = todo[: max(new - len(_ids_in(target) if resume else ()), 0)]
     n_tokens, tic, cpu0 = 0, time.perf_counter(), time.process_time()
     with open(target, "a") as f, tqdm(total=len(todo), desc="gen-data", unit="answer") as bar:
         for t in temps:

@@ -320,6 +320,8 @@ class Trainer:
                    disable=not progress or self.rank != 0)
         tok_count, tic = 0, time.perf_counter()
         last_good = self.step
+        seen = self.history[-1].get("tokens_seen", 0) if self.history else 0
+        seconds = self.history[-1].get("seconds", 0.0) if self.history else 0.0
         while self.step < cfg.steps:
             grads, loss_sum, metrics_sum = None, 0.0, None
             for _ in range(cfg.grad_accum):
@@ -329,6 +331,7 @@ class Trainer:
                 mx.eval(loss, grads)
                 loss_sum += loss.item()
                 tok_count += batch["num_tokens"] * self.world
+                seen += (batch["num_tokens"] if cfg.prompt_loss else batch["answer_tokens"]) * self.world
                 m = [(c.item(), kl.item(), a.item()) for c, kl, a in self._metrics]
                 metrics_sum = m if metrics_sum is None else [
                     tuple(x + y for x, y in zip(p, q)) for p, q in zip(metrics_sum, m)
@@ -359,7 +362,9 @@ class Trainer:
                    "ce": [m[0] / cfg.grad_accum for m in metrics_sum],
                    "kl": [m[1] / cfg.grad_accum for m in metrics_sum],
                    "agreement": [m[2] / cfg.grad_accum for m in metrics_sum],
-                   "tokens_per_s": tok_count / (time.perf_counter() - tic)}
+                   "tokens_per_s": tok_count / (time.perf_counter() - tic),
+                   "tokens_seen": seen, "epoch": self.epoch,  # tokens with a loss so far (the learning curve's axis)
+                   "seconds": seconds + time.perf_counter() - tic}
             stop = False
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 rec.update(self.evaluate())
@@ -495,6 +500,9 @@ def main(argv=None) -> None:
                    help="Also write the trained heads alone (no optimizer state) to this folder.")
     p.add_argument("--export-dtype", choices=("float32", "float16", "bfloat16"), default="float16",
                    help="Precision of the exported heads (default float16).")
+    p.add_argument("--export-checkpoint", default=None,
+                   help="Also write the exported heads at full precision here (what the next run continues "
+                        "from with --init-from).")
     p.add_argument("--resume", action="store_true", help="Continue from the checkpoint in --out.")
     p.add_argument("--force", action="store_true", help="Replace an existing --out.")
     args = p.parse_args(argv)
@@ -562,6 +570,8 @@ def train_cli(args) -> None:
             print(f"[mlx_mtpd] exporting the best evaluated heads: step {best['step']}, held-out "
                   f"agreement {best['score']:.3f}", file=sys.stderr)
         save_heads(heads, Path(args.export), force=True, dtype=args.export_dtype)
+        if args.export_checkpoint:
+            save_heads(heads, Path(args.export_checkpoint), force=True)
     if rank == 0 and history:
         last = history[-1]
         print(f"[mlx_mtpd] step {last['step']}: loss {last['loss']:.4f}, agreement "

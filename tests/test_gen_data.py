@@ -151,3 +151,76 @@ def test_capture_while_generating_gives_the_training_cache(tmp_path):
                 "--features", "0", "--top-n", 64, "--seq-len", 64, "--steps", 2, "--batch-size", 2,
                 "--draft-vocab", 0, "--eval-every", 0)
     assert r.returncode == 0 and "backbone (train" not in r.stderr, r.stderr
+
+
+def test_continuous_batching_capture_equals_one_sequence_at_a_time():
+    """Rows that end early (an end token the tiny model often says) leave the
+    batch and new prompts join it: every answer is still the greedy one and
+    every captured position equals a plain forward of that sequence alone."""
+    import mlx.core as mx
+    import numpy as np
+
+    from conftest import greedy_tokens, tiny_model
+    from mlx_mtpd.capture import generate_captured
+    from mlx_mtpd.heads import Backbone
+
+    model, _ = tiny_model("llama", vocab_size=64, seed=3)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 64, size=int(rng.integers(3, 12))).tolist() for _ in range(9)]
+    # the end token: one the model often says, so answers end at different steps
+    firsts = [greedy_tokens(model, p, 12) for p in prompts]
+    eos = int(np.bincount(np.concatenate(firsts)).argmax())
+
+    class Tok:
+        eos_token_ids = [eos]
+
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            return messages[0]["ids"]
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    jobs = [{"id": str(i), "messages": [{"role": "user", "content": "", "ids": p}]} for i, p in enumerate(prompts)]
+    out = list(generate_captured(model, Tok(), jobs, max_tokens=12, batch_size=4, temp=0.0, seed=0,
+                                 features=[0], top_n=16))
+    assert sorted(r["id"] for r, _ in out) == [str(i) for i in range(9)]
+    lengths = {len(r["completion_tokens"]) for r, _ in out}
+    assert len(lengths) > 2, lengths  # rows ended at different steps
+    bb = Backbone(model, [0])
+    for rec, arrays in out:
+        p = prompts[int(rec["id"])]
+        ref = greedy_tokens(model, p, 12)
+        cut = ref[: ref.index(eos)] if eos in ref else ref
+        assert rec["completion_tokens"] == cut and rec["finish_reason"] == ("stop" if eos in ref else "length")
+        seq = p + cut + ([eos] if eos in ref else [])
+        logits, hidden = bb.forward(mx.array(seq), None)
+        n = len(seq) - 1
+        np.testing.assert_allclose(arrays["hidden"][:n].astype(np.float32), np.array(hidden[:n]), rtol=1e-2, atol=1e-2)
+        best = arrays["top_ids"][np.arange(n), np.argmax(arrays["top_logits"][:n].astype(np.float32), -1)]
+        assert (best == np.array(mx.argmax(logits[:n], -1))).all()
+
+
+def test_multi_turn_prompts_follow_up_on_greedy_answers(tmp_path):
+    """make_pool --multi-turn: each finished greedy answer of a pool prompt
+    becomes a conversation (prompt, that answer, a follow-up asking to repeat
+    or edit it); sampled, cut and unknown answers are left out."""
+    from mlx_mtpd.data.make_pool import CODE_FOLLOW_UPS, FOLLOW_UPS, build_multi_turn, build_pool
+    from mlx_mtpd.dataset import job_id, pack
+
+    class Tok:
+        def decode(self, ids):
+            return " ".join(f"w{i}" for i in ids)
+
+    pool = build_pool()
+    assert len(pool) > 5000 and len(set(pool)) == len(pool)
+    code = next(p for p in pool if p.startswith("Write a Python function"))
+    recs = []
+    for i, (p, t, finish) in enumerate([(pool[0], 0.0, "stop"), (code, 0.0, "stop"), (pool[1], 0.7, "stop"),
+                                        (pool[2], 0.0, "length"), ("not in the pool", 0.0, "stop")]):
+        recs.append({"id": job_id([{"role": "user", "content": p}], t), "temp": t, "prompt_tokens": [1, 2],
+                     "completion_tokens": [10 + i, 20 + i], "finish_reason": finish})
+    pack(recs, tmp_path / "d", eos=0, backbone={"vocab_size": 100}, meta={})
+    convs = build_multi_turn(tmp_path / "d", Tok(), pool)
+    assert [c[0]["content"] for c in convs] == [pool[0], code]
+    assert convs[0][1] == {"role": "assistant", "content": "w10 w20"}
+    assert convs[0][2]["content"] in FOLLOW_UPS and convs[1][2]["content"] in CODE_FOLLOW_UPS

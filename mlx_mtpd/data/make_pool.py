@@ -8,6 +8,7 @@ the backbone's, filled in by `gen-data` from earlier data).  The project's
 evaluation and benchmark topics (`make_prompts.py`) never appear.
 
     python -m mlx_mtpd.data.make_pool
+    python -m mlx_mtpd.data.make_pool --multi-turn data/tokens   # data/prompts_multiturn.jsonl
 """
 
 from __future__ import annotations
@@ -158,9 +159,48 @@ def build_pool(seed: int = 0):
     return sets["train"] + new
 
 
+def build_multi_turn(dataset: Path, tokenizer, pool, max_answer_tokens: int = 200):
+    """Two-turn conversations: a pool prompt, the backbone's own greedy answer
+    to it from the data set, and a follow-up that asks to repeat, shorten or
+    edit that answer (the turns where drafting from the conversation pays)."""
+    from ..dataset import iter_records, job_id
+
+    by_id = {job_id([{"role": "user", "content": p}], 0.0): p for p in pool}
+    out = []
+    for rec in iter_records(dataset):
+        prompt = by_id.get(rec["id"])
+        answer = rec["tokens"][rec["prompt_len"]:]
+        if prompt is None or not rec["stopped"] or len(answer) > max_answer_tokens + 1:
+            continue
+        code = any(w in prompt for w in ("function", "code", "script", "query", "command"))
+        options = CODE_FOLLOW_UPS if code else FOLLOW_UPS
+        follow = options[int(rec["id"][:8], 16) % len(options)]
+        out.append([{"role": "user", "content": prompt},
+                    {"role": "assistant", "content": tokenizer.decode(answer[:-1]).strip()},
+                    {"role": "user", "content": follow}])
+    return out
+
+
 def main():
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--multi-turn", default=None, metavar="DATASET",
+                    help="Write data/prompts_multiturn.jsonl from this token data set's greedy answers.")
+    args = ap.parse_args()
     root = Path(__file__).resolve().parents[2] / "data"
     root.mkdir(exist_ok=True)
+    if args.multi_turn:
+        from ..utils import load
+
+        _, tokenizer, _ = load(None)
+        pool = [json.loads(x)["prompt"] for x in (root / "prompts_pool.jsonl").read_text().splitlines()]
+        convs = build_multi_turn(Path(args.multi_turn), tokenizer, pool)
+        tmp = root / ".prompts_multiturn.jsonl.tmp"
+        tmp.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
+        tmp.rename(root / "prompts_multiturn.jsonl")
+        print("multi-turn", len(convs))
+        return
     pool = build_pool()
     bad = [p for p in pool for t in build_held_out() if t in p]
     assert not bad, bad[:3]
