@@ -58,6 +58,7 @@ class TrainConfig:
     loop_weight: float = 1.0  # loss weight of the looped depths, relative to the last head's
     prompt_loss: bool = False  # also learn to draft prompt tokens (default: answer tokens only)
     patience: int = 0  # stop after this many evaluations without a better held-out agreement (0: never)
+    dropout: float = 0.0  # on each depth's inputs, in training only
 
 
 def per_head(values: Sequence[float], k: int, name: str) -> List[float]:
@@ -164,12 +165,19 @@ def make_batch(records: List[Dict[str, mx.array]], backbone: Backbone, top_n: in
     }
 
 
-def forward_heads(head_set: HeadSet, backbone: Backbone, batch, cfg: TrainConfig, frozen_outputs=None):
-    """Teacher-forced cascade over whole sequences; returns the summed loss and per-head metrics."""
+def _dropout(x: mx.array, p: float) -> mx.array:
+    return x * (mx.random.bernoulli(1 - p, x.shape) / (1 - p)).astype(x.dtype) if p > 0 else x
+
+
+def forward_heads(head_set: HeadSet, backbone: Backbone, batch, cfg: TrainConfig, train: bool = False):
+    """Teacher-forced cascade over whole sequences; returns the summed loss and
+    per-head metrics.  `train`: apply --dropout to each depth's inputs."""
     tokens, hidden = batch["tokens"], batch["hidden"]
     B, L = tokens.shape
+    p = cfg.dropout if train else 0.0
     w_rows = backbone.projection_rows(batch["union"])
     entry = head_set.entry_hidden(backbone)
+    hidden = _dropout(hidden, p)
     prev = entry(hidden) if entry is not None else hidden
     total = mx.array(0.0)
     metrics = []
@@ -184,7 +192,8 @@ def forward_heads(head_set: HeadSet, backbone: Backbone, batch, cfg: TrainConfig
         m = L - k  # positions 0..L-k-1 have an input token t_{i+k}
         if m < 2:
             break
-        x = head(prev[:, :m], backbone.embed_tokens(tokens[:, k : k + m]))
+        x = head(_dropout(prev[:, :m], p) if k > 1 else prev[:, :m],
+                 _dropout(backbone.embed_tokens(tokens[:, k : k + m]), p))
         normed = head.norm(x)
         prev = normed if head_set.feedback_post_norm else x
         # position i predicts t_{i+k+1}; teacher at i+k; valid while i+k+1 < len,
@@ -251,7 +260,7 @@ class Trainer:
         self.loss_and_grad = nn.value_and_grad(head_set, self._loss)
 
     def _loss(self, batch):
-        total, metrics = forward_heads(self.heads, self.backbone, batch, self.cfg)
+        total, metrics = forward_heads(self.heads, self.backbone, batch, self.cfg, train=True)
         self._metrics = metrics
         return total
 
@@ -486,6 +495,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="Dropout on each depth's inputs (backbone features, token embeddings) in training; "
+                        "a run with dropout resumes to a different (equally valid) result.")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512)
@@ -539,7 +551,10 @@ def train_cli(args) -> None:
         grad_accum=args.grad_accum, seed=args.seed, eval_every=args.eval_every,
         save_every=args.save_every, trainable=trainable, train_depth=args.train_depth,
         loop_weight=args.loop_weight, prompt_loss=args.prompt_loss, patience=args.patience,
+        dropout=args.dropout,
     )
+    if not 0 <= args.dropout < 1:
+        raise MTPDError(f"--dropout must be in [0, 1) (got {args.dropout})")
     if args.train_depth and args.train_depth < k:
         raise MTPDError(f"--train-depth {args.train_depth} is below the {k} heads: give at least {k}")
     if args.resume:

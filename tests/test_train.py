@@ -359,6 +359,10 @@ def test_loss_counts_only_answer_tokens_unless_asked(tiny_ckpt, tmp_path):
     changed_all, _ = forward_heads(heads, bb, noisy, cfg_all)
     assert changed.item() == pytest.approx(base.item(), rel=1e-6)
     assert abs(changed_all.item() - base_all.item()) > 1e-3
+    # --dropout acts in training only: evaluation stays deterministic
+    drop = TrainConfig(num_heads=1, alpha=[1.0], beta=[1.0], top_n=64, dropout=0.3)
+    assert forward_heads(heads, bb, batch, drop)[0].item() == pytest.approx(base.item(), rel=1e-6)
+    assert abs(forward_heads(heads, bb, batch, drop, train=True)[0].item() - base.item()) > 1e-4
 
 
 def test_cache_is_prepared_again_when_the_data_changes(tiny_ckpt, tmp_path):
@@ -474,7 +478,8 @@ def test_fused_heads_start_as_the_plain_head_train_and_export_the_best(tiny_ckpt
     assert cfg["training"]["exported_step"] == 1 and cfg["features"] == [0]
 
     # a head without fusion trains from the same cache (the last state is a slice of it)
-    r = _train(tiny_ckpt, tmp_path / "plain2", "--steps", 2, "--cache-dir", tmp_path / "c", "--force")
+    r = _train(tiny_ckpt, tmp_path / "plain2", "--steps", 2, "--cache-dir", tmp_path / "c", "--force",
+               "--dropout", 0.1)
     assert r.returncode == 0 and "backbone (train" not in r.stderr, r.stderr
     plain2 = load_heads(tmp_path / "plain2", model)
     assert "fuse" not in plain2 and plain2.features == []
