@@ -298,8 +298,10 @@ def caches_for(model, tokenizer, paths: List[str], root: Path, *, seq_len: int, 
             prepare_cache(model, seqs, d, top_n, desc=f"backbone ({name}: {f.name})", signature=sig,
                           features=features, force=True)
         indexes.append(open_cache(d, backbone))
-    for q in root.glob("*"):  # caches of files that changed or left the data
-        if q.is_dir() and q.name not in wanted and (q / CACHE_INDEX).exists() and may_prepare:
+    names = {f.name for f in files}
+    for q in root.glob("*"):  # caches of these files made before they changed (other files' caches stay)
+        stale = q.name not in wanted and q.name.rsplit("-", 1)[0] in names
+        if stale and q.is_dir() and (q / CACHE_INDEX).exists() and may_prepare:
             import shutil
 
             shutil.rmtree(q, ignore_errors=True)

@@ -35,8 +35,9 @@ def read_run(spec: str) -> dict:
     run = {"label": label, "points": points, "best": state.get("best")}
     if eval_json:
         ev = json.loads(Path(eval_json).read_text())
-        run["decoding"] = {k: ev.get(k) for k in ("ar", "tau", "teacher_forced") if k in ev}
-        run["decoding_raw"] = ev
+        best = ev["best"]
+        run["decoding"] = {"AR_1": best["AR_1"], "tau": best["mean_accepted_length"], "D": best["num_draft"],
+                           "teacher_forced": ev.get("teacher_forced_agreement")}
     return run
 
 
@@ -77,7 +78,7 @@ def main(argv=None):
                           "tokens_for_target": need, "train_tokens_per_s": tok_s}
         last = run["points"][-1]
         print(f"{run['label']}: {len(run['points'])} evaluations, last {last['agreement']:.3f} at "
-              f"{last['tokens']:,} tokens; best {run['best']}")
+              f"{last['tokens']:,} tokens; best {run['best']}; decoding {run.get('decoding')}")
         if run["fit"] and run["fit"]["tokens_for_target"]:
             print(f"  fit a + b ln(tokens): b = {run['fit']['b_per_e']:.4f} per e-fold; "
                   f"{args.target} at ~{run['fit']['tokens_for_target']:.3g} answer tokens")
@@ -98,6 +99,10 @@ def main(argv=None):
             for p in run["points"]:
                 ax.plot(p["tokens"], p["agreement"], "o", color=color,
                         markerfacecolor=color if p["epoch"] == 0 else "white")
+            if run.get("decoding") and run["best"]:
+                at = next(p["tokens"] for p in run["points"] if p["step"] == run["best"]["step"])
+                ax.plot(at, run["decoding"]["AR_1"], "*", ms=12, color=color,
+                        label=f"{run['label']}: AR_1 in decoding (exported step)")
             if run["fit"]:
                 lo, hi = min(xs), max(xs) * 10
                 grid = [lo * (hi / lo) ** (k / 40) for k in range(41)]

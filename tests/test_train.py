@@ -397,6 +397,10 @@ def test_cache_is_prepared_again_when_the_data_changes(tiny_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "backbone (train: more.jsonl)" in r.stderr and "backbone (train: data.jsonl)" not in r.stderr
     assert index()["sequences"] == 24 and len(list((tmp_path / "c" / "train").glob("*/index.json"))) == 2
+    # training on part of the data leaves the other files' caches in place
+    r = run_cli(*args[: i + 1], more, *args[i + 2 :], "--out", tmp_path / "e", "--steps", 1)
+    assert r.returncode == 0 and "backbone (train" not in r.stderr, r.stderr
+    assert len(list((tmp_path / "c" / "train").glob("*/index.json"))) == 2
 
 
 def test_per_sequence_token_sets_give_the_same_loss_as_the_whole_vocabulary(tiny_ckpt, tmp_path):
