@@ -37,6 +37,14 @@ class TokenSeq(list):
         self.key = key  # a data set answer's job id
 
 
+def _existing_files(p) -> List[Path]:
+    """`_data_files(p)`, or a one-line error when the path names no data."""
+    files = _data_files(Path(p))
+    if not files or not all(f.exists() for f in files):
+        raise MTPDError(f"training data {p} not found (or holds no .jsonl/.txt files)")
+    return files
+
+
 def _data_files(path: Path) -> List[Path]:
     """The files a --data path names: a token data set's chunks (`dataset.py`), a
     folder's .jsonl and .txt files, or the file itself."""
@@ -56,11 +64,7 @@ def read_sequences(paths: List[str], tokenizer, seq_len: int) -> Tuple[List[List
     counts = {"records": 0, "skipped_invalid": 0, "skipped_long_prompt": 0, "truncated": 0}
     eos = tokenizer.eos_token_id
     for p in paths:
-        path = Path(p)
-        files = _data_files(path)
-        if not files or not all(f.exists() for f in files):
-            raise MTPDError(f"training data {path} not found (or holds no .jsonl/.txt files)")
-        for f in files:
+        for f in _existing_files(p):
             if f.stat().st_size == 0:
                 raise MTPDError(f"training data file {f} is empty")
             if f.suffix == ".jsonl":
@@ -112,13 +116,10 @@ def _read_jsonl(f: Path, tokenizer, seq_len, eos, seqs, counts) -> None:
 
 
 def _read_chunk(f: Path, seq_len, seqs, counts) -> None:
-    from .dataset import load_chunk
+    from .dataset import chunk_records
 
-    z = load_chunk(f)
-    ends = np.cumsum(z["lengths"])
-    for i, end in enumerate(ends):
-        ids = z["tokens"][end - z["lengths"][i] : end].astype(np.int64).tolist()
-        _add_sequence(ids, int(z["prompt_lens"][i]), seq_len, seqs, counts, key=str(z["ids"][i]))
+    for rec in chunk_records(f):
+        _add_sequence(rec["tokens"], rec["prompt_len"], seq_len, seqs, counts, key=rec["id"])
 
 
 def _add_sequence(ids, prompt_len, seq_len, seqs, counts, key=None) -> None:
@@ -274,12 +275,7 @@ def caches_for(model, tokenizer, paths: List[str], root: Path, *, seq_len: int, 
     only; `gen-data --cache-into` fills a new chunk's cache while generating it,
     so its tokens never take a second pass."""
     root = Path(root)
-    files = []
-    for p in paths:
-        fs = _data_files(Path(p))
-        if not fs or not all(f.exists() for f in fs):
-            raise MTPDError(f"training data {p} not found (or holds no .jsonl/.txt files)")
-        files.extend(fs)
+    files = [f for p in paths for f in _existing_files(p)]
     indexes, wanted = [], set()
     for f in files:
         sig = file_signature(f, seq_len, top_n)

@@ -67,16 +67,21 @@ def answered(path: Path) -> set:
     return done
 
 
+def chunk_records(f: Path) -> Iterator[dict]:
+    """The answers of one chunk file: id, tokens, prompt_len, temp, stopped."""
+    z = load_chunk(f)
+    ends = np.cumsum(z["lengths"])
+    for i, end in enumerate(ends):
+        start = end - z["lengths"][i]
+        yield {"id": str(z["ids"][i]), "tokens": z["tokens"][start:end].astype(np.int64).tolist(),
+               "prompt_len": int(z["prompt_lens"][i]), "temp": float(z["temps"][i]),
+               "stopped": bool(z["stopped"][i])}
+
+
 def iter_records(path: Path) -> Iterator[dict]:
-    """Every answer of the data set: ids, prompt_len, temp, stopped, and its tokens."""
+    """Every answer of the data set, chunk by chunk (see `chunk_records`)."""
     for c in read_manifest(path)["chunks"]:
-        z = load_chunk(Path(path) / c["file"])
-        ends = np.cumsum(z["lengths"])
-        for i, end in enumerate(ends):
-            start = end - z["lengths"][i]
-            yield {"id": str(z["ids"][i]), "tokens": z["tokens"][start:end].astype(np.int64).tolist(),
-                   "prompt_len": int(z["prompt_lens"][i]), "temp": float(z["temps"][i]),
-                   "stopped": bool(z["stopped"][i])}
+        yield from chunk_records(Path(path) / c["file"])
 
 
 def pack(records: Iterable[dict], path: Path, *, eos: Optional[int], backbone: dict, meta: dict) -> Optional[dict]:
@@ -90,9 +95,9 @@ def pack(records: Iterable[dict], path: Path, *, eos: Optional[int], backbone: d
     path.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(path)
     if manifest["backbone"] is not None:
-        from .heads import check_fingerprint
+        from .heads import compare_fingerprints
 
-        _check_same_backbone(manifest["backbone"], backbone, path, check_fingerprint)
+        compare_fingerprints(manifest["backbone"], backbone, path)
     done = answered(path)
     toks, lengths, plens, temps, stopped, ids = [], [], [], [], [], []
     for rec in records:
@@ -131,14 +136,6 @@ def pack(records: Iterable[dict], path: Path, *, eos: Optional[int], backbone: d
                           for k in ("answers", "tokens", "answer_tokens", "cpu_seconds", "bytes")}
     write_json_atomic(path / MANIFEST, manifest)
     return entry
-
-
-def _check_same_backbone(want: dict, have: dict, path: Path, check) -> None:
-    class _FP:  # check_fingerprint takes a backbone; a fingerprint dict stands in
-        def fingerprint(self):
-            return have
-
-    check({"backbone": want}, _FP(), path)
 
 
 def chunk_files(path: Path) -> List[Path]:

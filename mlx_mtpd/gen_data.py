@@ -129,14 +129,8 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
     jobs = [{"id": job_id(_messages(p, system), t), "temp": t, "messages": _messages(p, system)}
             for t in temps for p in prompts]
     jobs = list({j["id"]: j for j in jobs}.values())  # a prompt listed twice is answered once
-    done = answered(pack_into) if pack_into else set()
-    if target.exists() and resume:
-        with open(target) as f:
-            for line in f:
-                try:
-                    done.add(json.loads(line)["id"])
-                except (json.JSONDecodeError, KeyError):
-                    continue  # a line cut by an interruption; its job runs again
+    in_work = _ids_in(target) if resume else set()  # a line cut by an interruption: its job runs again
+    done = (answered(pack_into) if pack_into else set()) | in_work
     if force and target.exists():
         target.unlink()
     if target.exists() and target.stat().st_size:
@@ -147,7 +141,7 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
     out.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if j["id"] not in done]
     if pack_into and new is not None:  # answers kept from an interrupted run count toward --new
-        todo = todo[: max(new - len(_ids_in(target) if resume else ()), 0)]
+        todo = todo[: max(new - len(in_work), 0)]
     n_tokens, tic, cpu0 = 0, time.perf_counter(), time.process_time()
     with open(target, "a") as f, tqdm(total=len(todo), desc="gen-data", unit="answer") as bar:
         for t in temps:
@@ -221,11 +215,7 @@ def _write_chunk_cache(model, tokenizer, chunk: Path, cache_root: Path, capture_
 
 
 def _ids_in(path: Path) -> set:
-    ids = set()
-    if path.exists():
-        for rec in _records(path):
-            ids.add(rec["id"])
-    return ids
+    return {rec["id"] for rec in _records(path) if isinstance(rec, dict) and "id" in rec} if path.exists() else set()
 
 
 def _records(path: Path):

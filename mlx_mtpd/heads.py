@@ -467,8 +467,11 @@ def save_heads(head_set: HeadSet, out: Path, force: bool = True, dtype: Optional
 
 
 def check_fingerprint(config: Dict[str, Any], backbone: Backbone, where: Path) -> None:
-    want = config.get("backbone", {})
-    have = backbone.fingerprint()
+    compare_fingerprints(config.get("backbone", {}), backbone.fingerprint(), where)
+
+
+def compare_fingerprints(want: Dict[str, Any], have: Dict[str, Any], where: Path) -> None:
+    """Refuse `where` (made for the backbone `want` describes) on the backbone `have` describes."""
     for key in ("model_type", "hidden_size", "vocab_size", "num_layers"):
         if key in want and want[key] != have[key]:
             raise MTPDError(
