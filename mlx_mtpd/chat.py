@@ -34,6 +34,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="Random seed.")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="Dtype of the default model when it is first imported.")
+    from .distributed import add_args
+
+    add_args(p)
     return p
 
 
@@ -103,75 +106,93 @@ def main(argv=None) -> None:
     def run():
         import mlx.core as mx
 
+        from . import distributed
         from .engine import make_logprobs_transform
         from .generate import parse_num_draft
         from .session import Session
-        from .utils import load
 
         num_draft = parse_num_draft(args.num_draft)
         if args.max_tokens == 0:
             raise MTPDError("--max-tokens must be non-zero (use -1 for no limit)")
         if args.max_context is not None and args.max_context < 16:
             raise MTPDError(f"--max-context must be at least 16 tokens (got {args.max_context})")
-        if args.seed is not None:
-            mx.random.seed(args.seed)
-        model, tokenizer, heads = load(args.model, heads=args.heads, dtype=args.dtype)
-        session = Session(model, tokenizer, heads, num_draft=num_draft, draft=args.draft, loop=args.loop,
-                          max_context=args.max_context, memory=True)
         sampling = dict(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
         make_logprobs_transform(**sampling)  # bad values: one clear error now
-        heads_note = f"{heads.num_heads} MTP head(s)" if heads is not None else "no MTP heads"
-        print(dim(f"[mlx_mtpd chat] {heads_note}, drafting: {session.draft}, num-draft {num_draft}. {HELP}"))
-        system = [{"role": "system", "content": args.system}] if args.system else []
-        messages: List[Dict[str, str]] = list(system)
-        while True:
-            try:
-                user = input(">> ")
-            except EOFError:
-                print()
-                break
-            except KeyboardInterrupt:
-                print(dim("\n(Ctrl-C stops an answer; /quit or Ctrl-D leaves)"))
-                continue
-            cmd = user.strip()
-            if not cmd:
-                continue
-            if cmd in ("/quit", "/exit", "/q"):
-                break
-            if cmd == "/reset":
-                messages = list(system)
-                session.reset()
-                print(dim("[conversation cleared]"))
-                continue
-            if cmd == "/stats":
-                print(dim(stats_text(session)))
-                continue
-            if cmd in ("/help", "/?"):
-                print(dim(HELP))
-                continue
-            if cmd.startswith("/"):
-                print(dim(f"unknown command {cmd.split()[0]!r}; {HELP}"))
-                continue
-            with _Interrupt() as intr:  # from here Ctrl-C only stops the answer
-                try:
-                    fitted, ids, dropped = session.fit_messages(
-                        messages + [{"role": "user", "content": user}], args.max_tokens)
-                except MTPDError as e:
-                    print(dim(f"[{e}]"))
-                    continue
-                if dropped:
-                    print(dim(f"[context full: dropped the {dropped} oldest turn(s)]"))
-                messages = fitted
-                text = ""
-                for r in session.stream(ids, max_tokens=args.max_tokens, should_stop=lambda: intr.flag,
-                                        **sampling):
-                    print(r.text, end="", flush=True)
-                    text += r.text
-            print()
-            print(dim(turn_line(session)))
-            messages.append({"role": "assistant", "content": text})
+        cluster = distributed.setup(args)
+        if cluster is not None:
+            mx.random.seed(cluster.seed(args.seed))
+        elif args.seed is not None:
+            mx.random.seed(args.seed)
+        model, tokenizer, heads = distributed.load_for(args, cluster)
+        session = Session(model, tokenizer, heads, num_draft=num_draft, draft=args.draft, loop=args.loop,
+                          max_context=args.max_context, memory=True, cluster=cluster)
+        if cluster is not None and not cluster.leader:
+            session.follow()
+            return
+        try:
+            converse(args, session, heads, num_draft, sampling)
+        finally:
+            session.close()
 
     run_main("chat", run)
+
+
+def converse(args, session, heads, num_draft, sampling) -> None:
+    """The terminal loop (rank 0's, under mlx.launch)."""
+    heads_note = f"{heads.num_heads} MTP head(s)" if heads is not None else "no MTP heads"
+    if session.cluster is not None:
+        from .distributed import describe
+
+        heads_note += f", {session.cluster.size} ranks ({describe(session.model)} parallel)"
+    print(dim(f"[mlx_mtpd chat] {heads_note}, drafting: {session.draft}, num-draft {num_draft}. {HELP}"))
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages: List[Dict[str, str]] = list(system)
+    while True:
+        try:
+            user = input(">> ")
+        except EOFError:
+            print()
+            break
+        except KeyboardInterrupt:
+            print(dim("\n(Ctrl-C stops an answer; /quit or Ctrl-D leaves)"))
+            continue
+        cmd = user.strip()
+        if not cmd:
+            continue
+        if cmd in ("/quit", "/exit", "/q"):
+            break
+        if cmd == "/reset":
+            messages = list(system)
+            session.reset()
+            print(dim("[conversation cleared]"))
+            continue
+        if cmd == "/stats":
+            print(dim(stats_text(session)))
+            continue
+        if cmd in ("/help", "/?"):
+            print(dim(HELP))
+            continue
+        if cmd.startswith("/"):
+            print(dim(f"unknown command {cmd.split()[0]!r}; {HELP}"))
+            continue
+        with _Interrupt() as intr:  # from here Ctrl-C only stops the answer
+            try:
+                fitted, ids, dropped = session.fit_messages(
+                    messages + [{"role": "user", "content": user}], args.max_tokens)
+            except MTPDError as e:
+                print(dim(f"[{e}]"))
+                continue
+            if dropped:
+                print(dim(f"[context full: dropped the {dropped} oldest turn(s)]"))
+            messages = fitted
+            text = ""
+            for r in session.stream(ids, max_tokens=args.max_tokens, should_stop=lambda: intr.flag,
+                                    **sampling):
+                print(r.text, end="", flush=True)
+                text += r.text
+        print()
+        print(dim(turn_line(session)))
+        messages.append({"role": "assistant", "content": text})
 
 
 if __name__ == "__main__":

@@ -32,6 +32,17 @@ def run_main(name: str, fn: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print(f"mlx_mtpd {name}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as e:
+        from .distributed import is_link_error
+
+        if not is_link_error(e):
+            raise
+        import os
+
+        rank = os.environ.get("MLX_RANK", "?")
+        print(f"mlx_mtpd {name}: error: rank {rank} lost another rank ({e}): every rank stops", file=sys.stderr,
+              flush=True)
+        os._exit(1)  # not sys.exit: MLX's communication threads would keep the process alive
 
 
 def main() -> None:

@@ -44,6 +44,9 @@ from .suffix import AnswerMemory, SuffixIndex, prompt_lookup  # noqa: F401  (re-
 # backbone's top-two logits are closer than this (float32; see docs/DESIGN.md,
 # "The contract"): verifying several tokens at once changes matmul shapes.
 TIE_TOLERANCE = {mx.float32: 1e-3, mx.float16: 0.15, mx.bfloat16: 0.25}
+# Under a cluster, plain decoding goes in bursts this long: rank 0 can stop
+# every rank between two of them.
+DIST_PLAIN_BURST = 32
 
 
 @dataclass
@@ -406,6 +409,7 @@ def mtp_generate_step(
     stats: Optional[SpecStats] = None,
     state: Optional[DraftState] = None,
     planner: Optional[DraftPlanner] = None,
+    cluster=None,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield (token, logprobs, from_draft) like mlx-lm's `speculative_generate_step`.
 
@@ -416,6 +420,10 @@ def mtp_generate_step(
     `state`, when given, is a :class:`DraftState` the loop fills and keeps: if
     it holds an earlier generation whose tokens the prompt extends, only the new
     part of the prompt is prefilled.  `planner` likewise keeps what `auto` measured.
+    `cluster` (:class:`mlx_mtpd.distributed.Cluster`): the backbone is sharded
+    over several ranks, which all run this loop; rank 0's plans, drafts and
+    tokens are broadcast, and a generation rank 0 stops ends on every rank at
+    the next step boundary (the step or burst under way is finished first).
     """
     if planner is None:
         planner = DraftPlanner(num_draft, draft)
@@ -447,6 +455,8 @@ def mtp_generate_step(
             st.push_hidden(h)
         return logits
 
+    if cluster is not None:
+        cluster.watchdog.arm("generating")
     # Prefill all but the last new prompt token in chunks, as mlx-lm does
     # (the logits are never evaluated; the hidden states are kept).
     y = mx.array(prompt_list[done:], mx.uint32)
@@ -456,53 +466,99 @@ def mtp_generate_step(
         mx.eval([c.state for c in st.cache] + st.hist[-1:])
         y = y[n:]
         mx.clear_cache()
+        if cluster is not None:
+            cluster.watchdog.tick()
     logits = forward(y)
     first, lp = _pick(logits[-1:], transform)
-    if plain_only:
+    if plain_only and cluster is None:
         yield from _plain_decode(st, first, lp, transform, max_tokens, stats)
         return
-    mx.eval(first)
-    token = first.item()
-    st.push_tokens([token])
-    stats.emitted += 1
-    yield token, lp[0], False
-    emitted = 1
+    if cluster is not None:
+        first = cluster.tensor(first)
+    # Under a cluster, a generation closed by its consumer (end of sequence, a
+    # stop string, a client gone) finishes the burst it is in without yielding,
+    # then tells the other ranks to stop: every rank runs the same collectives.
+    closing = stopped = False
+    try:
+        mx.eval(first)
+        token = first.item()
+        st.push_tokens([token])
+        stats.emitted += 1
+        try:
+            yield token, lp[0], False
+        except GeneratorExit:
+            if cluster is None:
+                raise
+            closing = True
+        emitted = 1
 
-    while max_tokens < 0 or emitted < max_tokens:
-        remaining = (max_tokens - emitted if max_tokens >= 0
-                     else max(planner.num_draft, planner.lookup_cap) + planner.burst + 1)
-        kind, arg, why = planner.plan(st, remaining)
-        if why:
-            stats.fallback = why
-        stats.sources[kind] = stats.sources.get(kind, 0) + 1
-        if kind == "plain":
+        while not closing and (max_tokens < 0 or emitted < max_tokens):
+            remaining = (max_tokens - emitted if max_tokens >= 0
+                         else max(planner.num_draft, planner.lookup_cap) + planner.burst + 1)
+            why = None
+            if cluster is None or cluster.leader:
+                if plain_only:
+                    kind, arg = "plain", min(remaining, DIST_PLAIN_BURST)
+                else:
+                    kind, arg, why = planner.plan(st, remaining)
+            if cluster is not None:
+                plan, planner.stop_match = cluster.plan((kind, arg) if cluster.leader else None,
+                                                        planner.stop_match)
+                if plan is None:
+                    stopped = True
+                    return
+                kind, arg = plan
+            if why:
+                stats.fallback = why
+            stats.sources[kind] = stats.sources.get(kind, 0) + 1
+            if kind == "plain":
+                tic = time.perf_counter()
+                n_out = 0
+                for tok, row, last in _plain_burst(st, arg, transform, stats, planner.stop_match, cluster):
+                    emitted += 1
+                    n_out += 1
+                    if last:  # the burst's time, before the consumer's
+                        planner.observe_plain(n_out, time.perf_counter() - tic)
+                    if not closing:
+                        try:
+                            yield tok, row, False
+                        except GeneratorExit:
+                            if cluster is None:
+                                raise
+                            closing = True
+                    if max_tokens >= 0 and emitted >= max_tokens:
+                        return
+                continue
             tic = time.perf_counter()
-            n_out = 0
-            for tok, row, last in _plain_burst(st, arg, transform, stats, planner.stop_match):
+            catch_up = st.length - st.committed[1] if kind == "heads" else 0
+            new_tokens, a, rows = _step(st, arg if kind == "heads" else 0, transform,
+                                        lookup=arg if kind == "lookup" else None, cluster=cluster)
+            d = arg if kind == "heads" else len(arg)
+            seconds = time.perf_counter() - tic
+            stats.record(d, a)
+            stats.step_time += seconds
+            # A long catch-up (after plain bursts or a new turn) is not a typical step's cost.
+            planner.observe("heads" if kind == "heads" else "lookup", d, a, seconds if catch_up <= d + 2 else None,
+                            match=0 if kind == "heads" else arg.match)
+            for i, t in enumerate(new_tokens):
+                try:
+                    yield t, rows[i], i < a
+                except GeneratorExit:
+                    if cluster is None:
+                        raise
+                    closing = True
+                    break
                 emitted += 1
-                n_out += 1
-                if last:  # the burst's time, before the consumer's
-                    planner.observe_plain(n_out, time.perf_counter() - tic)
-                yield tok, row, False
                 if max_tokens >= 0 and emitted >= max_tokens:
                     return
-            continue
-        tic = time.perf_counter()
-        catch_up = st.length - st.committed[1] if kind == "heads" else 0
-        new_tokens, a, rows = _step(st, arg if kind == "heads" else 0, transform,
-                                    lookup=arg if kind == "lookup" else None)
-        d = arg if kind == "heads" else len(arg)
-        seconds = time.perf_counter() - tic
-        stats.record(d, a)
-        stats.step_time += seconds
-        # A long catch-up (after plain bursts or a new turn) is not a typical step's cost.
-        planner.observe("heads" if kind == "heads" else "lookup", d, a, seconds if catch_up <= d + 2 else None,
-                        match=0 if kind == "heads" else arg.match)
-        for i, t in enumerate(new_tokens):
-            yield t, rows[i], i < a
-            emitted += 1
-            if max_tokens >= 0 and emitted >= max_tokens:
-                return
+    except Exception:
+        stopped = True  # an error: no more collectives (the other ranks learn of it from the link)
+        raise
+    finally:
+        if cluster is not None:
+            if not stopped:
+                cluster.plan(None, None)  # rank 0: stop; the others: rank 0's word (a stop too)
+            cluster.watchdog.disarm()
 
 
 def _plain_decode(st: DraftState, y: mx.array, lp: mx.array, transform, max_tokens: int, stats):
@@ -535,7 +591,7 @@ def _plain_decode(st: DraftState, y: mx.array, lp: mx.array, transform, max_toke
         y, lp = next_y, next_lp
 
 
-def _plain_burst(st: DraftState, n: int, transform, stats, stop_match: Optional[int] = None):
+def _plain_burst(st: DraftState, n: int, transform, stats, stop_match: Optional[int] = None, cluster=None):
     """Up to n tokens decoded plainly and pipelined inside the drafting loop,
     the backbone's hidden states kept so that the heads can catch up later.
     Yields (token, logprobs, last).  With `stop_match`, the burst ends as soon
@@ -547,7 +603,8 @@ def _plain_burst(st: DraftState, n: int, transform, stats, stop_match: Optional[
         logits, h = st.forward(y)
         if h is not None:
             st.push_hidden(h)
-        return _pick(logits[-1:], transform)
+        y, lp = _pick(logits[-1:], transform)
+        return (cluster.tensor(y), lp) if cluster is not None else (y, lp)
 
     nxt = fwd(mx.array([st.tokens[-1]], mx.uint32))
     mx.async_eval(*nxt)
@@ -579,7 +636,7 @@ def _pick(logits: mx.array, transform):
     return mx.random.categorical(transform(logits)), lp
 
 
-def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None):
+def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None, cluster=None):
     """One verification step: d head drafts, or the given lookup drafts."""
     n = len(st.tokens) - 1
     if lookup:
@@ -588,6 +645,12 @@ def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None)
     else:
         drafts, qs, streams = head_drafts.draft(st, d, transform) if d else ([], [], [None])
         draft_arr = mx.stack(drafts) if drafts else mx.zeros((0,), mx.uint32)
+        if cluster is not None and drafts:  # every rank verifies rank 0's drafts
+            draft_arr = cluster.tensor(draft_arr)
+            if st.backbone.pipeline_group is not None:
+                # a stage's receive has no inputs: MLX could order it before this
+                # broadcast on one stage and after it on another
+                mx.eval(draft_arr)
     nd = draft_arr.size
     verify_in = mx.concatenate([mx.array([st.tokens[-1]], mx.uint32), draft_arr])
     saved = [_snapshot(c) for c in st.restorable] if st.restorable and nd else None
@@ -601,6 +664,8 @@ def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None)
         else:
             q = mx.stack(qs) if qs else mx.zeros((0, logits.shape[-1]))
         a_arr, fixes = accept_sampled(draft_arr, q, transform(logits))
+    if cluster is not None:  # rank 0's acceptance and tokens, in this step's graph
+        a_arr, fixes = cluster.tensor(a_arr), cluster.tensor(fixes)
     mx.eval(a_arr, fixes, draft_arr)
     a = a_arr.item()
     new_tokens = draft_arr[:a].tolist() + [fixes[a].item()]

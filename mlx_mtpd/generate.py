@@ -129,13 +129,19 @@ def acceptance_line(stats: SpecStats) -> str:
     )
 
 
-def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
-    """Generate a complete response, as `mlx_lm.generate` does."""
+def generate(model, tokenizer, prompt, verbose: bool = False, session=None, **kwargs) -> str:
+    """Generate a complete response, as `mlx_lm.generate` does (through
+    `session`, a :class:`mlx_mtpd.session.Session`, when given: its heads and
+    drafting settings; `kwargs` are then `max_tokens` and sampling)."""
     if verbose:
         print("=" * 10)
     text = ""
     response = None
-    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+    if session is not None:
+        responses = session.stream(_encode(session.tokenizer, prompt).tolist(), **kwargs)
+    else:
+        responses = stream_generate(model, tokenizer, prompt, **kwargs)
+    for response in responses:
         if verbose:
             print(response.text, end="", flush=True)
         text += response.text
@@ -173,6 +179,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="Use the model's chat template (the default when it has one).")
     p.add_argument("--verbose", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True,
                    default=True, help="Print timing and acceptance (default true).")
+    from .distributed import add_args
+
+    add_args(p)
     return p
 
 
@@ -212,17 +221,40 @@ def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
 
     def run():
-        from .utils import load
+        from . import distributed
 
         if args.max_tokens == 0:
             raise MTPDError("--max-tokens must be non-zero (use -1 for no limit)")
         num_draft = parse_num_draft(args.num_draft)
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        if not prompt:
+        cluster = distributed.setup(args)
+        leader = cluster is None or cluster.leader
+        prompt = (sys.stdin.read() if args.prompt == "-" else args.prompt) if leader else None
+        if leader and not prompt:
             raise MTPDError("the prompt is empty: pass --prompt TEXT")
-        if args.seed is not None:
+        if cluster is not None:
+            mx.random.seed(cluster.seed(args.seed))
+        elif args.seed is not None:
             mx.random.seed(args.seed)
-        model, tokenizer, heads = load(args.model, heads=args.heads, dtype=args.dtype)
+        model, tokenizer, heads = distributed.load_for(args, cluster)
+        if cluster is not None:
+            from .session import Session
+
+            session = Session(model, tokenizer, heads, num_draft=num_draft, draft=args.draft, loop=args.loop,
+                              cluster=cluster)
+            if not cluster.leader:
+                session.follow()
+                return
+            print(f"[mlx_mtpd] {cluster.size} ranks, {distributed.describe(model)} parallel", file=sys.stderr)
+            text_prompt = render_prompt(tokenizer, prompt, args.system_prompt, not args.ignore_chat_template)
+            try:
+                out = generate(model, tokenizer, text_prompt, verbose=args.verbose, session=session,
+                               max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, top_k=args.top_k,
+                               min_p=args.min_p)
+            finally:
+                session.close()
+            if not args.verbose:
+                print(out)
+            return
         if args.verbose:
             print(f"[mlx_mtpd] BLAS: {_blas.describe()}", file=sys.stderr)
             if heads is None:

@@ -70,9 +70,17 @@ class Backbone:
         self.hidden_size = int(self.embed.weight.shape[-1] * _pack_factor(self.embed))
         self.vocab_size = int(self.embed.weight.shape[0])
         self._tap_norm()
-        self.features = check_features(features, len(inner.layers))
+        # Sharded over mlx.distributed (distributed.load): a pipeline stage holds
+        # only its own layers, and a tensor-parallel lm_head one slice of the vocabulary.
+        self.num_layers = inner.__dict__.get("_mtpd_num_layers", len(inner.layers))
+        self.pipeline_group = inner.__dict__.get("_mtpd_pipeline_group")
+        self.vocab_group = getattr(lm if lm is not None else model, "sharding_group", None)
+        if self.lm_head is None:
+            self.vocab_group = None
+        self.features = check_features(features, self.num_layers)
         for i in self.features:
-            _tap_output(inner.layers[i])
+            if i < len(inner.layers) and inner.layers[i] is not None:
+                _tap_output(inner.layers[i])
 
     def _tap_norm(self) -> None:
         # Record the final norm's input without changing the parameter tree:
@@ -105,7 +113,16 @@ class Backbone:
         hidden = self.norm.__dict__.pop("_mtpd_last_input")
         if not self.features:
             return hidden
-        parts = [self.inner.layers[i].__dict__.pop("_mtpd_output", None) for i in self.features]
+        layers = self.inner.layers
+        parts = [layers[i].__dict__.pop("_mtpd_output", None) if i < len(layers) and layers[i] is not None
+                 else None for i in self.features]
+        if self.pipeline_group is not None:
+            # each feature layer ran on one stage: the others add zeros
+            # (after the stage's own sends and the gather of the last state: the
+            # same order of collectives on every stage)
+            parts = mx.depends(mx.concatenate([mx.zeros_like(hidden) if x is None else x for x in parts], axis=-1),
+                               hidden)
+            return mx.concatenate([mx.distributed.all_sum(parts, group=self.pipeline_group), hidden], axis=-1)
         if any(not isinstance(x, mx.array) or x.shape != hidden.shape for x in parts):
             raise MTPDError(
                 f"the {self.model_type} layers do not return the hidden state alone, so their "
@@ -119,6 +136,10 @@ class Backbone:
 
     def project(self, x: mx.array) -> mx.array:
         logits = self.lm_head(x) if self.lm_head is not None else self.embed.as_linear(x)
+        if self.vocab_group is not None:  # a vocabulary slice per rank (tensor parallel)
+            from mlx_lm.models.base import gather_last_axis
+
+            logits = gather_last_axis(logits, self.vocab_group)
         return self._cap(logits)
 
     def _cap(self, logits: mx.array) -> mx.array:
@@ -131,6 +152,8 @@ class Backbone:
         (B, U): rows per sequence, applied to a (B, L, H) batch)."""
         if ids is None:
             return self.project
+        if self.vocab_group is not None:  # the rows are spread over the ranks
+            return lambda x: self.project(x)[..., ids]
         layer = self.lm_head if self.lm_head is not None else self.embed
         quantized = isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
         if quantized:
@@ -174,7 +197,7 @@ class Backbone:
             "model_type": self.model_type,
             "hidden_size": self.hidden_size,
             "vocab_size": self.vocab_size,
-            "num_layers": len(self.inner.layers),
+            "num_layers": self.num_layers,
             "embedding_probe": [round(float(x), 5) for x in norms.tolist()],
         }
 

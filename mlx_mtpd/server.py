@@ -148,12 +148,14 @@ class Worker:
                 job.events.put(("error", 400, str(e)))
             except Exception as e:  # keep serving; the client learns what broke
                 job.events.put(("error", 500, f"{type(e).__name__}: {e}"))
+                from .distributed import is_link_error
+
+                if is_link_error(e):  # another rank is gone: so is this server
+                    raise
             finally:
                 self.served += 1
 
     def _serve(self, job: Job) -> None:
-        import mlx.core as mx
-
         s, req = self.session, job.req
         tok = s.tokenizer
         if job.kind == "chat":
@@ -162,13 +164,11 @@ class Worker:
             ids = tok.encode(req["prompt"])
         if s.max_context is not None and len(ids) >= s.max_context:
             raise BadRequest(f"the prompt is {len(ids)} tokens and the context holds {s.max_context}: shorten it")
-        if req["seed"] is not None:
-            mx.random.seed(req["seed"] % (1 << 32))
         stops = req["stop"]
         hold = max((len(x) for x in stops), default=1) - 1
         text, sent = "", 0
         finish, last = None, None
-        for r in s.stream(ids, max_tokens=req["max_tokens"], should_stop=job.cancelled.is_set,
+        for r in s.stream(ids, max_tokens=req["max_tokens"], should_stop=job.cancelled.is_set, seed=req["seed"],
                           temp=req["temp"], top_p=req["top_p"], top_k=req["top_k"], min_p=req["min_p"]):
             last = r
             text += r.text
@@ -361,6 +361,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-memory", action="store_true",
                    help="Draft also from earlier requests' answers (off: clients never draft from "
                         "each other's conversations; turn on for one user or trusted clients).")
+    from .distributed import add_args
+
+    add_args(p)
     return p
 
 
@@ -383,16 +386,24 @@ def main(argv=None) -> None:
     def run():
         from pathlib import Path
 
+        import mlx.core as mx
+
+        from . import distributed
         from .generate import parse_num_draft
         from .session import Session
-        from .utils import load
 
         num_draft = parse_num_draft(args.num_draft)
         if not 0 <= args.port < 65536:
             raise MTPDError(f"--port must be in 0..65535 (got {args.port})")
-        model, tokenizer, heads = load(args.model, heads=args.heads, dtype=args.dtype)
+        cluster = distributed.setup(args)
+        if cluster is not None:
+            mx.random.seed(cluster.seed(None))
+        model, tokenizer, heads = distributed.load_for(args, cluster)
         session = Session(model, tokenizer, heads, num_draft=num_draft, draft=args.draft, loop=args.loop,
-                          max_context=args.max_context, memory=args.draft_memory)
+                          max_context=args.max_context, memory=args.draft_memory, cluster=cluster)
+        if cluster is not None and not cluster.leader:
+            session.follow()
+            return
         model_id = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
         try:
             httpd, worker = serve(session, args.host, args.port, model_id, args.quiet)
@@ -400,11 +411,14 @@ def main(argv=None) -> None:
             raise MTPDError(f"cannot listen on {args.host}:{args.port} ({e.strerror}): pick another --port") from None
         host, port = httpd.server_address[:2]
         heads_note = f"{heads.num_heads} MTP head(s)" if heads is not None else "no MTP heads"
+        if cluster is not None:
+            heads_note += f", {cluster.size} ranks ({distributed.describe(model)} parallel)"
         print(f"mlx_mtpd server: {model_id}, {heads_note}, drafting {session.draft}, "
               f"listening on http://{host}:{port}", file=sys.stderr, flush=True)
         try:
             worker.run()
         finally:
+            session.close()
             httpd.shutdown()
             httpd.server_close()
 

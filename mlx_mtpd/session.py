@@ -55,6 +55,9 @@ class Session:
     # Draft also from this session's earlier answers when they have left the
     # context (trimmed turns, a reset, the server's earlier requests).
     memory: bool = False
+    # Under mlx.launch (distributed.Cluster): rank 0 shares every answer's
+    # request with the other ranks, which run it in `follow()`.
+    cluster: Optional[object] = None
     turns: List[Turn] = field(default_factory=list)
 
     def __post_init__(self):
@@ -78,7 +81,31 @@ class Session:
 
     def reset(self) -> None:
         """Forget the cached conversation (what the planner measured stays)."""
+        if self.cluster is not None and self.cluster.leader:
+            self.cluster.share({"op": "reset"})
         self.state.reset()
+
+    def close(self) -> None:
+        """Rank 0: release the other ranks (their `follow()` returns)."""
+        if self.cluster is not None and self.cluster.leader:
+            self.cluster.share({"op": "quit"})
+
+    def follow(self) -> None:
+        """Ranks > 0: run rank 0's requests until it closes the session."""
+        from .distributed import follow
+
+        def run(job):
+            if job["op"] == "reset":
+                self.state.reset()
+                return
+            try:
+                for _ in self.stream(job["ids"], max_tokens=job["max_tokens"], seed=job["seed"],
+                                     **job["sampling"]):
+                    pass
+            except MTPDError:  # rank 0 met the same error and reported it
+                pass
+
+        follow(self.cluster, run)
 
     def encode_messages(self, messages: Sequence[Dict[str, str]]) -> List[int]:
         tok = self.tokenizer
@@ -112,12 +139,12 @@ class Session:
         return msgs, ids, dropped
 
     def stream(self, prompt: Union[List[int], mx.array], max_tokens: int = 512, should_stop=None,
-               **sampling) -> Generator[GenerationResponse, None, None]:
+               seed: Optional[int] = None, **sampling) -> Generator[GenerationResponse, None, None]:
         """Stream one answer to `prompt` (token ids holding the whole conversation).
 
         `should_stop()` is checked after every token (a Ctrl-C flag, a closed
         connection); the last response carries finish_reason ('stop', 'length'
-        or 'interrupted').
+        or 'interrupted').  `seed` seeds MLX's random state first (every rank's).
         """
         ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
         if self.max_context is not None:
@@ -125,11 +152,17 @@ class Session:
             if room <= 0:
                 raise MTPDError(f"the prompt is {len(ids)} tokens and the context holds {self.max_context}")
             max_tokens = min(max_tokens, room) if max_tokens > 0 else room
+        if self.cluster is not None and self.cluster.leader:
+            self.cluster.share({"op": "stream", "ids": [int(t) for t in ids], "max_tokens": int(max_tokens),
+                                "seed": seed, "sampling": sampling})
+        if seed is not None:
+            mx.random.seed(seed % (1 << 32))
         cached = self.state.common_prefix(ids)
         last = None
         answer: List[int] = []
         gen = stream_generate(self.model, self.tokenizer, mx.array(ids), max_tokens=max_tokens, heads=self.heads,
-                              loop=self.loop, state=self.state, planner=self.planner, **sampling)
+                              loop=self.loop, state=self.state, planner=self.planner, cluster=self.cluster,
+                              **sampling)
         try:
             for last in gen:
                 answer.append(last.token)

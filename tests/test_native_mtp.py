@@ -874,10 +874,10 @@ Q35 = dict(model_type="qwen3_5", architectures=["Qwen3_5ForConditionalGeneration
            tie_word_embeddings=False, torch_dtype="float32", bos_token_id=1, eos_token_id=2)
 
 
-def test_qwen35_dense_wrapped_text_model(tmp_path):
-    """Qwen3.5 (dense): the text model inside a multimodal wrapper, its config
-    under text_config, a dense MTP block; norms shifted exactly once although
-    mlx-lm's sanitize does not recognize a lone block as raw."""
+def qwen35_checkpoint(src):
+    """A tiny Qwen3.5 (dense) checkpoint in the Hugging Face layout: the text
+    model inside the multimodal wrapper, recurrent and attention layers, one
+    dense MTP block.  Returns the MTP block's tensors."""
     from mlx_lm.models import qwen3_5
 
     from conftest import byte_tokenizer
@@ -897,11 +897,20 @@ def test_qwen35_dense_wrapped_text_model(tmp_path):
          p + "self_attn.q_norm.weight": zc(16), p + "self_attn.k_norm.weight": zc(16),
          p + "mlp.gate_proj.weight": _rand(rng, 128, 64), p + "mlp.up_proj.weight": _rand(rng, 128, 64),
          p + "mlp.down_proj.weight": _rand(rng, 64, 128)}
-    src = tmp_path / "hf"
-    src.mkdir()
+    src.mkdir(parents=True)
     write_safetensors(src / "model.safetensors", {**hf, **w})
     (src / "config.json").write_text(json.dumps(Q35))
     byte_tokenizer(300).save_pretrained(str(src))
+    return w
+
+
+def test_qwen35_dense_wrapped_text_model(tmp_path):
+    """Qwen3.5 (dense): the text model inside a multimodal wrapper, its config
+    under text_config, a dense MTP block; norms shifted exactly once although
+    mlx-lm's sanitize does not recognize a lone block as raw."""
+    src = tmp_path / "hf"
+    w = qwen35_checkpoint(src)
+    p = "mtp.layers.0."
     got, h, model, heads = convert_and_read(src, tmp_path / "mlx", "qwen3_next")
     np.testing.assert_allclose(np.array(heads.heads[0].block.post_attention_layernorm.weight),
                                1 + w[p + "post_attention_layernorm.weight"], rtol=1e-6)
