@@ -38,6 +38,12 @@ def _run(gen, eos=()) -> tuple:
         toks.append(int(item[0]))
     gen.close()
     end = time.perf_counter()
+    # mlx-lm decodes on a stream of its own and queues a forward ahead: let it
+    # finish before the next run (on a sharded model, collectives of two streams
+    # must not interleave differently on different ranks)
+    from mlx_lm.generate import generation_stream
+
+    mx.synchronize(generation_stream)
     return toks, end - tic, end - (first or end)
 
 
@@ -50,12 +56,15 @@ def _plain(prompt, model, max_tokens, temp):
 
 def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: List, temp: float = 0.0,
           loop: Optional[str] = None, seed: int = 0, progress: bool = True, draft: str = "heads",
-          stop_at_eos: bool = True) -> Dict:
+          stop_at_eos: bool = True, cluster=None) -> Dict:
     """drafts: draft lengths and/or 'auto' (one planner for the whole run, as in a chat).
-    An answer ends at the tokenizer's end-of-sequence token unless `stop_at_eos` is False."""
+    An answer ends at the tokenizer's end-of-sequence token unless `stop_at_eos` is False.
+    Under mlx.launch (`cluster`), every rank runs the same benchmark on its shard;
+    plain decoding is then mlx-lm's own on the sharded model."""
     from tqdm import tqdm
 
     from . import _blas
+    from .distributed import describe
     from .gen_data import _messages
 
     ids = [mx.array(tokenizer.apply_chat_template(_messages(p), add_generation_prompt=True)) for p in prompts]
@@ -67,7 +76,8 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
     mismatches = []
     per_prompt = []
     _run(_plain(ids[0], model, 4, 0.0))  # warm-up
-    bar = tqdm(total=len(ids) * len(names), desc="bench", unit="run", disable=not progress)
+    leader = cluster is None or cluster.leader
+    bar = tqdm(total=len(ids) * len(names), desc="bench", unit="run", disable=not progress or not leader)
     for i, p in enumerate(ids):
         order = names if i % 2 == 0 else names[::-1]
         outs = {}
@@ -81,7 +91,8 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
                 st = SpecStats()
                 toks, t, td = _run(mtp_generate_step(p, model, heads if d else None, num_draft=d, loop=loop,
                                                      max_tokens=max_tokens, temp=temp, stats=st, draft=draft,
-                                                     planner=planner if d == "auto" else None), eos)
+                                                     planner=planner if d == "auto" else None,
+                                                     cluster=cluster), eos)
                 stats[name].add(st)
             outs[name] = toks
             row[name] = {"tokens": len(toks), "seconds": t, "decode_seconds": td}
@@ -134,6 +145,11 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
         "stop_at_eos": stop_at_eos,
         "device": str(mx.default_device()),
         "blas": _blas.describe(),
+        "ranks": cluster.size if cluster is not None else 1,
+        "sharding": describe(model) if cluster is not None else None,
+        # host round trips by which the ranks agreed (a plan per step), and their mean cost
+        "agreements": cluster.sync_count if cluster is not None else 0,
+        "agreement_ms": 1e3 * cluster.sync_time / max(cluster.sync_count, 1) if cluster is not None else 0.0,
         "by_num_draft": per_d,
         "per_prompt": per_prompt,
     }
@@ -235,12 +251,15 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
+    from .distributed import add_args
+
+    add_args(p)
     args = p.parse_args(argv)
 
     def run():
+        from . import distributed
         from .gen_data import read_prompts
         from .heads import init_heads
-        from .utils import load
 
         try:
             drafts = [x.strip() if x.strip() == "auto" else int(x) for x in args.num_draft.split(",")]
@@ -250,15 +269,23 @@ def main(argv=None) -> None:
         if any(d != "auto" and d < 0 for d in drafts):
             raise MTPDError(f"--num-draft values must be >= 0 (got {args.num_draft!r})")
         untrained = args.heads == "untrained"
-        model, tok, heads = load(args.model, heads=None if untrained else args.heads)
+        cluster = distributed.setup(args)
+        if untrained and cluster is not None:
+            raise MTPDError("--heads untrained is for one process: under mlx.launch give a head set folder")
+        model, tok, heads = distributed.load_for(args, cluster, heads=args.heads if not untrained else None)
         if untrained:
             heads = init_heads(model, 1, draft_vocab=8192)
         if heads is None and args.draft != "prompt-lookup" and any(d != "auto" and d for d in drafts):
             raise MTPDError("no head set: pass --heads (or --heads untrained), or --draft prompt-lookup")
         prompts = read_prompts(EDITS_PROMPTS if args.prompts == "edits" else args.prompts)[: args.num_prompts]
         res = bench(model, tok, heads, prompts, max_tokens=args.max_tokens, drafts=drafts, temp=args.temp,
-                    loop=args.loop, seed=args.seed, draft=args.draft, stop_at_eos=not args.ignore_eos)
-        print(f"device {res['device']}, BLAS: {res['blas']}, {res['num_prompts']} prompts, temp {args.temp}")
+                    loop=args.loop, seed=args.seed, draft=args.draft, stop_at_eos=not args.ignore_eos,
+                    cluster=cluster)
+        if cluster is not None and not cluster.leader:
+            return
+        print(f"device {res['device']}, BLAS: {res['blas']}, {res['num_prompts']} prompts, temp {args.temp}"
+              + (f", {res['ranks']} ranks ({res['sharding']} parallel; agreeing on a plan: "
+                 f"{res['agreement_ms']:.2f} ms each)" if cluster is not None else ""))
         print(f"plain mlx-lm: {res['plain_tokens_per_s']:.2f} tokens/s")
         for name, r in res["by_num_draft"].items():
             print(f"{name:<5} {r['tokens_per_s']:7.2f} tokens/s  speedup {r['speedup']:.3f}x  "

@@ -330,13 +330,16 @@ def setup(args) -> Optional[Cluster]:
     return init(args.dist_backend, args.dist_timeout)
 
 
-def load_for(args, cluster: Optional[Cluster]):
-    """(model, tokenizer, heads): sharded under a cluster, else `utils.load`."""
+def load_for(args, cluster: Optional[Cluster], heads: Any = "args"):
+    """(model, tokenizer, heads) for a CLI's args (`heads` given: instead of
+    --heads): sharded under a cluster, else `utils.load`."""
     from .utils import load as load_one
 
+    heads = args.heads if heads == "args" else heads
+    dtype = getattr(args, "dtype", None)
     if cluster is None:
-        return load_one(args.model, heads=args.heads, dtype=args.dtype)
-    return load(args.model, args.heads, args.dtype, cluster, args.sharding)
+        return load_one(args.model, heads=heads, dtype=dtype)
+    return load(args.model, heads, dtype, cluster, args.sharding)
 
 
 def job_message(ids: List[int], max_tokens: int, settings: Dict[str, Any]) -> Dict[str, Any]:

@@ -432,6 +432,8 @@ def mtp_generate_step(
             planner = DraftPlanner(planner.num_draft if not planner.auto else "auto", "prompt-lookup")
         else:
             raise MTPDError("drafting needs MTP heads: pass --heads, --draft prompt-lookup, or --num-draft 0")
+    if cluster is not None:  # every burst costs the ranks one agreement: longer ones
+        planner.burst = max(planner.burst, DIST_PLAIN_BURST)
     prompt_list = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
     if len(prompt_list) == 0:
         raise MTPDError("the prompt is empty: give at least one token")
