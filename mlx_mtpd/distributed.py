@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import mlx.core as mx
 
@@ -39,7 +39,8 @@ from .errors import MTPDError
 SHARDING = ("auto", "tensor", "pipeline")
 DEFAULT_TIMEOUT = 120.0  # seconds a rank waits for the others inside a generation (or to connect)
 PLAN_KINDS = ("stop", "plain", "heads", "lookup")
-PLAN_SIZE = 5 + 64  # kind, n, match, stop_match, proposal length, proposal tokens (padded)
+# kind, n, match, stop_match, proposal length, proposal tokens (padded), proposal from memory
+PLAN_SIZE = 5 + 64 + 1
 LAUNCH_ENV = ("MLX_RANK", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "MLX_JACCL_COORDINATOR",
               "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
@@ -158,15 +159,13 @@ class Cluster:
                 vals[0] = PLAN_KINDS.index(kind)
                 vals[3] = -1 if stop_match is None else int(stop_match)
                 if kind == "lookup":
-                    toks = list(arg.tokens)[: PLAN_SIZE - 5]
+                    toks = list(arg.tokens)[: PLAN_SIZE - 6]
                     vals[1], vals[2], vals[4] = len(toks), int(arg.match), len(toks)
                     vals[5 : 5 + len(toks)] = toks
-                    vals.append(1 if arg.source == "memory" else 0)
+                    vals[-1] = int(arg.source == "memory")
                 else:
                     vals[1] = int(arg)
-            if len(vals) == PLAN_SIZE:
-                vals.append(0)
-        vals = self.ints(vals, PLAN_SIZE + 1)
+        vals = self.ints(vals, PLAN_SIZE)
         self.watchdog.tick()
         kind = PLAN_KINDS[vals[0]]
         if kind == "stop":
@@ -174,7 +173,7 @@ class Cluster:
         stop = None if vals[3] < 0 else vals[3]
         if kind == "lookup":
             toks = vals[5 : 5 + vals[4]]
-            return (kind, Proposal(toks, vals[2], "memory" if vals[PLAN_SIZE] else "context")), stop
+            return (kind, Proposal(toks, vals[2], "memory" if vals[-1] else "context")), stop
         return (kind, vals[1]), stop
 
     def seed(self, seed: Optional[int]) -> int:
@@ -340,7 +339,3 @@ def load_for(args, cluster: Optional[Cluster], heads: Any = "args"):
     if cluster is None:
         return load_one(args.model, heads=heads, dtype=dtype)
     return load(args.model, heads, dtype, cluster, args.sharding)
-
-
-def job_message(ids: List[int], max_tokens: int, settings: Dict[str, Any]) -> Dict[str, Any]:
-    return {"op": "stream", "ids": [int(t) for t in ids], "max_tokens": int(max_tokens), **settings}
