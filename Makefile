@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PROMPT ?= Write a short poem about the sea.
 CHAT_ARGS ?=
 
-.PHONY: chat generate server bench test setup blas data heads heads-from-scratch ablation clean
+.PHONY: chat generate server bench test setup blas data heads heads-from-scratch ablation ablation-layers clean
 
 $(BIN)/mlx_mtpd: pyproject.toml
 	@$(MAKE) --no-print-directory blas
@@ -121,6 +121,19 @@ ablation: data
 	$(BIN)/mlx_mtpd train --data $(DATA) $(TEXT) --eval-data $(RUNS)/eval --out $(RUNS)/depth1 \
 	  --cache-dir $(RUNS)/cache $(HEADS_ARGS) --train-depth 1 --eval-every 100 --save-every 100 --force
 	$(BIN)/mlx_mtpd eval-heads --heads $(RUNS)/depth1 $(EVAL_ARGS) --json $(RUNS)/depth1/eval.json
+
+# Which backbone layers to fuse: new heads trained from scratch with each set on
+# the captured chunks (their cache holds layers 2, 8, 15, 22 and 27, so no set
+# needs another backbone pass), the same steps, held-out agreement compared.
+LAYER_SETS ?= 2,8,15,22,27 8,15,22 2,15,27 none
+LAYERS_DATA ?= $(DATA)/chunk-0005.npz $(DATA)/chunk-0006.npz
+LAYERS_ARGS ?= --num-heads 1 --train-depth 2 --top-n 256 --steps 120 --batch-size 8 --learning-rate 1e-3 \
+  --warmup 20 --eval-every 40
+ablation-layers: setup
+	for f in $(LAYER_SETS); do \
+	  $(BIN)/mlx_mtpd train --data $(LAYERS_DATA) --eval-data $(RUNS)/eval --out $(RUNS)/layers-$$f \
+	    --cache-dir $(CACHE) $(LAYERS_ARGS) --features $$f --save-every 1000 --force || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -10,6 +10,8 @@ tokens needed for a target agreement.
 
 A run is LABEL=TRAIN_OUT[:EVAL_JSON]; TRAIN_OUT holds trainer_state.json (its
 history records `tokens_seen` and `eval_agreement` at every evaluation).
+`--keep JSON` adds the runs of an earlier `--json` output (their training
+folders may be gone), so that the curve of every recipe run stays in one plot.
 Tokens seen in the first epoch are all new data; past it the same tokens come
 again, which the plot marks (open markers), and the fit uses only first-epoch
 points unless there are fewer than three.
@@ -56,12 +58,16 @@ def fit(points):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", action="append", required=True, help="LABEL=TRAIN_OUT[:EVAL_JSON]")
+    ap.add_argument("--run", action="append", default=[], help="LABEL=TRAIN_OUT[:EVAL_JSON]")
+    ap.add_argument("--keep", default=None, help="An earlier --json output whose runs are plotted too.")
     ap.add_argument("--target", type=float, default=0.7, help="Agreement to extrapolate to (default 0.7).")
     ap.add_argument("--png", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    kept = json.loads(Path(args.keep).read_text()) if args.keep else []
     runs = [read_run(r) for r in args.run]
+    if not runs and not kept:
+        raise SystemExit("give at least one --run (or --keep)")
     for run in runs:
         first = [p for p in run["points"] if p["epoch"] == 0]
         use = first if len(first) >= 3 else run["points"]
@@ -82,6 +88,8 @@ def main(argv=None):
         if run["fit"] and run["fit"]["tokens_for_target"]:
             print(f"  fit a + b ln(tokens): b = {run['fit']['b_per_e']:.4f} per e-fold; "
                   f"{args.target} at ~{run['fit']['tokens_for_target']:.3g} answer tokens")
+    names = {r["label"] for r in runs}
+    runs = runs + [r for r in kept if r["label"] not in names]
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=2))
     if args.png:
