@@ -121,7 +121,7 @@ def main(argv=None):
         ax.set_ylabel("held-out agreement, depth 1 (teacher-forced)")
         ax.axhline(args.target, color="grey", lw=0.8, ls=":")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         fig.savefig(args.png, dpi=110)
         print(f"-> {args.png}")
