@@ -272,7 +272,9 @@ def main(argv=None) -> None:
         cluster = distributed.setup(args)
         if untrained and cluster is not None:
             raise MTPDError("--heads untrained is for one process: under mlx.launch give a head set folder")
-        model, tok, heads = distributed.load_for(args, cluster, heads=args.heads if not untrained else None)
+        if untrained:  # made below: nothing to load
+            args.heads = None
+        model, tok, heads = distributed.load_for(args, cluster)
         if untrained:
             heads = init_heads(model, 1, draft_vocab=8192)
         if heads is None and args.draft != "prompt-lookup" and any(d != "auto" and d for d in drafts):

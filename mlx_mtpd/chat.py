@@ -104,7 +104,6 @@ def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
 
     def run():
-        import mlx.core as mx
 
         from . import distributed
         from .engine import make_logprobs_transform
@@ -119,10 +118,7 @@ def main(argv=None) -> None:
         sampling = dict(temp=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p)
         make_logprobs_transform(**sampling)  # bad values: one clear error now
         cluster = distributed.setup(args)
-        if cluster is not None:
-            mx.random.seed(cluster.seed(args.seed))
-        elif args.seed is not None:
-            mx.random.seed(args.seed)
+        distributed.seed_all(cluster, args.seed)
         model, tokenizer, heads = distributed.load_for(args, cluster)
         session = Session(model, tokenizer, heads, num_draft=num_draft, draft=args.draft, loop=args.loop,
                           max_context=args.max_context, memory=True, cluster=cluster)

@@ -242,8 +242,8 @@ def load(model: Optional[str], heads: Optional[str], dtype: Optional[str], clust
     a copy of its last layer, at full width) and replicated on every rank."""
     from mlx_lm.utils import load_model, sharded_load
 
-    from .heads import load_heads
-    from .utils import DEFAULT_HEADS, HEADS_CONFIG, resolve_model
+    from .heads import decoder_of
+    from .utils import load_head_set, resolve_model
 
     if sharding not in SHARDING:
         raise MTPDError(f"--sharding must be one of {', '.join(SHARDING)} (got {sharding!r})")
@@ -273,29 +273,17 @@ def load(model: Optional[str], heads: Optional[str], dtype: Optional[str], clust
                                               group if sharding == "tensor" else None)
         except (ValueError, AssertionError) as e:
             raise MTPDError(f"cannot shard {path} over {cluster.size} ranks by {sharding} parallelism ({e})") from None
-        inner = _inner(sharded)
-        inner.__dict__["_mtpd_num_layers"] = len(_inner(reference).layers)
+        inner = decoder_of(sharded)
+        inner.__dict__["_mtpd_num_layers"] = len(decoder_of(reference).layers)
         if sharding == "pipeline":
             inner.__dict__["_mtpd_pipeline_group"] = group
         sharded.__dict__["_mtpd_sharding"] = sharding
-        if heads is None and model is None and (DEFAULT_HEADS / HEADS_CONFIG).exists():
-            heads = str(DEFAULT_HEADS)
-        head_dir = heads if heads is not None else path
-        head_set = None
-        if heads is not None or (path / HEADS_CONFIG).exists():
-            head_set = load_heads(head_dir, reference)
+        head_set = load_head_set(model, heads, path, reference)
         del reference
         cluster.barrier()
     finally:
         cluster.watchdog.disarm()
     return sharded, tokenizer, head_set
-
-
-def _inner(model):
-    inner = getattr(model, "model", None)
-    if inner is None and hasattr(model, "language_model"):
-        inner = model.language_model.model
-    return inner
 
 
 def describe(model) -> str:
@@ -329,13 +317,20 @@ def setup(args) -> Optional[Cluster]:
     return init(args.dist_backend, args.dist_timeout)
 
 
-def load_for(args, cluster: Optional[Cluster], heads: Any = "args"):
-    """(model, tokenizer, heads) for a CLI's args (`heads` given: instead of
-    --heads): sharded under a cluster, else `utils.load`."""
+def load_for(args, cluster: Optional[Cluster]):
+    """(model, tokenizer, heads) for a CLI's args: sharded under a cluster, else `utils.load`."""
     from .utils import load as load_one
 
-    heads = args.heads if heads == "args" else heads
     dtype = getattr(args, "dtype", None)
     if cluster is None:
-        return load_one(args.model, heads=heads, dtype=dtype)
-    return load(args.model, heads, dtype, cluster, args.sharding)
+        return load_one(args.model, heads=args.heads, dtype=dtype)
+    return load(args.model, args.heads, dtype, cluster, args.sharding)
+
+
+def seed_all(cluster: Optional[Cluster], seed: Optional[int]) -> None:
+    """Seed MLX's random state: with `seed`, or under a cluster with one seed for
+    every rank (drawn on rank 0 when `seed` is None)."""
+    if cluster is not None:
+        mx.random.seed(cluster.seed(seed))
+    elif seed is not None:
+        mx.random.seed(seed)

@@ -231,10 +231,7 @@ def main(argv=None) -> None:
         prompt = (sys.stdin.read() if args.prompt == "-" else args.prompt) if leader else None
         if leader and not prompt:
             raise MTPDError("the prompt is empty: pass --prompt TEXT")
-        if cluster is not None:
-            mx.random.seed(cluster.seed(args.seed))
-        elif args.seed is not None:
-            mx.random.seed(args.seed)
+        distributed.seed_all(cluster, args.seed)
         model, tokenizer, heads = distributed.load_for(args, cluster)
         if cluster is not None:
             from .session import Session

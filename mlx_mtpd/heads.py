@@ -50,9 +50,7 @@ class Backbone:
 
     def __init__(self, model: nn.Module, features: Optional[List[int]] = None):
         self.model = model
-        inner = getattr(model, "model", None)
-        if inner is None and hasattr(model, "language_model"):
-            inner = model.language_model.model
+        inner = decoder_of(model)
         if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "norm"):
             raise MTPDError(
                 f"{type(model).__module__} has no model.layers/model.norm: "
@@ -74,13 +72,17 @@ class Backbone:
         # only its own layers, and a tensor-parallel lm_head one slice of the vocabulary.
         self.num_layers = inner.__dict__.get("_mtpd_num_layers", len(inner.layers))
         self.pipeline_group = inner.__dict__.get("_mtpd_pipeline_group")
-        self.vocab_group = getattr(lm if lm is not None else model, "sharding_group", None)
-        if self.lm_head is None:
-            self.vocab_group = None
+        self.vocab_group = (getattr(lm if lm is not None else model, "sharding_group", None)
+                            if self.lm_head is not None else None)
         self.features = check_features(features, self.num_layers)
         for i in self.features:
-            if i < len(inner.layers) and inner.layers[i] is not None:
-                _tap_output(inner.layers[i])
+            if self._local_layer(i) is not None:
+                _tap_output(self._local_layer(i))
+
+    def _local_layer(self, i: int) -> Optional[nn.Module]:
+        """Decoder layer i, or None where another pipeline stage holds it."""
+        layers = self.inner.layers
+        return layers[i] if i < len(layers) else None
 
     def _tap_norm(self) -> None:
         # Record the final norm's input without changing the parameter tree:
@@ -113,8 +115,7 @@ class Backbone:
         hidden = self.norm.__dict__.pop("_mtpd_last_input")
         if not self.features:
             return hidden
-        layers = self.inner.layers
-        parts = [layers[i].__dict__.pop("_mtpd_output", None) if i < len(layers) and layers[i] is not None
+        parts = [self._local_layer(i).__dict__.pop("_mtpd_output", None) if self._local_layer(i) is not None
                  else None for i in self.features]
         if self.pipeline_group is not None:
             # each feature layer ran on one stage: the others add zeros
@@ -200,6 +201,15 @@ class Backbone:
             "num_layers": self.num_layers,
             "embedding_probe": [round(float(x), 5) for x in norms.tolist()],
         }
+
+
+def decoder_of(model: nn.Module) -> Optional[nn.Module]:
+    """The decoder (embeddings, layers, final norm) inside an mlx-lm model, also
+    inside the wrappers of multimodal text models (Qwen3.5)."""
+    inner = getattr(model, "model", None)
+    if inner is None and hasattr(model, "language_model"):
+        inner = model.language_model.model
+    return inner
 
 
 def check_features(features, num_layers: int) -> List[int]:

@@ -386,7 +386,6 @@ def main(argv=None) -> None:
     def run():
         from pathlib import Path
 
-        import mlx.core as mx
 
         from . import distributed
         from .generate import parse_num_draft
@@ -396,8 +395,7 @@ def main(argv=None) -> None:
         if not 0 <= args.port < 65536:
             raise MTPDError(f"--port must be in 0..65535 (got {args.port})")
         cluster = distributed.setup(args)
-        if cluster is not None:
-            mx.random.seed(cluster.seed(None))
+        distributed.seed_all(cluster, None)  # one random state on every rank
         model, tokenizer, heads = distributed.load_for(args, cluster)
         session = Session(model, tokenizer, heads, num_draft=num_draft, draft=args.draft, loop=args.loop,
                           max_context=args.max_context, memory=args.draft_memory, cluster=cluster)

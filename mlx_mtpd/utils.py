@@ -137,12 +137,17 @@ def load(
 
     path = resolve_model(path_or_default, dtype)
     model, tokenizer = mlx_lm.load(str(path))
+    return model, tokenizer, load_head_set(path_or_default, heads, path, model)
+
+
+def load_head_set(path_or_default: Optional[str], heads: Optional[str], path: Path, model: nn.Module):
+    """The head set `load` picks: `heads`, else the model folder's own, else (the
+    default model) the one shipped with this package; None when there is none."""
     if heads is None and path_or_default is None and (DEFAULT_HEADS / HEADS_CONFIG).exists():
         heads = str(DEFAULT_HEADS)
     head_dir = Path(heads) if heads is not None else path
-    head_set = None
-    if heads is not None or (head_dir / HEADS_CONFIG).exists():
-        from .heads import load_heads
+    if heads is None and not (head_dir / HEADS_CONFIG).exists():
+        return None
+    from .heads import load_heads
 
-        head_set = load_heads(head_dir, model)
-    return model, tokenizer, head_set
+    return load_heads(head_dir, model)
