@@ -532,7 +532,9 @@ def mtp_generate_step(
                         return
                 continue
             tic = time.perf_counter()
-            catch_up = st.length - st.committed[1] if kind == "heads" else 0
+            # the longest catch-up of the depths this step runs (a depth's first use
+            # catches up the whole context)
+            catch_up = st.length - min(st.committed[1 : arg + 1]) if kind == "heads" else 0
             new_tokens, a, rows = _step(st, arg if kind == "heads" else 0, transform,
                                         lookup=arg if kind == "lookup" else None, cluster=cluster)
             d = arg if kind == "heads" else len(arg)

@@ -259,6 +259,32 @@ def test_heads_catch_up_after_long_lookup_steps():
     assert any(r > a for r, a in zip(total.reached[1:], total.accepted[1:]))  # a rejection mid-draft
 
 
+def test_a_deeper_draft_is_not_timed_while_its_depth_catches_up():
+    """The first step that uses a deeper depth catches that depth up over the
+    whole context: its time is not a typical step's cost, and is not recorded
+    (one such time once kept `auto` from ever drafting two tokens)."""
+    model, _ = tiny_model("llama", vocab_size=300, seed=5)
+    heads = init_heads(model, 3)
+    seen = []
+
+    class Scripted(DraftPlanner):
+        def plan(self, st, remaining):  # D = 1 for six steps, then D = 2, then D = 3
+            n = len(seen)
+            return "heads", 1 if n < 6 else 2 if n < 10 else 3, None
+
+        def observe(self, kind, d, accepted, seconds, match=0):
+            seen.append((d, seconds))
+            super().observe(kind, d, accepted, seconds, match)
+
+    prompt = list(range(3, 60))
+    planner = Scripted("auto", "heads", max_draft=3)
+    got = spec_tokens(model, prompt, 30, heads, "auto", planner=planner)
+    assert got == greedy_tokens(model, prompt, 30)
+    first = {d: next(i for i, (dd, _) in enumerate(seen) if dd == d) for d in (1, 2, 3)}
+    assert all(seen[first[d]][1] is None for d in (2, 3)), seen  # a depth's first use: not timed
+    assert seen[first[2] + 1][1] is not None and seen[first[3] + 1][1] is not None, seen
+
+
 def test_state_kept_across_turns_prefills_only_new_tokens():
     """A chat's next turn extends the cached conversation (or edits its end):
     the caches rewind to the common prefix, only the rest is prefilled, the
