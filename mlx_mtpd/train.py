@@ -331,6 +331,12 @@ class Trainer:
         last_good = self.step
         seen = self.history[-1].get("tokens_seen", 0) if self.history else 0
         seconds = self.history[-1].get("seconds", 0.0) if self.history else 0.0
+        if not self.history and cfg.eval_every and self.eval_cache is not None and self.heads.config.get("trained"):
+            # heads that start trained (--init-from) are evaluated first: a run that
+            # never beats them exports them unchanged, never a worse head
+            rec = {"step": 0, "tokens_seen": 0, "seconds": 0.0, **self.evaluate()}
+            self._track_best(rec)
+            self.history.append(rec)
         while self.step < cfg.steps:
             grads, loss_sum, metrics_sum = None, 0.0, None
             for _ in range(cfg.grad_accum):
@@ -587,7 +593,7 @@ def train_cli(args) -> None:
         save_heads(heads, Path(args.export), force=True, dtype=args.export_dtype)
         if args.export_checkpoint:
             save_heads(heads, Path(args.export_checkpoint), force=True)
-    if rank == 0 and history:
+    if rank == 0 and history and "loss" in history[-1]:
         last = history[-1]
         print(f"[mlx_mtpd] step {last['step']}: loss {last['loss']:.4f}, agreement "
               f"{' '.join(f'{a:.3f}' for a in last['agreement'])}, {last['tokens_per_s']:.0f} tokens/s "

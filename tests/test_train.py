@@ -470,16 +470,31 @@ def test_fused_heads_start_as_the_plain_head_train_and_export_the_best(tiny_ckpt
     assert not np.array_equal(np.array(w["fuse.proj.weight"][:, :64]), np.zeros((64, 64)))  # it trained
     assert json.loads((tmp_path / "fused" / "mtp_config.json").read_text())["features"] == [0]
 
-    # no improvement possible (learning rate 0): stops after `patience` evaluations, exports step 1
+    # no improvement possible (learning rate 0): the trained start is evaluated first (step 0),
+    # the run stops after `patience` evaluations and exports the start
     r = _train(tiny_ckpt, tmp_path / "still", "--steps", 30, "--init-from", tmp_path / "fused",
                "--learning-rate", 0, "--eval-data", tiny_ckpt / "data.jsonl", "--eval-every", 1,
                "--patience", 2, "--export", tmp_path / "exp", "--cache-dir", tmp_path / "c")
     assert r.returncode == 0, r.stderr
-    assert "stopping at step 3" in r.stderr
+    assert "stopping at step 2" in r.stderr
     state = json.loads((tmp_path / "still" / "trainer_state.json").read_text())
-    assert state["step"] == 3 and state["best"]["step"] == 1
+    assert state["step"] == 2 and state["best"]["step"] == 0 and state["history"][0]["step"] == 0
     cfg = json.loads((tmp_path / "exp" / "mtp_config.json").read_text())
-    assert cfg["training"]["exported_step"] == 1 and cfg["features"] == [0]
+    assert cfg["training"]["exported_step"] == 0 and cfg["features"] == [0]
+
+    # a learning rate that wrecks the head: whatever step is best, the start included, is exported
+    r = _train(tiny_ckpt, tmp_path / "wild", "--steps", 4, "--init-from", tmp_path / "fused",
+               "--learning-rate", 0.5, "--warmup", 1, "--eval-data", tiny_ckpt / "data.jsonl",
+               "--eval-every", 1, "--export-checkpoint", tmp_path / "wild-ck", "--export", tmp_path / "wild-exp",
+               "--cache-dir", tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    state = json.loads((tmp_path / "wild" / "trainer_state.json").read_text())
+    scores = {h["step"]: h["eval_agreement"][0] for h in state["history"] if "eval_agreement" in h}
+    assert sorted(scores) == [0, 1, 2, 3, 4] and state["best"]["score"] == max(scores.values())
+    assert state["best"]["step"] == min(s for s, v in scores.items() if v == max(scores.values()))
+    exported = _heads(tmp_path / "wild-ck")
+    want = _heads(tmp_path / "fused") if state["best"]["step"] == 0 else _heads(tmp_path / "wild" / "best")
+    assert all(np.array_equal(np.array(exported[k]), np.array(want[k])) for k in want if k != "draft_vocab")
 
     # a head without fusion trains from the same cache (the last state is a slice of it)
     r = _train(tiny_ckpt, tmp_path / "plain2", "--steps", 2, "--cache-dir", tmp_path / "c", "--force",
