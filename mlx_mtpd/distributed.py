@@ -137,10 +137,20 @@ class Cluster:
         return out.tolist()
 
     def share(self, obj: Any = None) -> Any:
-        """Rank 0's JSON-able `obj` on every rank."""
-        data = json.dumps(obj).encode() if self.leader else b""
-        n = self.ints([len(data)] if self.leader else None, 1)[0]
-        vals = self.ints(list(data) if self.leader else None, n)
+        """Rank 0's JSON-able `obj` on every rank.  On rank 0 it runs under the
+        watchdog (the others wait here for the next request, which may take
+        any time): a rank gone between two requests ends rank 0 within
+        --dist-timeout even where the link reports no error."""
+        armed_here = self.leader and self.watchdog.what is None
+        if armed_here:
+            self.watchdog.arm("sharing a request")
+        try:
+            data = json.dumps(obj).encode() if self.leader else b""
+            n = self.ints([len(data)] if self.leader else None, 1)[0]
+            vals = self.ints(list(data) if self.leader else None, n)
+        finally:
+            if armed_here:
+                self.watchdog.disarm()
         return obj if self.leader else json.loads(bytes(vals).decode())
 
     def barrier(self) -> None:

@@ -228,8 +228,9 @@ def test_server_on_two_ranks_and_a_rank_that_dies(llama, tmp_path):
             pass
         assert procs[0].wait(60) == 1
         err = procs[0].stderr.read()
-        assert "lost another rank" in err and "every rank stops" in err, err
-        assert "Traceback" not in err
+        # the link reports the loss, or (where it does not) the watchdog ends the wait
+        assert ("lost another rank" in err or "waited" in err) and "every rank stops" in err, err
+        assert "Traceback" not in err and err.count("error:") == 1, err
     finally:
         for p in procs:
             if p.poll() is None:
