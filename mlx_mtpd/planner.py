@@ -21,7 +21,8 @@ slope per drafted token until a longer draft is measured), and T_plain the
 measured time per token of plain pipelined decoding.  When no
 option pays, it decodes plainly in bursts that end as soon as the context has
 a match long enough to pay (the engine checks after every token), and spends
-one step every `probe_every` plain tokens re-measuring the best option.
+one step every `probe_every` plain tokens re-measuring the best option; the
+heads are re-measured every `probe_every` tokens whatever drafted meanwhile.
 A planner keeps what it learned across generations (a chat, a server).
 """
 
@@ -92,6 +93,7 @@ class DraftPlanner:
         self.cost: dict = {}  # ("plain", 0): seconds per token; (kind, d): seconds per step
         self._curves: Dict[str, List[Tuple[int, float]]] = {}  # kind -> measured (d, seconds), sorted
         self.plain_since_probe = 0
+        self.heads_since = 0  # tokens emitted since the heads last drafted: a probe is due at probe_every
         self.drafted_since_plain = 0  # tokens emitted by drafting steps since plain decoding was last timed
         self.plain_seen = 0  # plain bursts observed (the first one warms up and is not timed)
         self.stop_match: Optional[int] = None  # a plain burst ends at a match this long (None: never)
@@ -176,6 +178,7 @@ class DraftPlanner:
         if seconds is not None:
             self._ema((kind, d), seconds)
         self.drafted_since_plain += accepted + 1
+        self.heads_since = 0 if kind == "heads" else self.heads_since + accepted + 1
         if kind != "heads":
             for c in self.match_counts:
                 c[0] *= self.decay
@@ -199,6 +202,7 @@ class DraftPlanner:
 
     def observe_plain(self, tokens: int, seconds: float) -> None:
         self.plain_seen += 1
+        self.heads_since += tokens
         self.drafted_since_plain = 0
         if tokens >= 2 and self.plain_seen > 1:  # the first burst after loading pays for warm-up
             self._ema(("plain", 0), seconds / tokens)
@@ -274,6 +278,13 @@ class DraftPlanner:
         if not pays and lookup_option is not None and lookup.match >= ALWAYS_TRY_MATCH:
             _, kind, arg = lookup_option
             pays = True
+        if (heads_ok and kind != "heads" and self.heads_since >= self.probe_every
+                and (not pays or rate * t0 < RETIME_ADVANTAGE * MARGIN)):
+            # the heads are measured again every probe_every tokens whatever else
+            # drafts meanwhile: one unlucky step must not shut them out for good
+            # (lookup steps that pay would otherwise keep postponing the probe)
+            self.plain_since_probe = 0
+            return "heads", options[0][2], None
         if pays or (options and self.plain_since_probe >= self.probe_every):
             self.plain_since_probe = 0
             return kind, arg, None

@@ -202,3 +202,36 @@ def test_planner_prices_long_drafts_from_measured_lengths():
         pl.observe("lookup", 16, 16, 0.17, match=30)
     assert pl.drafted_since_plain >= pl.probe_every
     assert pl.plan(rep, 500)[0] == "lookup"
+
+
+def test_planner_probes_the_heads_again_while_lookup_steps_pay():
+    """One unlucky head step must not shut the heads out for good: lookup steps
+    that pay (short matches in ordinary text) postpone the generic probe, so
+    the heads are re-measured every probe_every tokens whatever drafted
+    meanwhile; a long repeat that pays by far is not interrupted for it."""
+    pl = DraftPlanner("auto", "heads+lookup")
+    _timed(pl)
+    pl.observe("heads", 1, 0, 0.11)  # the heads' first step accepts nothing: they no longer pay
+    st = _State([5, 6, 7, 1, 2, 9, 4, 3, 1, 2], max_depth=1)  # a 2-token match
+    for i in range(6):
+        pl.observe("lookup", 2, i % 2, 0.11, match=2)  # short matches that pay a little (1.36x)
+    kinds, emitted = [], 0
+    for i in range(200):
+        kind, arg, _ = pl.plan(st, 500)
+        kinds.append(kind)
+        if kind == "heads":
+            break
+        if kind == "lookup":
+            pl.observe("lookup", len(arg), min(i % 2, len(arg)), 0.11, match=arg.match)
+            emitted += min(i % 2, len(arg)) + 1
+        else:
+            pl.observe_plain(arg, arg * 0.1)
+            emitted += arg
+    assert "lookup" in kinds and kinds[-1] == "heads", kinds
+    assert emitted >= pl.probe_every - 6  # not before it is due
+    # while a repeat drafts far better than plain, the probe waits
+    pl.observe("heads", 1, 0, 0.11)
+    rep = _State(list(range(100, 180)) + [0] + list(range(100, 130)), max_depth=1)
+    for _ in range(20):
+        pl.observe("lookup", 16, 16, 0.15, match=30)
+    assert pl.heads_since >= pl.probe_every and pl.plan(rep, 500)[0] == "lookup"
