@@ -104,7 +104,6 @@ def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
 
     def run():
-
         from . import distributed
         from .engine import make_logprobs_transform
         from .generate import parse_num_draft

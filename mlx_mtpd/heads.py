@@ -76,8 +76,8 @@ class Backbone:
                             if self.lm_head is not None else None)
         self.features = check_features(features, self.num_layers)
         for i in self.features:
-            if self._local_layer(i) is not None:
-                _tap_output(self._local_layer(i))
+            if (layer := self._local_layer(i)) is not None:
+                _tap_output(layer)
 
     def _local_layer(self, i: int) -> Optional[nn.Module]:
         """Decoder layer i, or None where another pipeline stage holds it."""
@@ -115,7 +115,7 @@ class Backbone:
         hidden = self.norm.__dict__.pop("_mtpd_last_input")
         if not self.features:
             return hidden
-        parts = [self._local_layer(i).__dict__.pop("_mtpd_output", None) if self._local_layer(i) is not None
+        parts = [layer.__dict__.pop("_mtpd_output", None) if (layer := self._local_layer(i)) is not None
                  else None for i in self.features]
         if self.pipeline_group is not None:
             # each feature layer ran on one stage: the others add zeros

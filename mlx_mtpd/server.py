@@ -386,7 +386,6 @@ def main(argv=None) -> None:
     def run():
         from pathlib import Path
 
-
         from . import distributed
         from .generate import parse_num_draft
         from .session import Session
