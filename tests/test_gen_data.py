@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import run_cli, write_hf_checkpoint
 
 
@@ -153,7 +155,13 @@ def test_capture_while_generating_gives_the_training_cache(tmp_path):
     assert r.returncode == 0 and "backbone (train" not in r.stderr, r.stderr
 
 
-def test_continuous_batching_capture_equals_one_sequence_at_a_time():
+@pytest.mark.parametrize("arch,batch_size,max_tokens,lengths", [
+    ("llama", 4, 12, None),
+    # long prompts come last (shortest first) and join a batch whose rows are shorter,
+    # and the batch runs past 256 positions, where its caches grow
+    ("qwen3", 2, 160, [3, 4, 3, 5, 100, 110, 120, 130, 140, 150, 160, 170, 180]),
+])
+def test_continuous_batching_capture_equals_one_sequence_at_a_time(arch, batch_size, max_tokens, lengths):
     """Rows that end early (an end token the tiny model often says) leave the
     batch and new prompts join it: every answer is still the greedy one and
     every captured position equals a plain forward of that sequence alone."""
@@ -164,11 +172,12 @@ def test_continuous_batching_capture_equals_one_sequence_at_a_time():
     from mlx_mtpd.capture import generate_captured
     from mlx_mtpd.heads import Backbone
 
-    model, _ = tiny_model("llama", vocab_size=64, seed=3)
+    model, _ = tiny_model(arch, vocab_size=64, seed=3)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, 64, size=int(rng.integers(3, 12))).tolist() for _ in range(9)]
+    lengths = lengths or [int(rng.integers(3, 12)) for _ in range(9)]
+    prompts = [rng.integers(3, 64, size=n).tolist() for n in lengths]
     # the end token: one the model often says, so answers end at different steps
-    firsts = [greedy_tokens(model, p, 12) for p in prompts]
+    firsts = [greedy_tokens(model, p, max_tokens) for p in prompts]
     eos = int(np.bincount(np.concatenate(firsts)).argmax())
 
     class Tok:
@@ -181,23 +190,26 @@ def test_continuous_batching_capture_equals_one_sequence_at_a_time():
             return " ".join(map(str, ids))
 
     jobs = [{"id": str(i), "messages": [{"role": "user", "content": "", "ids": p}]} for i, p in enumerate(prompts)]
-    out = list(generate_captured(model, Tok(), jobs, max_tokens=12, batch_size=4, temp=0.0, seed=0,
-                                 features=[0], top_n=16))
-    assert sorted(r["id"] for r, _ in out) == [str(i) for i in range(9)]
+    out = list(generate_captured(model, Tok(), jobs, max_tokens=max_tokens, batch_size=batch_size, temp=0.0,
+                                 seed=0, features=[0], top_n=16))
+    assert sorted(int(r["id"]) for r, _ in out) == list(range(len(prompts)))
     lengths = {len(r["completion_tokens"]) for r, _ in out}
     assert len(lengths) > 2, lengths  # rows ended at different steps
     bb = Backbone(model, [0])
     for rec, arrays in out:
         p = prompts[int(rec["id"])]
-        ref = greedy_tokens(model, p, 12)
+        ref = greedy_tokens(model, p, max_tokens)
         cut = ref[: ref.index(eos)] if eos in ref else ref
         assert rec["completion_tokens"] == cut and rec["finish_reason"] == ("stop" if eos in ref else "length")
         seq = p + cut + ([eos] if eos in ref else [])
         logits, hidden = bb.forward(mx.array(seq), None)
         n = len(seq) - 1
         np.testing.assert_allclose(arrays["hidden"][:n].astype(np.float32), np.array(hidden[:n]), rtol=1e-2, atol=1e-2)
-        best = arrays["top_ids"][np.arange(n), np.argmax(arrays["top_logits"][:n].astype(np.float32), -1)]
-        assert (best == np.array(mx.argmax(logits[:n], -1))).all()
+        # the argmax is the captured top logit (ties allowed: logits are kept in float16)
+        top = arrays["top_logits"][:n].astype(np.float32)
+        want = np.array(mx.argmax(logits[:n], -1))
+        at_want = np.where(arrays["top_ids"][:n] == want[:, None], top, -np.inf).max(-1)
+        assert (at_want == top.max(-1)).all()
 
 
 def test_multi_turn_prompts_follow_up_on_greedy_answers(tmp_path):
