@@ -11,19 +11,13 @@ prefill of the same model, each as GFLOP/s of the step's weight matmuls
 
 from __future__ import annotations
 
-import time
+import sys
+from pathlib import Path
 
 import mlx_mtpd  # noqa: F401  (binds OpenBLAS first)
 
-
-def _median_time(fn, n: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
-    return sorted(times)[n // 2]
+sys.path.insert(0, str(Path(__file__).parent))
+from step_breakdown import timed  # noqa: E402  (the median of repeated timings)
 
 
 def main():
@@ -51,18 +45,18 @@ def main():
                 for c in cache:
                     c.trim(1)
 
-            t = _median_time(step)
+            t = timed(step, 5)
             x = mx.random.normal((batch, hidden))
-            t_head = _median_time(lambda x=x: mx.eval(inner.embed_tokens.as_linear(x)))
+            t_head = timed(lambda x=x: mx.eval(inner.embed_tokens.as_linear(x)), 5)
             logits = mx.random.normal((batch, vocab))
-            t_top = _median_time(lambda lg=logits: mx.eval(*_top_n(lg, 256)))
+            t_top = timed(lambda lg=logits: mx.eval(*_top_n(lg, 256)), 5)
             flops = batch * (2 * params + 4 * ctx * hidden * n_layers)
             print(f"decode batch {batch}, context {ctx}: {t * 1e3:.0f} ms a step ({batch / t:.0f} tokens/s, "
                   f"{flops / t / 1e9:.0f} GFLOP/s); output projection {t_head * 1e3:.0f} ms, "
                   f"top-256 {t_top * 1e3:.0f} ms", flush=True)
     batch, length = 8, 256
     toks = mx.random.randint(0, vocab, (batch, length))
-    t = _median_time(lambda: mx.eval(model(toks, cache=[BatchKVCache([0] * batch) for _ in range(n_layers)])), 3)
+    t = timed(lambda: mx.eval(model(toks, cache=[BatchKVCache([0] * batch) for _ in range(n_layers)])), 3)
     print(f"prefill {batch} x {length}: {t * 1e3:.0f} ms ({batch * length / t:.0f} tokens/s, "
           f"{batch * length * 2 * params / t / 1e9:.0f} GFLOP/s)", flush=True)
 
