@@ -257,6 +257,7 @@ class Trainer:
         self.history: List[dict] = []
         self.best: Optional[dict] = None  # {"step", "score"} of the best held-out evaluation
         self.best_params: Optional[dict] = None
+        self.trained_best: Optional[dict] = None  # the same, over steps trained (patience counts from it)
         self.loss_and_grad = nn.value_and_grad(head_set, self._loss)
 
     def _loss(self, batch):
@@ -304,6 +305,10 @@ class Trainer:
         self.step, self.epoch, self.cursor = state["step"], state["epoch"], state["cursor"]
         self.history = state["history"]
         self.best = state.get("best")
+        for h in self.history:  # the best trained step, for patience
+            if h.get("step", 0) > 0 and "eval_agreement" in h and (
+                    self.trained_best is None or h["eval_agreement"][0] > self.trained_best["score"]):
+                self.trained_best = {"step": h["step"], "score": h["eval_agreement"][0]}
         if self.best and (path / BEST_DIR / HEADS_WEIGHTS).exists():
             self.best_params = mx.load(str(path / BEST_DIR / HEADS_WEIGHTS))
             self.best_params.pop("draft_vocab", None)
@@ -402,10 +407,16 @@ class Trainer:
 
     def _track_best(self, rec: dict) -> bool:
         """Keep the parameters of the best held-out depth-1 agreement (saved in
-        OUT/best); True when `patience` evaluations have passed without a better one."""
+        OUT/best); True when `patience` evaluations have passed without a better one.
+        Patience counts from the best step trained, not from heads evaluated before
+        their first step: those are kept if nothing beats them, but a run that starts
+        from trained heads dips while its warm-up raises the learning rate and must
+        not stop in that dip."""
         if "eval_agreement" not in rec:
             return False
         score = rec["eval_agreement"][0]
+        if self.step > 0 and (self.trained_best is None or score > self.trained_best["score"]):
+            self.trained_best = {"step": self.step, "score": score}
         if self.best is None or score > self.best["score"]:
             self.best = {"step": self.step, "score": score}
             self.best_params = dict(tree_flatten(self.heads.parameters()))
@@ -414,7 +425,8 @@ class Trainer:
                 path.mkdir(parents=True, exist_ok=True)
                 write_head_files(self.heads, path)
             return False
-        evals_since = (self.step - self.best["step"]) // max(self.cfg.eval_every, 1)
+        ref = self.trained_best or self.best
+        evals_since = (self.step - ref["step"]) // max(self.cfg.eval_every, 1)
         return bool(self.cfg.patience) and evals_since >= self.cfg.patience
 
     def use_best(self) -> Optional[dict]:

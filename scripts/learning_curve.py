@@ -98,7 +98,7 @@ def main(argv=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(11, 4.8))
         for i, run in enumerate(runs):
             color = f"C{i}"
             xs = [p["tokens"] for p in run["points"]]
@@ -121,9 +121,9 @@ def main(argv=None):
         ax.set_ylabel("held-out agreement, depth 1 (teacher-forced)")
         ax.axhline(args.target, color="grey", lw=0.8, ls=":")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot, not over it
         fig.tight_layout()
-        fig.savefig(args.png, dpi=110)
+        fig.savefig(args.png, dpi=110, bbox_inches="tight")
         print(f"-> {args.png}")
 
 

@@ -471,14 +471,15 @@ def test_fused_heads_start_as_the_plain_head_train_and_export_the_best(tiny_ckpt
     assert json.loads((tmp_path / "fused" / "mtp_config.json").read_text())["features"] == [0]
 
     # no improvement possible (learning rate 0): the trained start is evaluated first (step 0),
-    # the run stops after `patience` evaluations and exports the start
+    # and kept; patience counts from the best step trained (step 1, level with the start: a
+    # warm-up's dip below the start must not stop a run), so the run stops at step 1 + 2
     r = _train(tiny_ckpt, tmp_path / "still", "--steps", 30, "--init-from", tmp_path / "fused",
                "--learning-rate", 0, "--eval-data", tiny_ckpt / "data.jsonl", "--eval-every", 1,
                "--patience", 2, "--export", tmp_path / "exp", "--cache-dir", tmp_path / "c")
     assert r.returncode == 0, r.stderr
-    assert "stopping at step 2" in r.stderr
+    assert "stopping at step 3" in r.stderr
     state = json.loads((tmp_path / "still" / "trainer_state.json").read_text())
-    assert state["step"] == 2 and state["best"]["step"] == 0 and state["history"][0]["step"] == 0
+    assert state["step"] == 3 and state["best"]["step"] == 0 and state["history"][0]["step"] == 0
     cfg = json.loads((tmp_path / "exp" / "mtp_config.json").read_text())
     assert cfg["training"]["exported_step"] == 0 and cfg["features"] == [0]
 
