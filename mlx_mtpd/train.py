@@ -257,7 +257,6 @@ class Trainer:
         self.history: List[dict] = []
         self.best: Optional[dict] = None  # {"step", "score"} of the best held-out evaluation
         self.best_params: Optional[dict] = None
-        self.trained_best: Optional[dict] = None  # the same, over steps trained (patience counts from it)
         self.loss_and_grad = nn.value_and_grad(head_set, self._loss)
 
     def _loss(self, batch):
@@ -305,10 +304,6 @@ class Trainer:
         self.step, self.epoch, self.cursor = state["step"], state["epoch"], state["cursor"]
         self.history = state["history"]
         self.best = state.get("best")
-        for h in self.history:  # the best trained step, for patience
-            if h.get("step", 0) > 0 and "eval_agreement" in h and (
-                    self.trained_best is None or h["eval_agreement"][0] > self.trained_best["score"]):
-                self.trained_best = {"step": h["step"], "score": h["eval_agreement"][0]}
         if self.best and (path / BEST_DIR / HEADS_WEIGHTS).exists():
             self.best_params = mx.load(str(path / BEST_DIR / HEADS_WEIGHTS))
             self.best_params.pop("draft_vocab", None)
@@ -415,8 +410,6 @@ class Trainer:
         if "eval_agreement" not in rec:
             return False
         score = rec["eval_agreement"][0]
-        if self.step > 0 and (self.trained_best is None or score > self.trained_best["score"]):
-            self.trained_best = {"step": self.step, "score": score}
         if self.best is None or score > self.best["score"]:
             self.best = {"step": self.step, "score": score}
             self.best_params = dict(tree_flatten(self.heads.parameters()))
@@ -425,7 +418,8 @@ class Trainer:
                 path.mkdir(parents=True, exist_ok=True)
                 write_head_files(self.heads, path)
             return False
-        ref = self.trained_best or self.best
+        trained = [h for h in self.history + [rec] if h["step"] > 0 and "eval_agreement" in h]
+        ref = max(trained, key=lambda h: h["eval_agreement"][0], default=self.best)  # the first best
         evals_since = (self.step - ref["step"]) // max(self.cfg.eval_every, 1)
         return bool(self.cfg.patience) and evals_since >= self.cfg.patience
 
