@@ -88,7 +88,7 @@ TEXT_CHARS ?= 120000
 HEADS_ARGS ?= --num-heads 1 --train-depth 2 --top-n 256 --steps 400 --batch-size 8 --learning-rate 1e-3 \
   --warmup 30 --eval-every 50 --patience 3 --features $(FEATURES)
 # `make heads` continues a trained head: a lower peak, more steps, more patience
-# (recipe runs 4-6; run 6, the shipped head: `make heads NEW=480 TEMPS=0 NEW_MULTI=96 GEN_BATCH=128`)
+# (recipe runs 4-7; run 7, the shipped head: `make heads NEW=640 TEMPS=0 NEW_MULTI=128 GEN_BATCH=128`)
 CONTINUE_ARGS ?= --num-heads 1 --train-depth 2 --top-n 256 --steps 600 --batch-size 8 --learning-rate 5e-4 \
   --warmup 30 --eval-every 50 --patience 4 --features $(FEATURES)
 EVAL_ARGS ?= --data $(RUNS)/eval --num-prompts 16 --max-tokens 96 --num-draft 1,2,3 --loops last

@@ -32,7 +32,10 @@ def main():
     inner = model.model
     n_layers, hidden = len(inner.layers), inner.embed_tokens.weight.shape[1]
     vocab = inner.embed_tokens.weight.shape[0]
-    params = sum(v.size for k, v in tree_flatten(model.parameters()) if "embed" not in k) + vocab * hidden
+    weights = dict(tree_flatten(model.parameters()))
+    params = sum(v.size for k, v in weights.items() if "embed" not in k)
+    if not any("lm_head" in k for k in weights):  # a tied output projection: the embedding again
+        params += vocab * hidden
     for batch in (64, 128):
         for ctx in (32, 160, 300):
             cache = [BatchKVCache([0] * batch) for _ in range(n_layers)]
