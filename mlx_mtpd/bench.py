@@ -22,17 +22,34 @@ from .errors import MTPDError
 BENCH_PROMPTS = Path(__file__).parent / "data" / "prompts_bench.jsonl"
 # Conversations whose last answer edits or repeats an earlier one (`--prompts edits`).
 EDITS_PROMPTS = Path(__file__).parent / "data" / "conversations_bench.jsonl"
+# Ordinary chat requests written for this benchmark, not from the training pool's templates
+# (`--prompts chat`): the answers end at their end-of-sequence token, as in a chat.
+CHAT_PROMPTS = Path(__file__).parent / "data" / "prompts_chat.jsonl"
+NAMED_PROMPTS = {"edits": EDITS_PROMPTS, "chat": CHAT_PROMPTS}
+# How requests follow one another (`--mode`):
+#   run:  each request alone, one planner for the whole run (it keeps what it measured);
+#   cold: each request alone with a fresh planner, as a new `mlx_mtpd generate` process gets
+#         (it starts from the cached step costs and the head set's evaluation);
+#   warm: the requests as successive turns of one chat session: caches and planner kept,
+#         each turn prefills only its new tokens (plain mlx-lm keeps its prompt cache too).
+MODES = ("run", "cold", "warm")
+MODE_TEXT = {"run": "each alone, one planner for the run",
+             "cold": "each alone with a fresh planner (as a new process)",
+             "warm": "as the turns of one chat session"}
 
 
-def _run(gen, eos=()) -> tuple:
+def _run(gen, eos=(), fed: Optional[List[int]] = None) -> tuple:
     """(tokens, total seconds, decode seconds after the first token); an
-    end-of-sequence token ends the answer, as in a chat (it is not counted)."""
+    end-of-sequence token ends the answer, as in a chat (it is not counted).
+    `fed`, when given, receives every token the generator yielded (the end token too)."""
     toks: List[int] = []
     tic = time.perf_counter()
     first = None
     for item in gen:
         if first is None:
             first = time.perf_counter()
+        if fed is not None:
+            fed.append(int(item[0]))
         if int(item[0]) in eos:
             break
         toks.append(int(item[0]))
@@ -47,53 +64,124 @@ def _run(gen, eos=()) -> tuple:
     return toks, end - tic, end - (first or end)
 
 
-def _plain(prompt, model, max_tokens, temp):
+def _plain(prompt, model, max_tokens, temp, prompt_cache=None):
     from mlx_lm.generate import generate_step
     from mlx_lm.sample_utils import make_sampler
 
-    return generate_step(prompt, model, max_tokens=max_tokens, sampler=make_sampler(temp=temp))
+    return generate_step(prompt, model, max_tokens=max_tokens, sampler=make_sampler(temp=temp),
+                         prompt_cache=prompt_cache)
+
+
+class PlainConversation:
+    """Plain mlx-lm in a chat: one prompt cache kept across turns, rewound to the
+    longest common prefix of the next turn's prompt, as a chat front end keeps it."""
+
+    def __init__(self, model):
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self.cache = make_prompt_cache(model)
+        self.tokens: List[int] = []
+
+    def prompt(self, ids: List[int]) -> mx.array:
+        """The part of `ids` the cache does not hold yet (at least the last token)."""
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        p, m = 0, min(len(self.tokens), len(ids) - 1)
+        while p < m and self.tokens[p] == ids[p]:
+            p += 1
+        trim_prompt_cache(self.cache, len(self.tokens) - p)
+        self.tokens = list(ids)
+        return mx.array(ids[p:])
+
+    def answered(self, fed: List[int]) -> None:
+        """The tokens generated after the prompt (every yielded one went through the model)."""
+        self.tokens = (self.tokens + fed)[: self.cache[0].offset]
 
 
 def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: List, temp: float = 0.0,
-          loop: Optional[str] = None, seed: int = 0, progress: bool = True, draft: str = "heads",
-          stop_at_eos: bool = True, cluster=None) -> Dict:
-    """drafts: draft lengths and/or 'auto' (one planner for the whole run, as in a chat).
-    An answer ends at the tokenizer's end-of-sequence token unless `stop_at_eos` is False.
-    Under mlx.launch (`cluster`), every rank runs the same benchmark on its shard;
-    plain decoding is then mlx-lm's own on the sharded model."""
+          loop: Optional[str] = None, seed: int = 0, progress: bool = True, draft="heads",
+          stop_at_eos: bool = True, cluster=None, mode: str = "run") -> Dict:
+    """drafts: draft lengths and/or 'auto'; `draft`: a source or a list of them (each
+    length runs with each source).  `mode` (see MODES): how the requests follow one
+    another.  An answer ends at the tokenizer's end-of-sequence token unless
+    `stop_at_eos` is False.  Under mlx.launch (`cluster`), every rank runs the same
+    benchmark on its shard; plain decoding is then mlx-lm's own on the sharded model."""
     from tqdm import tqdm
 
     from . import _blas
+    from .costs import seed_planner
     from .distributed import describe
+    from .engine import DraftState
     from .gen_data import _messages
 
-    ids = [mx.array(tokenizer.apply_chat_template(_messages(p), add_generation_prompt=True)) for p in prompts]
+    if mode not in MODES:
+        raise MTPDError(f"unknown bench mode {mode!r}: choose from {', '.join(MODES)}")
+    if mode == "warm" and cluster is not None:
+        raise MTPDError("--mode warm is for one process: under mlx.launch use --mode run or cold")
+    sources = [draft] if isinstance(draft, str) else list(draft)
+    settings = [(d, src) for src in sources for d in drafts]  # (num_draft, source)
+    label = (lambda d, src: f"D={d}") if len(sources) == 1 else (lambda d, src: f"D={d},{src}")
+    names = ["plain"] + [label(d, src) for d, src in settings]
+    setting_of = dict(zip(names[1:], settings))
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]) if stop_at_eos else set()
-    names = ["plain"] + [f"D={d}" for d in drafts]
-    planner = DraftPlanner("auto", draft) if "auto" in drafts else None
+
+    def new_planner(src):
+        planner = DraftPlanner("auto", src if heads is not None or src == "prompt-lookup" else "prompt-lookup")
+        if cluster is None:  # as a fresh process starts: from the cached costs and the head set's evaluation
+            seed_planner(planner, model, tokenizer, heads)
+        return planner
+
+    planners = {n: new_planner(src) for n, (d, src) in setting_of.items() if d == "auto"}
+    # warm: one conversation per setting (T > 0: the answers, so the conversations, differ)
+    convs = {n: [] for n in names}
+    states = {n: None for n in names[1:]}
+    plain_conv = PlainConversation(model) if mode == "warm" else None
     totals = {n: {"tokens": 0, "time": 0.0, "decode_tokens": 0, "decode_time": 0.0} for n in names}
     stats = {n: SpecStats() for n in names[1:]}
     mismatches = []
     per_prompt = []
-    _run(_plain(ids[0], model, 4, 0.0))  # warm-up
+    first_steps: Dict[str, List[str]] = {n: [] for n in names[1:]}
+    warm_ids = mx.array(tokenizer.apply_chat_template(_messages(prompts[0]), add_generation_prompt=True))
+    _run(_plain(warm_ids, model, 4, 0.0))  # warm-up
     leader = cluster is None or cluster.leader
-    bar = tqdm(total=len(ids) * len(names), desc="bench", unit="run", disable=not progress or not leader)
-    for i, p in enumerate(ids):
+    bar = tqdm(total=len(prompts) * len(names), desc=f"bench ({mode})", unit="run",
+               disable=not progress or not leader)
+    for i, prompt in enumerate(prompts):
         order = names if i % 2 == 0 else names[::-1]
         outs = {}
-        row = {"prompt": i, "prompt_tokens": p.size}
+        row = {"prompt": i}
         for name in order:
+            msgs = convs[name] + _messages(prompt) if mode == "warm" else _messages(prompt)
+            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+            row.setdefault("prompt_tokens", {})[name] = len(ids)
             mx.random.seed(seed + i)
+            fed: List[int] = []
             if name == "plain":
-                toks, t, td = _run(_plain(p, model, max_tokens, temp), eos)
+                p = plain_conv.prompt(ids) if plain_conv is not None else mx.array(ids)
+                toks, t, td = _run(_plain(p, model, max_tokens, temp,
+                                          plain_conv.cache if plain_conv is not None else None), eos, fed)
+                if plain_conv is not None:
+                    plain_conv.answered(fed)
             else:
-                d = name[2:] if name == "D=auto" else int(name[2:])
+                d, src = setting_of[name]
+                if d == "auto" and mode == "cold":
+                    planners[name] = new_planner(src)
+                if mode == "warm" and states[name] is None and d != 0:
+                    depth = planners[name].num_draft if d == "auto" else d
+                    uses_heads = heads is not None and src != "prompt-lookup"
+                    states[name] = DraftState(model, heads if uses_heads else None, depth if uses_heads else 0,
+                                              loop)
                 st = SpecStats()
-                toks, t, td = _run(mtp_generate_step(p, model, heads if d else None, num_draft=d, loop=loop,
-                                                     max_tokens=max_tokens, temp=temp, stats=st, draft=draft,
-                                                     planner=planner if d == "auto" else None,
+                toks, t, td = _run(mtp_generate_step(mx.array(ids), model, heads if d else None, num_draft=d,
+                                                     loop=loop, max_tokens=max_tokens, temp=temp, stats=st,
+                                                     draft=src, planner=planners.get(name),
+                                                     state=states[name] if mode == "warm" else None,
                                                      cluster=cluster), eos)
                 stats[name].add(st)
+                if st.first_step:
+                    first_steps[name].append(st.first_step)
+            if mode == "warm":
+                convs[name] = msgs + [{"role": "assistant", "content": tokenizer.decode(toks)}]
             outs[name] = toks
             row[name] = {"tokens": len(toks), "seconds": t, "decode_seconds": td}
             tot = totals[name]
@@ -110,8 +198,10 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
     per_d = {}
     for name in names[1:]:
         t, s = totals[name], stats[name]
+        d, src = setting_of[name]
         per_d[name] = {
-            "num_draft": name[2:] if name == "D=auto" else int(name[2:]),
+            "num_draft": d,
+            "draft": src,
             "tokens_per_s": t["tokens"] / t["time"],
             "decode_tokens_per_s": t["decode_tokens"] / max(t["decode_time"], 1e-9),
             # throughput against plain decoding's in the same run: at T > 0 (or with an end-of-sequence
@@ -121,13 +211,17 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
             "acceptance_by_position": s.cumulative_acceptance,
             "acceptance_rates": s.acceptance_rates,
             "steps_by_source": dict(s.sources),
+            # what each answer's first step after its first token was (a cold planner that knows
+            # nothing decodes plainly first)
+            "first_steps": {k: first_steps[name].count(k) for k in sorted(set(first_steps[name]))},
             # the suffix-match check after each plainly decoded token: its share of the run's time
             "match_checks": s.match_checks,
             "match_check_us": 1e6 * s.match_check_time / max(s.match_checks, 1),
             "match_check_share": s.match_check_time / max(t["time"], 1e-9),
         }
     # The headline is `auto` when it ran (what users get), else the best fixed D.
-    best = per_d["D=auto"] if "D=auto" in per_d else max(per_d.values(), key=lambda r: r["speedup"])
+    autos = [r for r in per_d.values() if r["num_draft"] == "auto"]
+    best = autos[-1] if autos else max(per_d.values(), key=lambda r: r["speedup"])
     return {
         "plain_tokens_per_s": plain["tokens"] / plain["time"],
         "plain_decode_tokens_per_s": plain["decode_tokens"] / max(plain["decode_time"], 1e-9),
@@ -138,10 +232,11 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
         "acceptance_by_position": best["acceptance_by_position"],
         "identical_outputs": (not mismatches) if temp == 0 else None,
         "mismatches": mismatches,
-        "num_prompts": len(ids),
+        "num_prompts": len(prompts),
         "max_tokens": max_tokens,
         "temp": temp,
-        "draft": draft,
+        "draft": draft if isinstance(draft, str) else ",".join(sources),
+        "mode": mode,
         "stop_at_eos": stop_at_eos,
         "device": str(mx.default_device()),
         "blas": _blas.describe(),
@@ -161,16 +256,32 @@ def plot(result: Dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted((r for r in result["by_num_draft"].values() if r["num_draft"] != "auto"),
-                  key=lambda r: r["num_draft"])
+    by = result["by_num_draft"]
+    rows = sorted((r for r in by.values() if r["num_draft"] != "auto" and r.get("draft") == result["draft"]
+                   .split(",")[0]), key=lambda r: r["num_draft"])
+    autos = [(name, r) for name, r in by.items() if r["num_draft"] == "auto"]
+    title = f"{result['num_prompts']} prompts, T = {result['temp']:g}, {result['device']}"
+    if not rows:  # `auto` only: one bar per setting beside plain mlx-lm
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        labels = ["plain mlx-lm"] + [r.get("draft", name) + " (auto)" for name, r in autos]
+        values = [result["plain_tokens_per_s"]] + [r["tokens_per_s"] for _, r in autos]
+        bars = ax.bar(labels, values, color=["gray"] + [f"C{i}" for i in range(len(autos))])
+        for b, (_, r) in zip(bars[1:], autos):
+            ax.annotate(f"{r['speedup']:.2f}x, tau {r['mean_accepted_length']:.2f}",
+                        (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.set(ylabel="tokens/s", title=f"{result.get('mode', 'run')}: {title}")
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     d = [r["num_draft"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.plot(d, [r["tokens_per_s"] for r in rows], "o-", label="this engine, fixed D")
     ax.axhline(result["plain_tokens_per_s"], color="gray", ls="--", label="plain mlx-lm")
-    auto = result["by_num_draft"].get("D=auto")
-    if auto is not None:
-        ax.axhline(auto["tokens_per_s"], color="C2", ls="-.", label="this engine, D=auto")
-    ax.set(xlabel="draft length D", ylabel="tokens/s", title=f"{result['num_prompts']} prompts, {result['device']}")
+    for i, (name, r) in enumerate(autos):
+        ax.axhline(r["tokens_per_s"], color=f"C{i + 2}", ls="-.", label=f"this engine, {name}")
+    ax.set(xlabel="draft length D", ylabel="tokens/s", title=title)
     ax.set_xticks(d)
     ax2 = ax.twinx()
     ax2.plot(d, [r["mean_accepted_length"] for r in rows], "s:", color="C1", label="tau")
@@ -194,18 +305,20 @@ def results_table(res: Dict, command: str) -> str:
         f"`{command}` on {res['device']} ({res['blas']}), {res['num_prompts']} prompts x {res['max_tokens']} "
         f"tokens{' at most (an answer ends at its end-of-sequence token)' if res.get('stop_at_eos') else ''}, "
         f"temperature {res['temp']}, "
-        f"draft source {res['draft']}:",
+        f"draft source {res['draft']}, requests {MODE_TEXT[res.get('mode', 'run')]}:",
         "",
-        "| setting | tokens/s | speedup vs plain mlx-lm | tau | acceptance by position | steps by source |",
-        "|---|---|---|---|---|---|",
-        f"| plain mlx-lm | {res['plain_tokens_per_s']:.2f} | 1.000x | 1.00 | - | - |",
+        "| setting | tokens/s | speedup vs plain mlx-lm | tau | acceptance by position | steps by source "
+        "| first step after the first token |",
+        "|---|---|---|---|---|---|---|",
+        f"| plain mlx-lm | {res['plain_tokens_per_s']:.2f} | 1.000x | 1.00 | - | - | - |",
     ]
     for name, r in res["by_num_draft"].items():
         acc = r["acceptance_by_position"]
         acc = " ".join(f"{x:.2f}" for x in acc[:8]) + (f" ... ({len(acc)} positions)" if len(acc) > 8 else "")
         src = ", ".join(f"{k} {v}" for k, v in sorted(r["steps_by_source"].items())) or "-"
+        first = ", ".join(f"{k} {v}" for k, v in sorted(r.get("first_steps", {}).items())) or "-"
         lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {r['speedup']:.3f}x | "
-                     f"{r['mean_accepted_length']:.2f} | {acc or '-'} | {src} |")
+                     f"{r['mean_accepted_length']:.2f} | {acc or '-'} | {src} | {first} |")
     if res["identical_outputs"] is not None:
         lines += ["", f"Greedy outputs identical to plain mlx-lm: {'yes' if res['identical_outputs'] else 'NO'}."]
     return "\n".join(lines)
@@ -233,13 +346,17 @@ def main(argv=None) -> None:
                    help="Head set (default: the model's own); 'untrained' makes one untrained head.")
     p.add_argument("--prompts", default=str(BENCH_PROMPTS),
                    help="JSONL with 'prompt' or 'messages' per line; 'edits' = the shipped conversations whose "
-                        "last answer edits or repeats an earlier one.")
+                        "last answer edits or repeats an earlier one; 'chat' = the shipped chat requests.")
     p.add_argument("--num-prompts", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--num-draft", default="1,2,3,auto",
                    help="Draft lengths and/or 'auto', comma-separated; 0 = this engine's plain loop.")
-    p.add_argument("--draft", choices=("heads", "prompt-lookup", "heads+lookup"), default="heads",
-                   help="Draft source (default heads).")
+    p.add_argument("--draft", default="heads",
+                   help="Draft source: heads, prompt-lookup or heads+lookup, or several comma-separated "
+                        "(each draft length runs with each; default heads).")
+    p.add_argument("--mode", choices=MODES, default="run",
+                   help="run: each request alone, one planner for the run (default); cold: each with a fresh "
+                        "planner, as a new process; warm: the requests as the turns of one chat session.")
     p.add_argument("--readme", default=None,
                    help="Rewrite the results table between the bench markers of this Markdown file.")
     p.add_argument("--table", default=None,
@@ -268,6 +385,11 @@ def main(argv=None) -> None:
                 f"--num-draft must be integers or 'auto', comma-separated (got {args.num_draft!r})") from None
         if any(d != "auto" and d < 0 for d in drafts):
             raise MTPDError(f"--num-draft values must be >= 0 (got {args.num_draft!r})")
+        sources = [x.strip() for x in args.draft.split(",") if x.strip()]
+        bad = [x for x in sources if x not in ("heads", "prompt-lookup", "heads+lookup")]
+        if bad or not sources:
+            raise MTPDError(f"--draft takes heads, prompt-lookup or heads+lookup, comma-separated "
+                            f"(got {args.draft!r})")
         untrained = args.heads == "untrained"
         cluster = distributed.setup(args)
         if untrained and cluster is not None:
@@ -277,12 +399,12 @@ def main(argv=None) -> None:
         model, tok, heads = distributed.load_for(args, cluster)
         if untrained:
             heads = init_heads(model, 1, draft_vocab=8192)
-        if heads is None and args.draft != "prompt-lookup" and any(d != "auto" and d for d in drafts):
+        if heads is None and sources != ["prompt-lookup"] and any(d != "auto" and d for d in drafts):
             raise MTPDError("no head set: pass --heads (or --heads untrained), or --draft prompt-lookup")
-        prompts = read_prompts(EDITS_PROMPTS if args.prompts == "edits" else args.prompts)[: args.num_prompts]
+        prompts = read_prompts(NAMED_PROMPTS.get(args.prompts, args.prompts))[: args.num_prompts]
         res = bench(model, tok, heads, prompts, max_tokens=args.max_tokens, drafts=drafts, temp=args.temp,
-                    loop=args.loop, seed=args.seed, draft=args.draft, stop_at_eos=not args.ignore_eos,
-                    cluster=cluster)
+                    loop=args.loop, seed=args.seed, draft=sources if len(sources) > 1 else sources[0],
+                    stop_at_eos=not args.ignore_eos, cluster=cluster, mode=args.mode)
         if cluster is not None and not cluster.leader:
             return
         print(f"device {res['device']}, BLAS: {res['blas']}, {res['num_prompts']} prompts, temp {args.temp}"
@@ -291,7 +413,7 @@ def main(argv=None) -> None:
         print(f"plain mlx-lm: {res['plain_tokens_per_s']:.2f} tokens/s")
         for name, r in res["by_num_draft"].items():
             print(f"{name:<5} {r['tokens_per_s']:7.2f} tokens/s  speedup {r['speedup']:.3f}x  "
-                  f"tau {r['mean_accepted_length']:.2f}  steps {r['steps_by_source']}"
+                  f"tau {r['mean_accepted_length']:.2f}  steps {r['steps_by_source']}  first {r['first_steps']}"
                   + (f"  match checks {r['match_checks']} x {r['match_check_us']:.0f} us "
                      f"({100 * r['match_check_share']:.3f}% of the time)" if r["match_checks"] else ""))
         if args.temp == 0:

@@ -65,6 +65,7 @@ class SpecStats:
     sources: dict = field(default_factory=dict)  # steps by kind: plain, heads, lookup
     match_checks: int = 0  # suffix-match checks after plainly decoded tokens (they may end a burst)
     match_check_time: float = 0.0  # seconds spent in them (host side)
+    first_step: Optional[str] = None  # the kind of the first step after the first token (of one answer)
 
     def record(self, num_draft: int, accepted: int) -> None:
         if len(self.drafted) < num_draft:
@@ -130,6 +131,7 @@ class SpecStats:
             "steps_by_source": dict(self.sources),
             "match_checks": self.match_checks,
             "match_check_seconds": self.match_check_time,
+            "first_step": self.first_step,
         }
 
 
@@ -460,18 +462,23 @@ def mtp_generate_step(
     if cluster is not None:
         cluster.watchdog.arm("generating")
     # Prefill all but the last new prompt token in chunks, as mlx-lm does
-    # (the logits are never evaluated; the hidden states are kept).
+    # (the logits are never evaluated; the hidden states are kept).  The head
+    # depths the first drafting step will use catch up on the prompt here, chunk
+    # by chunk, instead of all at once in that step.
+    ahead = min(planner.prefill_depth(), st.max_depth) if cluster is None and not plain_only else 0
     y = mx.array(prompt_list[done:], mx.uint32)
     while y.size > 1:
         n = min(prefill_step_size, y.size - 1)
         forward(y[:n])
-        mx.eval([c.state for c in st.cache] + st.hist[-1:])
+        mx.eval([c.state for c in st.cache] + st.hist[-1:] + _caught_up(st, ahead))
         y = y[n:]
         mx.clear_cache()
         if cluster is not None:
             cluster.watchdog.tick()
     logits = forward(y)
     first, lp = _pick(logits[-1:], transform)
+    if ahead:
+        mx.async_eval(first, lp, *_caught_up(st, ahead))
     if plain_only and cluster is None:
         yield from _plain_decode(st, first, lp, transform, max_tokens, stats)
         return
@@ -512,6 +519,8 @@ def mtp_generate_step(
                 kind, arg = plan
             if why:
                 stats.fallback = why
+            if stats.first_step is None:
+                stats.first_step = kind
             stats.sources[kind] = stats.sources.get(kind, 0) + 1
             if kind == "plain":
                 tic = time.perf_counter()
@@ -563,6 +572,14 @@ def mtp_generate_step(
             if not stopped:
                 cluster.plan(None, None)  # rank 0: stop; the others: rank 0's word (a stop too)
             cluster.watchdog.disarm()
+
+
+def _caught_up(st: DraftState, depths: int) -> List[mx.array]:
+    """Catch depths 1..`depths` up on every known position (lazily); what to evaluate."""
+    if not depths or not head_drafts.catch_up(st, depths):
+        return []
+    out = [x for k in range(depths) if st.depth_cache[k].keys is not None for x in st.depth_cache[k].state]
+    return out + [t for t in st.tail if t is not None]
 
 
 def _plain_decode(st: DraftState, y: mx.array, lp: mx.array, transform, max_tokens: int, stats):

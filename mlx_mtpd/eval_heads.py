@@ -106,11 +106,15 @@ def main(argv=None) -> None:
     p.add_argument("--loops", default="last,cycle")
     p.add_argument("--json", default=None, help="Write the results here.")
     p.add_argument("--plot", default=None, help="Write a PNG plot here.")
+    p.add_argument("--save", action="store_true",
+                   help="Also write the results as eval.json beside the heads: the acceptance `auto` starts "
+                        "from (the planner's prior).")
     args = p.parse_args(argv)
 
     def run():
+        from .costs import EVAL_FILE
         from .gen_data import read_prompts
-        from .utils import load
+        from .utils import load, write_json_atomic
 
         model, tok, heads = load(args.model, heads=args.heads)
         if heads is None:
@@ -142,7 +146,12 @@ def main(argv=None) -> None:
         if agreement:
             print("teacher-forced agreement: " + " ".join(f"{a:.3f}" for a in agreement))
         if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=2))
+            write_json_atomic(Path(args.json), out)
+        if args.save:
+            if heads.path is None:
+                raise MTPDError("--save needs a head set folder: pass --heads")
+            write_json_atomic(Path(heads.path) / EVAL_FILE, out)
+            print(f"[mlx_mtpd] wrote {Path(heads.path) / EVAL_FILE}", file=sys.stderr)
         if args.plot:
             title = f"{heads.num_heads} head(s), {len(prompts)} held-out prompts x {args.max_tokens} tokens, greedy"
             plot(out["decoding"], agreement, Path(args.plot), title, heads.num_heads)

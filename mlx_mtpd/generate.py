@@ -72,6 +72,16 @@ def stream_generate(
         tokenizer = TokenizerWrapper(tokenizer)
     prompt = _encode(tokenizer, prompt)
     num_draft = parse_num_draft(num_draft) if num_draft is not None else DEFAULT_NUM_DRAFT
+    if num_draft == "auto" and kwargs.get("planner") is None and kwargs.get("cluster") is None:
+        # a fresh planner starts from the head set's measured acceptance and this
+        # device's step costs (measured once, on first use): it drafts from the first step
+        from .costs import seed_planner
+        from .engine import DraftPlanner
+
+        source = kwargs.get("draft", "heads")
+        if heads is None and source != "prompt-lookup":
+            source = "prompt-lookup"
+        kwargs["planner"] = seed_planner(DraftPlanner("auto", source), model, tokenizer, heads)
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     stats = SpecStats()
@@ -118,6 +128,8 @@ def stream_generate(
 def acceptance_line(stats: SpecStats) -> str:
     src = ", ".join(f"{k} {v}" for k, v in sorted(stats.sources.items()))
     src = f", steps: {src}" if src else ""
+    if stats.first_step:
+        src += f" (first: {stats.first_step})"
     if not stats.rounds:
         return f"Acceptance: no drafting (num_draft={stats.num_draft}{src})"
     ar = " ".join(f"{x:.2f}" for x in stats.acceptance_rates)

@@ -71,3 +71,55 @@ def rollback_depths(st, d: int, a: int, n: int, streams) -> None:
         lo = st.tail_start(k, new) - st.tail_start(k, old)
         hi = new[k] - st.tail_start(k, old)
         st.tail[k] = s[lo:hi]
+
+
+def catch_up(st, depths: int) -> int:
+    """Advance depths 1..`depths` over every position whose inputs are known
+    (true tokens only, no drafts), lazily; returns the positions computed.
+
+    Depth k's entry at position j takes (h^{k-1}_j, t_{j+k}): with the tokens
+    t_0..t_n known and the backbone's hidden states of positions < st.length,
+    depth 1 can reach j = min(st.length, n) - 1 and depth k one position less
+    than depth k-1.  Run inside the prefill, this takes the catch-up over a new
+    prompt out of the first drafting step (which then costs what any step costs).
+    """
+    depths = min(depths, st.max_depth)
+    n = len(st.tokens) - 1
+    tokens = st.tokens
+    old = list(st.committed)
+    new = list(old)
+    hi = st.length
+    for k in range(1, depths + 1):
+        hi = min(hi, n - k + 1)
+        new[k] = max(old[k], hi)
+        hi = new[k]
+    if all(new[k] == old[k] for k in range(1, depths + 1)):
+        return 0
+    work = 0
+    prev_start = old[1]
+    prev = st.hidden_range(prev_start, new[1]) if new[1] > old[1] else None
+    if prev is not None and st.entry is not None:
+        prev = st.entry(prev)
+    for k in range(1, depths + 1):
+        lo, top = old[k], new[k]
+        if top > lo:  # prev covers [prev_start, ...) and starts at old[k]: the next depth's tail start
+            hid = prev[lo - prev_start : top - prev_start]
+            tok = mx.array(tokens[lo + k : top + k], mx.uint32)
+            head = st.heads[k - 1]
+            out = head(hid, st.backbone.embed_tokens(tok), st.depth_cache[k - 1])
+            if st.feedback_post:
+                out = head.norm(out)
+            work += top - lo
+        else:
+            out = None
+        # depth k's outputs not yet consumed by depth k+1: [c_{k+1}, c_k)
+        start = st.tail_start(k, old)
+        stream = st.tail[k] if out is None else _concat(st.tail[k], out)
+        prev, prev_start = stream, start
+        if k < st.max_depth:
+            keep_from = (new[k + 1] if k < depths else old[k + 1]) - start
+            st.tail[k] = None if stream is None else stream[keep_from:]
+        else:
+            st.tail[k] = None
+    st.committed = new
+    return work

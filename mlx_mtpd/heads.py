@@ -323,6 +323,7 @@ class HeadSet(nn.Module):
         # Token ids the heads draft over (None: the whole vocabulary).  Stored
         # beside the weights as `draft_vocab`; not a parameter.
         self.set_draft_vocab(draft_ids)
+        object.__setattr__(self, "path", None)  # the folder it was loaded from (load_heads)
 
     def set_draft_vocab(self, ids: Optional[mx.array]) -> None:
         object.__setattr__(self, "_draft_ids", None if ids is None else ids.astype(mx.int32))
@@ -558,6 +559,7 @@ def load_heads(path: Path, model: nn.Module) -> HeadSet:
     head_set.update(tree_map(lambda v: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v,
                              head_set.parameters()))
     mx.eval(head_set.parameters())
+    object.__setattr__(head_set, "path", path)  # where its evaluation (eval.json) lives
     return head_set
 
 

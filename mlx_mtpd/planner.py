@@ -44,6 +44,8 @@ NUM_BUCKETS = 6
 LOOKUP_PRIOR = [0.3, 0.45, 0.6, 0.75, 0.85, 0.9]
 LOOKUP_PRIOR_WEIGHT = 2.0
 HEADS_PRIOR = (0.5, 0.9)  # AR_1, and the factor from one position's AR to the next's prior
+# Weight (in observations) of a head set's own measured acceptance (its eval.json) as the prior.
+MEASURED_PRIOR_WEIGHT = 4.0
 # Step cost before it is measured, per drafted token, as a fraction of a plain token.
 PRIOR_SLOPE = {"heads": 0.25, "lookup": 0.08}
 ALWAYS_TRY_MATCH = 12  # a match this long is verified even when history says it will not pay
@@ -97,6 +99,47 @@ class DraftPlanner:
         self.drafted_since_plain = 0  # tokens emitted by drafting steps since plain decoding was last timed
         self.plain_seen = 0  # plain bursts observed (the first one warms up and is not timed)
         self.stop_match: Optional[int] = None  # a plain burst ends at a match this long (None: never)
+        self.head_prior: List[float] = []  # AR_j measured beforehand (the head set's evaluation)
+        self.head_prior_weight = 1.0
+        self.seeded: Optional[str] = None  # where the starting costs came from, if any
+
+    def seed(self, acceptance: Optional[List[float]] = None, costs: Optional[dict] = None,
+             weight: float = MEASURED_PRIOR_WEIGHT, source: Optional[str] = None) -> "DraftPlanner":
+        """Start from what is already known instead of from nothing.
+
+        `acceptance`: AR_j by draft position measured beforehand (the head set's
+        evaluation), the prior of the counts with `weight` observations;
+        `costs`: step costs measured on this device (:mod:`mlx_mtpd.costs`):
+        {"plain": seconds per token, "heads": {d: seconds}, "lookup": {d: seconds}}.
+        Later measurements correct both (the prior is outweighed as counts
+        accumulate; costs are moving averages started from these)."""
+        if acceptance:
+            self.head_prior = [min(max(float(a), 0.0), 0.99) for a in acceptance]
+            self.head_prior_weight = weight
+        if costs and costs.get("plain"):
+            self.cost[("plain", 0)] = float(costs["plain"])
+            for kind in ("heads", "lookup"):
+                for d, t in (costs.get(kind) or {}).items():
+                    self.cost[(kind, int(d))] = float(t)
+            self._curves.clear()
+            self.plain_seen = max(self.plain_seen, 1)  # warm-up is over: the first burst is timed
+            self.seeded = source or "costs"
+        return self
+
+    def prefill_depth(self) -> int:
+        """How many head depths to catch up inside the prefill: those the first
+        drafting step is expected to use (all of a fixed D; under `auto`, the
+        best length by what the planner knows, 0 while it knows no costs or when
+        the heads are not expected to pay)."""
+        if not self.uses_heads:
+            return 0
+        if not self.auto:
+            return self.num_draft
+        t0 = self.cost.get(("plain", 0))
+        if t0 is None:
+            return 0
+        rate, d = self._best_length("heads", self.num_draft)
+        return d if rate * t0 > MARGIN / 1.1 else 0  # near paying: the heads will be tried soon
 
     @property
     def uses_heads(self) -> bool:
@@ -124,7 +167,11 @@ class DraftPlanner:
         out = []
         for j in range(d):
             a, r = c[j] if j < len(c) else (0.0, 0.0)
-            ar = (a + prior) / (r + 1)
+            if j < len(self.head_prior):
+                w = self.head_prior_weight
+                ar = (a + w * self.head_prior[j]) / (r + w)
+            else:
+                ar = (a + prior) / (r + 1)
             out.append(ar)
             prior = shrink * ar
         return out

@@ -72,6 +72,10 @@ class Session:
                 raise MTPDError(f"--draft {self.draft} needs MTP heads: pass --heads, or --draft prompt-lookup")
             self.draft = "prompt-lookup"
         self.planner = DraftPlanner(self.num_draft, self.draft, max_draft=self.max_draft)
+        if self.cluster is None:  # under a cluster rank 0 plans from what it measures itself
+            from .costs import seed_planner
+
+            seed_planner(self.planner, self.model, self.tokenizer, self.heads)
         depth = self.planner.num_draft if self.planner.uses_heads else 0
         self.state = DraftState(self.model, self.heads if depth else None, depth, self.loop)
         if self.memory and self.planner.uses_lookup:

@@ -411,7 +411,7 @@ class Trainer:
             return False
         score = rec["eval_agreement"][0]
         if self.best is None or score > self.best["score"]:
-            self.best = {"step": self.step, "score": score}
+            self.best = {"step": self.step, "score": score, "eval_agreement": list(rec["eval_agreement"])}
             self.best_params = dict(tree_flatten(self.heads.parameters()))
             if self.rank == 0:
                 path = self.out / BEST_DIR
@@ -597,6 +597,14 @@ def train_cli(args) -> None:
             print(f"[mlx_mtpd] exporting the best evaluated heads: step {best['step']}, held-out "
                   f"agreement {best['score']:.3f}", file=sys.stderr)
         save_heads(heads, Path(args.export), force=True, dtype=args.export_dtype)
+        if best is not None and best.get("eval_agreement"):
+            # the acceptance `auto` starts from until `eval-heads --save` measures it in decoding
+            from .costs import EVAL_FILE
+            from .utils import write_json_atomic
+
+            write_json_atomic(Path(args.export) / EVAL_FILE, {
+                "heads": str(args.export), "num_heads": heads.num_heads, "source": "train --export",
+                "step": best["step"], "teacher_forced_agreement": [float(a) for a in best["eval_agreement"]]})
         if args.export_checkpoint:
             save_heads(heads, Path(args.export_checkpoint), force=True)
     if rank == 0 and history and "loss" in history[-1]:

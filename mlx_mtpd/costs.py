@@ -1,0 +1,248 @@
+"""What the planner knows before its first step: step costs measured once per
+device, model and head set (kept in the cache folder), and a head set's own
+measured acceptance by draft position (its `eval.json`).
+
+`auto` weighs every draft against plain decoding by measured step times
+(docs/DESIGN.md, "The planner").  A planner that starts from nothing spends the
+first answer of a process timing plain bursts; one seeded here drafts from its
+first step when drafting pays, and its own measurements then correct the seed.
+
+The cost file's name is a hash of everything that changes a step's time: the
+device and its BLAS, MLX's version, the model (architecture, sizes, weight
+dtypes and quantization, its fingerprint) and the head set (its config); any
+change means another file, measured again on first use or by `mlx_mtpd doctor`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .utils import home, write_json_atomic
+
+COSTS_VERSION = 1
+COSTS_DIR = "step_costs"
+EVAL_FILE = "eval.json"  # a head set's evaluation, beside its weights (eval-heads --save, train --export)
+HEAD_DEPTHS = (1, 2, 3, 4)
+LOOKUP_LENGTHS = (2, 4, 8, 16, 32)
+# A typical chat request: the costs are measured at the context length of a chat's first answer.
+CALIBRATION_PROMPT = (
+    "I am planning a small vegetable garden behind my house this spring. The soil is a bit sandy and the "
+    "spot gets sun in the morning only. Which vegetables would grow well there, and how should I prepare "
+    "the beds before planting? Please keep it practical."
+)
+
+
+def _device() -> Dict[str, Any]:
+    info: Dict[str, Any] = {"device": str(mx.default_device()), "machine": platform.machine(),
+                            "system": platform.system(), "cpus": os.cpu_count(), "mlx": mx.__version__}
+    try:
+        info["name"] = mx.device_info().get("device_name")
+    except Exception:  # older MLX, or a backend without it
+        pass
+    from . import _blas
+
+    info["blas"] = _blas.describe()
+    return info
+
+
+def _model_key(model: nn.Module) -> Dict[str, Any]:
+    params = tree_flatten(model.parameters())
+    args = getattr(model, "args", None)
+    fields = {k: v for k, v in sorted(vars(args).items()) if isinstance(v, (int, float, str, bool))} if args else {}
+    return {
+        "class": f"{type(model).__module__}.{type(model).__name__}",
+        "args": fields,
+        "params": sum(int(v.size) for _, v in params),
+        "dtypes": sorted({str(v.dtype) for _, v in params}),
+        "quantized": sorted({k.rsplit(".", 1)[0] for k, _ in params if k.endswith(".scales")})[:4],
+        "probe": _probe(params),
+    }
+
+
+def _probe(params) -> List[float]:
+    """A few numbers that tell two trained models of the same shape apart."""
+    out = []
+    for _, v in params[:3]:
+        flat = v.reshape(-1)[:256]
+        out.append(round(float(mx.abs(flat.astype(mx.float32)).sum()), 3))
+    return out
+
+
+def _heads_key(head_set) -> Optional[Dict[str, Any]]:
+    if head_set is None:
+        return None
+    cfg = {k: v for k, v in head_set.config.items() if k not in ("training",)}
+    return {"config": json.loads(json.dumps(cfg, default=str)), "num_heads": head_set.num_heads}
+
+
+def cost_key(model: nn.Module, head_set=None) -> Dict[str, Any]:
+    return {"version": COSTS_VERSION, "device": _device(), "model": _model_key(model), "heads": _heads_key(head_set)}
+
+
+def cost_path(key: Dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return home() / COSTS_DIR / f"{digest}.json"
+
+
+def load_costs(model: nn.Module, head_set=None) -> Optional[Dict[str, Any]]:
+    """The step costs measured earlier for this device, model and head set, if any."""
+    key = cost_key(model, head_set)
+    path = cost_path(key)
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("key") != json.loads(json.dumps(key, sort_keys=True)):
+        return None  # a hash collision or a file from elsewhere: measure again
+    return rec.get("costs")
+
+
+def step_costs(model: nn.Module, tokenizer, head_set=None, *, measure: bool = True, quiet: bool = False,
+               force: bool = False) -> Optional[Dict[str, Any]]:
+    """The cached step costs, measured now (and kept) when there are none and `measure`."""
+    if not force:
+        costs = load_costs(model, head_set)
+        if costs is not None or not measure:
+            return costs
+    key = cost_key(model, head_set)
+    if not quiet:
+        print("[mlx_mtpd] measuring step costs on this device (once per model and head set)...",
+              file=sys.stderr, flush=True)
+    tic = time.perf_counter()
+    costs = measure_costs(model, prompt_ids(tokenizer), head_set)
+    costs["seconds_to_measure"] = round(time.perf_counter() - tic, 2)
+    path = cost_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"key": key, "costs": costs,
+                                 "measured": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    except OSError as e:  # a read-only cache folder: use them for this process only
+        if not quiet:
+            print(f"[mlx_mtpd] could not keep the step costs in {path.parent} ({e})", file=sys.stderr)
+    return costs
+
+
+def prompt_ids(tokenizer) -> List[int]:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": CALIBRATION_PROMPT}],
+                                            add_generation_prompt=True)
+        if not isinstance(ids, str):
+            return list(ids)
+    return list(tokenizer.encode(CALIBRATION_PROMPT))
+
+
+def measure_costs(model: nn.Module, prompt: List[int], head_set=None, *, repeats: int = 3,
+                  head_depths=HEAD_DEPTHS, lookup_lengths=LOOKUP_LENGTHS) -> Dict[str, Any]:
+    """Time plain bursts, head steps of each depth and lookup verifications of each
+    length through the real decoding loop (the median of `repeats` after one
+    warm-up each).  Returns {"plain": s/token, "heads": {d: s}, "lookup": {d: s}}."""
+    from .engine import mtp_generate_step
+    from .planner import DraftPlanner
+    from .suffix import Proposal
+
+    depth = max(head_depths) if head_set is not None else 0
+    schedule = [("plain", 8)] * (repeats + 1)
+    schedule += [("heads", d) for d in (head_depths if head_set is not None else ()) for _ in range(repeats + 1)]
+    schedule += [("lookup", n) for n in lookup_lengths for _ in range(repeats + 1)]
+    samples: Dict[tuple, List[float]] = {}
+
+    class Recorder(DraftPlanner):
+        def plan(self, st, remaining):
+            while schedule and schedule[0][0] != "plain" and not st.can_verify(schedule[0][1]):
+                schedule.pop(0)  # a sliding-window cache that cannot take this draft back
+            if not schedule:
+                return "plain", 1, None
+            kind, n = schedule.pop(0)
+            if kind == "lookup":  # any tokens: a rejected draft costs what an accepted one does
+                ctx = st.tokens[-n:] if len(st.tokens) >= n else (st.tokens * n)[:n]
+                return "lookup", Proposal(list(ctx), 2), None
+            self.stop_match = None
+            return kind, n, None
+
+        def observe(self, kind, d, accepted, seconds, match=0):
+            if seconds is not None:
+                samples.setdefault((kind, d), []).append(seconds)
+
+        def observe_plain(self, tokens, seconds):
+            samples.setdefault(("plain", 0), []).append(seconds / max(tokens, 1))
+
+    planner = Recorder(max(depth, 1) if head_set is not None else 1,
+                       "heads+lookup" if head_set is not None else "prompt-lookup", max_draft=max(depth, 1))
+    planner.auto = True  # the lookup cap is the longest length measured
+    planner.lookup_cap = max(lookup_lengths)
+    gen = mtp_generate_step(mx.array(prompt), model, head_set, planner=planner, max_tokens=-1,
+                            num_draft=planner.num_draft)
+    for _ in gen:
+        if not schedule:
+            break
+    gen.close()
+
+    def median(xs):
+        xs = sorted(xs[1:] if len(xs) > 1 else xs)  # the first of each is a warm-up
+        return xs[len(xs) // 2]
+
+    out: Dict[str, Any] = {"plain": median(samples[("plain", 0)]), "heads": {}, "lookup": {},
+                           "context_tokens": len(prompt)}
+    for (kind, d), xs in sorted(samples.items()):
+        if kind != "plain":
+            out[kind][str(d)] = median(xs)
+    return out
+
+
+def head_acceptance(head_dir: Optional[Path], loop: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """A head set's measured acceptance by draft position from its eval.json:
+    {"acceptance": [AR_1, ...], "source": "decoding" | "teacher-forced"}, or None.
+
+    Decoding acceptance (eval-heads) is preferred: the entry with the most draft
+    positions (at the head set's loop policy); else the trainer's teacher-forced
+    agreement per head (train --export), which overstates decoding somewhat and
+    is given less weight."""
+    if head_dir is None:
+        return None
+    try:
+        rec = json.loads((Path(head_dir) / EVAL_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    best = None
+    for name, entry in (rec.get("decoding") or {}).items():
+        rates = entry.get("acceptance_rates") if isinstance(entry, dict) else None
+        if not rates or (loop is not None and entry.get("loop") not in (None, loop)):
+            continue
+        if best is None or len(rates) > len(best):
+            best = rates
+    if best:
+        return {"acceptance": [float(x) for x in best], "source": "decoding"}
+    tf = rec.get("teacher_forced_agreement")
+    if tf:
+        return {"acceptance": [float(x) for x in tf], "source": "teacher-forced"}
+    return None
+
+
+def seed_planner(planner, model: nn.Module, tokenizer, head_set=None, *, measure: bool = True,
+                 quiet: bool = False):
+    """Seed an `auto` planner with the head set's acceptance and this device's step
+    costs (measured now when they are not cached and `measure`).  Returns the planner."""
+    if not getattr(planner, "auto", False):
+        return planner
+    acceptance = None
+    if head_set is not None and planner.uses_heads:
+        found = head_acceptance(getattr(head_set, "path", None), head_set.config.get("loop"))
+        if found is not None:
+            acceptance = found["acceptance"]
+            weight = 4.0 if found["source"] == "decoding" else 2.0
+            planner.seed(acceptance=acceptance, weight=weight)
+    costs = step_costs(model, tokenizer, head_set if planner.uses_heads else None, measure=measure, quiet=quiet)
+    if costs is not None:
+        planner.seed(costs=costs, source="cached")
+    return planner
