@@ -142,19 +142,21 @@ def prompt_ids(tokenizer) -> List[int]:
     return list(tokenizer.encode(CALIBRATION_PROMPT))
 
 
-def measure_costs(model: nn.Module, prompt: List[int], head_set=None, *, repeats: int = 3,
+def measure_costs(model: nn.Module, prompt: List[int], head_set=None, *, repeats: int = 4,
                   head_depths=HEAD_DEPTHS, lookup_lengths=LOOKUP_LENGTHS) -> Dict[str, Any]:
     """Time plain bursts, head steps of each depth and lookup verifications of each
-    length through the real decoding loop (the median of `repeats` after one
-    warm-up each).  Returns {"plain": s/token, "heads": {d: s}, "lookup": {d: s}}."""
+    length through the real decoding loop, in interleaved rounds (the median of
+    `repeats` rounds after one warm-up round).  Returns {"plain": s/token, "heads": {d: s}, "lookup": {d: s}}."""
     from .engine import mtp_generate_step
     from .planner import DraftPlanner
     from .suffix import Proposal
 
     depth = max(head_depths) if head_set is not None else 0
-    schedule = [("plain", 8)] * (repeats + 1)
-    schedule += [("heads", d) for d in (head_depths if head_set is not None else ()) for _ in range(repeats + 1)]
-    schedule += [("lookup", n) for n in lookup_lengths for _ in range(repeats + 1)]
+    # Interleaved rounds (the first one warms up): a machine's speed drifts, and every
+    # option is then measured over the same minutes as plain decoding.
+    one_round = [("plain", 16)] + [("heads", d) for d in (head_depths if head_set is not None else ())]
+    one_round += [("lookup", n) for n in lookup_lengths]
+    schedule = one_round * (repeats + 1)
     samples: Dict[tuple, List[float]] = {}
 
     class Recorder(DraftPlanner):
@@ -164,6 +166,10 @@ def measure_costs(model: nn.Module, prompt: List[int], head_set=None, *, repeats
             if not schedule:
                 return "plain", 1, None
             kind, n = schedule.pop(0)
+            if kind == "heads":  # depths up to date, as after another head step (the step is timed)
+                from .engine import caught_up
+
+                mx.eval(caught_up(st, n, reserve=1))
             if kind == "lookup":  # any tokens: a rejected draft costs what an accepted one does
                 ctx = st.tokens[-n:] if len(st.tokens) >= n else (st.tokens * n)[:n]
                 return "lookup", Proposal(list(ctx), 2), None

@@ -66,6 +66,9 @@ class SpecStats:
     match_checks: int = 0  # suffix-match checks after plainly decoded tokens (they may end a burst)
     match_check_time: float = 0.0  # seconds spent in them (host side)
     first_step: Optional[str] = None  # the kind of the first step after the first token (of one answer)
+    # Seconds per part of the drafting steps (host: "plan", "build" (the drafts' and the
+    # verification's graph), "rollback"; "eval": the device computing while the host waits)
+    parts: dict = field(default_factory=dict)
 
     def record(self, num_draft: int, accepted: int) -> None:
         if len(self.drafted) < num_draft:
@@ -96,6 +99,8 @@ class SpecStats:
         self.step_time += other.step_time
         self.match_checks += other.match_checks
         self.match_check_time += other.match_check_time
+        for part, t in other.parts.items():
+            self.parts[part] = self.parts.get(part, 0.0) + t
         self.num_draft = other.num_draft
         for kind, n_steps in other.sources.items():
             self.sources[kind] = self.sources.get(kind, 0) + n_steps
@@ -132,6 +137,7 @@ class SpecStats:
             "match_checks": self.match_checks,
             "match_check_seconds": self.match_check_time,
             "first_step": self.first_step,
+            "step_parts_seconds": dict(self.parts),
         }
 
 
@@ -470,7 +476,7 @@ def mtp_generate_step(
     while y.size > 1:
         n = min(prefill_step_size, y.size - 1)
         forward(y[:n])
-        mx.eval([c.state for c in st.cache] + st.hist[-1:] + _caught_up(st, ahead))
+        mx.eval([c.state for c in st.cache] + st.hist[-1:] + caught_up(st, ahead))
         y = y[n:]
         mx.clear_cache()
         if cluster is not None:
@@ -478,7 +484,7 @@ def mtp_generate_step(
     logits = forward(y)
     first, lp = _pick(logits[-1:], transform)
     if ahead:
-        mx.async_eval(first, lp, *_caught_up(st, ahead))
+        mx.async_eval(first, lp, *caught_up(st, ahead))
     if plain_only and cluster is None:
         yield from _plain_decode(st, first, lp, transform, max_tokens, stats)
         return
@@ -505,11 +511,13 @@ def mtp_generate_step(
             remaining = (max_tokens - emitted if max_tokens >= 0
                          else max(planner.num_draft, planner.lookup_cap) + planner.burst + 1)
             why = None
+            tic = time.perf_counter()
             if cluster is None or cluster.leader:
                 if plain_only:
                     kind, arg = "plain", min(remaining, DIST_PLAIN_BURST)
                 else:
                     kind, arg, why = planner.plan(st, remaining)
+            plan_time = time.perf_counter() - tic
             if cluster is not None:
                 plan, planner.stop_match = cluster.plan((kind, arg) if cluster.leader else None,
                                                         planner.stop_match)
@@ -545,7 +553,9 @@ def mtp_generate_step(
             # catches up the whole context)
             catch_up = st.length - min(st.committed[1 : arg + 1]) if kind == "heads" else 0
             new_tokens, a, rows = _step(st, arg if kind == "heads" else 0, transform,
-                                        lookup=arg if kind == "lookup" else None, cluster=cluster)
+                                        lookup=arg if kind == "lookup" else None, cluster=cluster,
+                                        parts=stats.parts)
+            stats.parts["plan"] = stats.parts.get("plan", 0.0) + plan_time
             d = arg if kind == "heads" else len(arg)
             seconds = time.perf_counter() - tic
             stats.record(d, a)
@@ -574,9 +584,10 @@ def mtp_generate_step(
             cluster.watchdog.disarm()
 
 
-def _caught_up(st: DraftState, depths: int) -> List[mx.array]:
-    """Catch depths 1..`depths` up on every known position (lazily); what to evaluate."""
-    if not depths or not head_drafts.catch_up(st, depths):
+def caught_up(st: DraftState, depths: int, reserve: int = 0) -> List[mx.array]:
+    """Catch depths 1..`depths` up on every known position (lazily; see
+    head_drafts.catch_up); what to evaluate."""
+    if not depths or not head_drafts.catch_up(st, depths, reserve):
         return []
     out = [x for k in range(depths) if st.depth_cache[k].keys is not None for x in st.depth_cache[k].state]
     return out + [t for t in st.tail if t is not None]
@@ -657,8 +668,11 @@ def _pick(logits: mx.array, transform):
     return mx.random.categorical(transform(logits)), lp
 
 
-def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None, cluster=None):
-    """One verification step: d head drafts, or the given lookup drafts."""
+def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None, cluster=None,
+          parts: Optional[dict] = None):
+    """One verification step: d head drafts, or the given lookup drafts.  `parts`
+    accumulates the seconds of its parts (see SpecStats.parts)."""
+    t_start = time.perf_counter()
     n = len(st.tokens) - 1
     if lookup:
         draft_arr = mx.array(list(lookup), mx.uint32)
@@ -687,9 +701,11 @@ def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None,
         a_arr, fixes = accept_sampled(draft_arr, q, transform(logits))
     if cluster is not None:  # rank 0's acceptance and tokens, in this step's graph
         a_arr, fixes = cluster.tensor(a_arr), cluster.tensor(fixes)
+    t_built = time.perf_counter()
     mx.eval(a_arr, fixes, draft_arr)
     a = a_arr.item()
     new_tokens = draft_arr[:a].tolist() + [fixes[a].item()]
+    t_evaluated = time.perf_counter()
 
     # Roll back: the backbone keeps t_n and the accepted drafts.
     if nd - a and saved is not None:
@@ -708,4 +724,8 @@ def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None,
     st.push_tokens(new_tokens)
     lp = logits.astype(mx.float32)
     rows = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+    if parts is not None:
+        for part, t in (("build", t_built - t_start), ("eval", t_evaluated - t_built),
+                        ("rollback", time.perf_counter() - t_evaluated)):
+            parts[part] = parts.get(part, 0.0) + t
     return new_tokens, a, rows

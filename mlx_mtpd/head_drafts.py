@@ -73,7 +73,7 @@ def rollback_depths(st, d: int, a: int, n: int, streams) -> None:
         st.tail[k] = s[lo:hi]
 
 
-def catch_up(st, depths: int) -> int:
+def catch_up(st, depths: int, reserve: int = 0) -> int:
     """Advance depths 1..`depths` over every position whose inputs are known
     (true tokens only, no drafts), lazily; returns the positions computed.
 
@@ -82,6 +82,9 @@ def catch_up(st, depths: int) -> int:
     depth 1 can reach j = min(st.length, n) - 1 and depth k one position less
     than depth k-1.  Run inside the prefill, this takes the catch-up over a new
     prompt out of the first drafting step (which then costs what any step costs).
+    The last `reserve` positions are left to the next drafting step: at a step
+    boundary (reserve 1) the newest token's position is the one depth 1 drafts
+    from; inside the prefill (reserve 0) the first token is yet to come.
     """
     depths = min(depths, st.max_depth)
     n = len(st.tokens) - 1
@@ -90,7 +93,7 @@ def catch_up(st, depths: int) -> int:
     new = list(old)
     hi = st.length
     for k in range(1, depths + 1):
-        hi = min(hi, n - k + 1)
+        hi = min(hi, n - k + 1 - reserve)
         new[k] = max(old[k], hi)
         hi = new[k]
     if all(new[k] == old[k] for k in range(1, depths + 1)):

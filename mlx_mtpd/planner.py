@@ -49,6 +49,9 @@ MEASURED_PRIOR_WEIGHT = 4.0
 # Step cost before it is measured, per drafted token, as a fraction of a plain token.
 PRIOR_SLOPE = {"heads": 0.25, "lookup": 0.08}
 ALWAYS_TRY_MATCH = 12  # a match this long is verified even when history says it will not pay
+# Plain bursts go up to this many tokens while no draft is within 10% of plain decoding's speed.
+LONG_BURST = 32
+NEAR_PAYING = 0.9
 RETIME_ADVANTAGE = 1.5  # while drafting beats plain by this much, plain decoding is not re-timed
 
 
@@ -335,14 +338,22 @@ class DraftPlanner:
         if pays or (options and self.plain_since_probe >= self.probe_every):
             self.plain_since_probe = 0
             return kind, arg, None
-        return self._plain(remaining)
+        return self._plain(remaining, far=rate * t0 < NEAR_PAYING)
 
     @staticmethod
     def _margin(kind: str, match: int = 0) -> float:
         return SHORT_MATCH_MARGIN.get(match_bucket(match), MARGIN) if kind == "lookup" else MARGIN
 
-    def _plain(self, remaining: int):
-        n = min(self.burst, remaining)
+    def _plain(self, remaining: int, far: bool = False):
+        """A plain burst: `burst` tokens, or up to LONG_BURST when no draft is near
+        paying (`far`): every burst restarts mlx-lm-style pipelining with one
+        forward the host builds unoverlapped, and nothing is lost by going on, since
+        a burst ends anyway at a useful match and at the next probe."""
+        n = self.burst
+        if far:
+            due = min(self.probe_every - self.plain_since_probe, self.probe_every - self.heads_since)
+            n = max(n, min(LONG_BURST, due))
+        n = min(n, remaining)
         self.plain_since_probe += n
         self.stop_match = self.useful_match()
         return "plain", n, None

@@ -341,7 +341,9 @@ def test_auto_planner_drafts_only_when_it_pays():
     plans = [pl.plan(st, 500) for _ in range(160)]
     plain = sum(a for k, a, _ in plans if k == "plain")
     drafting = [p for p in plans if p[0] != "plain"]
-    assert plain >= 128 * len(drafting) - 8 and 1 <= len(drafting) <= 10  # one probe per 128 tokens
+    assert plain >= 128 * len(drafting) - 8 and 1 <= len(drafting) <= plain / 128 + 1  # one probe per 128
+    # nothing near paying: long bursts (each burst restarts the pipeline), never past the next probe
+    assert max(a for k, a, _ in plans if k == "plain") == 32
     # heads that accept almost everything: drafting, deeper than one token
     pl2 = DraftPlanner("auto", "heads")
     pl2.observe_plain(8, 8 * 0.050)
