@@ -95,9 +95,10 @@ def cost_path(key: Dict[str, Any]) -> Path:
     return home() / COSTS_DIR / f"{digest}.json"
 
 
-def load_costs(model: nn.Module, head_set=None) -> Optional[Dict[str, Any]]:
-    """The step costs measured earlier for this device, model and head set, if any."""
-    key = cost_key(model, head_set)
+def load_costs(model: nn.Module, head_set=None, key: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+    """The step costs measured earlier for this device, model and head set, if any
+    (`key`: their cost_key, when already computed)."""
+    key = key or cost_key(model, head_set)
     path = cost_path(key)
     try:
         rec = json.loads(path.read_text())
@@ -111,11 +112,11 @@ def load_costs(model: nn.Module, head_set=None) -> Optional[Dict[str, Any]]:
 def step_costs(model: nn.Module, tokenizer, head_set=None, *, measure: bool = True, quiet: bool = False,
                force: bool = False) -> Optional[Dict[str, Any]]:
     """The cached step costs, measured now (and kept) when there are none and `measure`."""
+    key = cost_key(model, head_set)
     if not force:
-        costs = load_costs(model, head_set)
+        costs = load_costs(model, head_set, key)
         if costs is not None or not measure:
             return costs
-    key = cost_key(model, head_set)
     if not quiet:
         print("[mlx_mtpd] measuring step costs on this device (once per model and head set)...",
               file=sys.stderr, flush=True)
@@ -147,7 +148,7 @@ def measure_costs(model: nn.Module, prompt: List[int], head_set=None, *, repeats
     """Time plain bursts, head steps of each depth and lookup verifications of each
     length through the real decoding loop, in interleaved rounds (the median of
     `repeats` rounds after one warm-up round).  Returns {"plain": s/token, "heads": {d: s}, "lookup": {d: s}}."""
-    from .engine import mtp_generate_step
+    from .engine import caught_up, mtp_generate_step
     from .planner import DraftPlanner
     from .suffix import Proposal
 
@@ -167,8 +168,6 @@ def measure_costs(model: nn.Module, prompt: List[int], head_set=None, *, repeats
                 return "plain", 1, None
             kind, n = schedule.pop(0)
             if kind == "heads":  # depths up to date, as after another head step (the step is timed)
-                from .engine import caught_up
-
                 mx.eval(caught_up(st, n, reserve=1))
             if kind == "lookup":  # any tokens: a rejected draft costs what an accepted one does
                 ctx = st.tokens[-n:] if len(st.tokens) >= n else (st.tokens * n)[:n]
@@ -241,14 +240,11 @@ def seed_planner(planner, model: nn.Module, tokenizer, head_set=None, *, measure
     costs (measured now when they are not cached and `measure`).  Returns the planner."""
     if not getattr(planner, "auto", False):
         return planner
-    acceptance = None
     if head_set is not None and planner.uses_heads:
         found = head_acceptance(getattr(head_set, "path", None), head_set.config.get("loop"))
         if found is not None:
-            acceptance = found["acceptance"]
-            weight = 4.0 if found["source"] == "decoding" else 2.0
-            planner.seed(acceptance=acceptance, weight=weight)
+            planner.seed(acceptance=found["acceptance"], weight=4.0 if found["source"] == "decoding" else 2.0)
     costs = step_costs(model, tokenizer, head_set if planner.uses_heads else None, measure=measure, quiet=quiet)
     if costs is not None:
-        planner.seed(costs=costs, source="cached")
+        planner.seed(costs=costs)
     return planner

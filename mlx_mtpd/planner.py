@@ -104,10 +104,9 @@ class DraftPlanner:
         self.stop_match: Optional[int] = None  # a plain burst ends at a match this long (None: never)
         self.head_prior: List[float] = []  # AR_j measured beforehand (the head set's evaluation)
         self.head_prior_weight = 1.0
-        self.seeded: Optional[str] = None  # where the starting costs came from, if any
 
     def seed(self, acceptance: Optional[List[float]] = None, costs: Optional[dict] = None,
-             weight: float = MEASURED_PRIOR_WEIGHT, source: Optional[str] = None) -> "DraftPlanner":
+             weight: float = MEASURED_PRIOR_WEIGHT) -> "DraftPlanner":
         """Start from what is already known instead of from nothing.
 
         `acceptance`: AR_j by draft position measured beforehand (the head set's
@@ -126,7 +125,6 @@ class DraftPlanner:
                     self.cost[(kind, int(d))] = float(t)
             self._curves.clear()
             self.plain_seen = max(self.plain_seen, 1)  # warm-up is over: the first burst is timed
-            self.seeded = source or "costs"
         return self
 
     def prefill_depth(self) -> int:
