@@ -35,6 +35,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import ArraysCache, trim_prompt_cache
 
 from . import head_drafts
+from . import tree as tree_drafts
 from .errors import MTPDError
 from .heads import Backbone, HeadSet
 from .planner import DRAFT_SOURCES, MARGIN, DraftPlanner, parse_num_draft  # noqa: F401  (re-exported)
@@ -69,8 +70,11 @@ class SpecStats:
     # Seconds per part of the drafting steps (host: "plan", "build" (the drafts' and the
     # verification's graph), "rollback"; "eval": the device computing while the host waits)
     parts: dict = field(default_factory=dict)
+    tree_steps: int = 0  # head steps that verified a tree
+    tree_tokens: int = 0  # alternatives verified in them
+    tree_hits: int = 0  # steps where an alternative was accepted
 
-    def record(self, num_draft: int, accepted: int) -> None:
+    def record(self, num_draft: int, accepted: int, widths=None, a_chain: int = 0, rank: int = 0) -> None:
         if len(self.drafted) < num_draft:
             grow = num_draft - len(self.drafted)
             for lst in (self.drafted, self.reached, self.accepted):
@@ -80,6 +84,11 @@ class SpecStats:
         if num_draft == 0:
             return
         self.rounds += 1
+        if widths:
+            self.tree_steps += 1
+            self.tree_tokens += sum(w - 1 for w in widths)
+            if rank:
+                self.tree_hits += 1
         for i in range(num_draft):
             self.drafted[i] += 1
             if i <= accepted:
@@ -99,6 +108,9 @@ class SpecStats:
         self.step_time += other.step_time
         self.match_checks += other.match_checks
         self.match_check_time += other.match_check_time
+        self.tree_steps += other.tree_steps
+        self.tree_tokens += other.tree_tokens
+        self.tree_hits += other.tree_hits
         for part, t in other.parts.items():
             self.parts[part] = self.parts.get(part, 0.0) + t
         self.num_draft = other.num_draft
@@ -138,6 +150,9 @@ class SpecStats:
             "match_check_seconds": self.match_check_time,
             "first_step": self.first_step,
             "step_parts_seconds": dict(self.parts),
+            "tree_steps": self.tree_steps,
+            "tree_alternatives": self.tree_tokens,
+            "tree_hits": self.tree_hits,
         }
 
 
@@ -253,6 +268,8 @@ class DraftState:
         # Recurrent layers (linear attention, SSM) cannot be trimmed: their state
         # is saved before each verification and restored on a rejection.
         self.restorable = [c for c in self.cache if _restorable(c)]
+        # why this model's head drafts stay chains (None: trees can be verified)
+        self.tree_reason = tree_drafts.tree_support(self.model, self.cache) if self.max_depth else "no heads"
         self.length = 0  # tokens in the backbone cache
         self.depth_cache = [KVCache() for _ in range(self.max_depth)]
         self.committed = [0] * (self.max_depth + 2)  # c[k] for k = 1..D (c[0] unused)
@@ -418,6 +435,7 @@ def mtp_generate_step(
     state: Optional[DraftState] = None,
     planner: Optional[DraftPlanner] = None,
     cluster=None,
+    tree="auto",
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield (token, logprobs, from_draft) like mlx-lm's `speculative_generate_step`.
 
@@ -432,12 +450,16 @@ def mtp_generate_step(
     over several ranks, which all run this loop; rank 0's plans, drafts and
     tokens are broadcast, and a generation rank 0 stops ends on every rank at
     the next step boundary (the step or burst under way is finished first).
+    `tree`: head drafts as trees (:mod:`mlx_mtpd.tree`): 'auto' (the planner
+    chooses each step's shape; under a fixed num_draft, from what it measured),
+    None (chains) or widths per depth; chains wherever the model's caches or
+    attention cannot verify a tree (`DraftState.tree_reason`), and under a cluster.
     """
     if planner is None:
-        planner = DraftPlanner(num_draft, draft)
+        planner = DraftPlanner(num_draft, draft, tree=tree)
     if planner.uses_heads and head_set is None:
         if planner.auto or draft == "heads+lookup":
-            planner = DraftPlanner(planner.num_draft if not planner.auto else "auto", "prompt-lookup")
+            planner = DraftPlanner(planner.num_draft if not planner.auto else "auto", "prompt-lookup", tree=None)
         else:
             raise MTPDError("drafting needs MTP heads: pass --heads, --draft prompt-lookup, or --num-draft 0")
     if cluster is not None:  # every burst costs the ranks one agreement: longer ones
@@ -552,17 +574,25 @@ def mtp_generate_step(
             # the longest catch-up of the depths this step runs (a depth's first use
             # catches up the whole context)
             catch_up = st.length - min(st.committed[1 : arg + 1]) if kind == "heads" else 0
-            new_tokens, a, rows = _step(st, arg if kind == "heads" else 0, transform,
-                                        lookup=arg if kind == "lookup" else None, cluster=cluster,
-                                        parts=stats.parts)
+            widths = planner.widths if kind == "heads" and cluster is None and st.tree_reason is None else None
+            if widths and not st.can_verify(sum(widths)):  # a sliding window without room for the tree
+                widths = None
+            new_tokens, a, rows, (a_chain, rank) = _step(
+                st, arg if kind == "heads" else 0, transform, lookup=arg if kind == "lookup" else None,
+                cluster=cluster, parts=stats.parts, widths=widths)
             stats.parts["plan"] = stats.parts.get("plan", 0.0) + plan_time
             d = arg if kind == "heads" else len(arg)
             seconds = time.perf_counter() - tic
-            stats.record(d, a)
+            stats.record(d, a, widths, a_chain, rank)
             stats.step_time += seconds
             # A long catch-up (after plain bursts or a new turn) is not a typical step's cost.
-            planner.observe("heads" if kind == "heads" else "lookup", d, a, seconds if catch_up <= d + 2 else None,
-                            match=0 if kind == "heads" else arg.match)
+            typical = seconds if catch_up <= d + 2 else None
+            if widths:
+                planner.observe("heads", d, a_chain, None)
+                planner.observe_tree(d, widths, a_chain, rank, typical)
+            else:
+                planner.observe("heads" if kind == "heads" else "lookup", d, a, typical,
+                                match=0 if kind == "heads" else arg.match)
             for i, t in enumerate(new_tokens):
                 try:
                     yield t, rows[i], i < a
@@ -669,16 +699,20 @@ def _pick(logits: mx.array, transform):
 
 
 def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None, cluster=None,
-          parts: Optional[dict] = None):
-    """One verification step: d head drafts, or the given lookup drafts.  `parts`
-    accumulates the seconds of its parts (see SpecStats.parts)."""
+          parts: Optional[dict] = None, widths: Optional[Tuple[int, ...]] = None):
+    """One verification step: d head drafts (a tree when `widths` gives some depth
+    more than one candidate, :mod:`mlx_mtpd.tree`), or the given lookup drafts.
+    `parts` accumulates the seconds of its parts (see SpecStats.parts).  Returns
+    (tokens, accepted, logprob rows, (chain drafts accepted, rank of an accepted
+    alternative or 0))."""
     t_start = time.perf_counter()
     n = len(st.tokens) - 1
+    alts = None
     if lookup:
         draft_arr = mx.array(list(lookup), mx.uint32)
         qs, streams = [], [None]  # q is one-hot at the drafts: built below
     else:
-        drafts, qs, streams = head_drafts.draft(st, d, transform) if d else ([], [], [None])
+        drafts, qs, streams, alts = head_drafts.draft(st, d, transform, widths) if d else ([], [], [None], None)
         draft_arr = mx.stack(drafts) if drafts else mx.zeros((0,), mx.uint32)
         if cluster is not None and drafts:  # every rank verifies rank 0's drafts
             draft_arr = cluster.tensor(draft_arr)
@@ -686,6 +720,8 @@ def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None,
                 # a stage's receive has no inputs: MLX could order it before this
                 # broadcast on one stage and after it on another
                 mx.eval(draft_arr)
+    if alts is not None and any(a is not None for a in alts):
+        return _tree_step(st, d, transform, draft_arr, qs, streams, alts, widths, parts, t_start)
     nd = draft_arr.size
     verify_in = mx.concatenate([mx.array([st.tokens[-1]], mx.uint32), draft_arr])
     saved = [_snapshot(c) for c in st.restorable] if st.restorable and nd else None
@@ -722,10 +758,60 @@ def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None,
         st.push_hidden(hidden[: a + 1])
         head_drafts.rollback_depths(st, 0 if lookup else d, a, n, streams)
     st.push_tokens(new_tokens)
+    rows = _rows(logits)
+    _add_parts(parts, t_start, t_built, t_evaluated)
+    return new_tokens, a, rows, (a, 0)
+
+
+def _rows(logits: mx.array) -> mx.array:
     lp = logits.astype(mx.float32)
-    rows = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+    return lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+
+
+def _add_parts(parts: Optional[dict], t_start: float, t_built: float, t_evaluated: float) -> None:
     if parts is not None:
         for part, t in (("build", t_built - t_start), ("eval", t_evaluated - t_built),
                         ("rollback", time.perf_counter() - t_evaluated)):
             parts[part] = parts.get(part, 0.0) + t
-    return new_tokens, a, rows
+
+
+def _tree_step(st: DraftState, d: int, transform, chain: mx.array, qs, streams, alts, widths, parts, t_start):
+    """The verification of a caterpillar tree (:mod:`mlx_mtpd.tree`): the chain and
+    each depth's alternatives in one forward; the accepted path's cache entries
+    kept, the heads rolled back to the chain drafts accepted."""
+    n = len(st.tokens) - 1
+    t = tree_drafts.Tree.caterpillar(d, widths)
+    alt_list = [a for a in alts if a is not None]
+    verify_in = mx.concatenate([mx.array([st.tokens[-1]], mx.uint32), chain] + alt_list)
+    prefix = st.length
+    with tree_drafts.tree_attention(st.model, st.cache, t):
+        logits, hidden = st.forward(verify_in)
+    if transform is None:
+        target = mx.argmax(logits, axis=-1)
+        outs = (target,)
+    else:
+        q = mx.stack(qs)
+        outs = tree_drafts.accept_tree_sampled(t, chain, q, alts, transform(logits))
+    t_built = time.perf_counter()
+    mx.eval(verify_in, *outs)
+    nodes = verify_in.tolist()
+    chain_l = nodes[1 : d + 1]
+    alt_l = [[nodes[j] for j in t.alt_nodes[i]] for i in range(d)]
+    if transform is None:
+        tgt = outs[0].tolist()
+        chain_ok = [chain_l[i] == tgt[i] for i in range(d)]
+        alt_ok = [[x == tgt[i] for x in alt_l[i]] for i in range(d)]
+        fallback, bonus = tgt[:d], tgt
+    else:
+        chain_ok, alt_ok, fallback, bonus = (x.tolist() for x in outs)
+    new_tokens, keep, a_chain, rank = tree_drafts.walk(t, chain_l, alt_l, chain_ok, alt_ok, fallback, bonus)
+    t_evaluated = time.perf_counter()
+
+    tree_drafts.keep_path(st.cache, prefix, t.size, keep)
+    st.length = prefix + len(keep)
+    st.push_hidden(hidden[mx.array(keep, mx.uint32)] if rank else hidden[: len(keep)])
+    head_drafts.rollback_depths(st, d, a_chain, n, streams)
+    st.push_tokens(new_tokens)
+    rows = _rows(logits[mx.array(keep, mx.uint32)] if rank else logits[: len(keep)])
+    _add_parts(parts, t_start, t_built, t_evaluated)
+    return new_tokens, len(new_tokens) - 1, rows, (a_chain, rank)

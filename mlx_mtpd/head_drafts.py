@@ -8,18 +8,23 @@ from typing import List, Optional
 
 import mlx.core as mx
 
+from .tree import alternatives
+
 
 def _concat(a: Optional[mx.array], b: mx.array) -> mx.array:
     return b if a is None or a.shape[0] == 0 else mx.concatenate([a, b], axis=0)
 
 
-def draft(st, d: int, transform):
-    """Build (lazily) the depth calls: drafts d_{n+1..n+d}, their q, each depth's stream."""
+def draft(st, d: int, transform, widths=None):
+    """Build (lazily) the depth calls: drafts d_{n+1..n+d}, their q, each depth's
+    stream, and with `widths` (candidates per depth, :mod:`mlx_mtpd.tree`) each
+    depth's next-best candidates after its draft (None where a depth has none)."""
     n = len(st.tokens) - 1
     tokens = st.tokens
     drafts: List[mx.array] = []
     qs: List[mx.array] = []
     streams: List[mx.array] = [None] * (d + 1)
+    alts: List[Optional[mx.array]] = []
     prev_start = st.committed[1]
     prev = st.hidden_range(prev_start, n)
     if st.entry is not None:
@@ -42,20 +47,27 @@ def draft(st, d: int, transform):
         else:
             logits = st.project(head.norm(out[-1:]))[0]
         if transform is None:
+            scores = logits
             choice = mx.argmax(logits)
         else:
-            lq = transform(logits)
-            choice = mx.random.categorical(lq)
-            q = mx.exp(lq)
+            scores = transform(logits)
+            choice = mx.random.categorical(scores)
+            q = mx.exp(scores)
             if st.draft_ids is not None:
                 q = mx.zeros((st.backbone.vocab_size,), q.dtype).at[st.draft_ids].add(q)
             qs.append(q)
         token = st.draft_ids[choice] if st.draft_ids is not None else choice
         drafts.append(token.astype(mx.uint32))
+        w = widths[k - 1] if widths is not None and k <= len(widths) else 1
+        if w > 1:
+            alt = alternatives(scores, choice, w - 1)
+            alts.append((st.draft_ids[alt] if st.draft_ids is not None else alt).astype(mx.uint32))
+        else:
+            alts.append(None)
         prev = _concat(st.tail[k], out)
         prev_start = st.tail_start(k)
         streams[k] = prev
-    return drafts, qs, streams
+    return drafts, qs, streams, alts
 
 
 def rollback_depths(st, d: int, a: int, n: int, streams) -> None:

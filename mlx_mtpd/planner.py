@@ -53,6 +53,11 @@ ALWAYS_TRY_MATCH = 12  # a match this long is verified even when history says it
 LONG_BURST = 32
 NEAR_PAYING = 0.9
 RETIME_ADVANTAGE = 1.5  # while drafting beats plain by this much, plain decoding is not re-timed
+# Trees (mlx_mtpd.tree): the prior acceptance of a depth's rank-2, 3, 4 candidate when
+# the better ones were rejected, its weight, and the most alternatives in one tree.
+RANK_PRIOR = (0.2, 0.1, 0.06)
+RANK_PRIOR_WEIGHT = 2.0
+MAX_TREE_ALTS = 8
 
 
 def match_bucket(match: int) -> int:
@@ -84,7 +89,8 @@ class DraftPlanner:
     """
 
     def __init__(self, num_draft="auto", source: str = "heads", max_draft: int = 6,
-                 burst: int = 8, probe_every: int = 128, decay: float = 0.97, max_lookup: int = MAX_LOOKUP_DRAFT):
+                 burst: int = 8, probe_every: int = 128, decay: float = 0.97, max_lookup: int = MAX_LOOKUP_DRAFT,
+                 tree="auto"):
         if source not in DRAFT_SOURCES:
             raise MTPDError(f"unknown draft source {source!r}: choose from {', '.join(DRAFT_SOURCES)}")
         num_draft = parse_num_draft(num_draft)
@@ -104,9 +110,14 @@ class DraftPlanner:
         self.stop_match: Optional[int] = None  # a plain burst ends at a match this long (None: never)
         self.head_prior: List[float] = []  # AR_j measured beforehand (the head set's evaluation)
         self.head_prior_weight = 1.0
+        # Trees: None (chains), "auto" (the shape chosen per step) or fixed widths per depth.
+        self.tree = tree
+        self.rank_counts: List[List[List[float]]] = []  # [position][rank - 2] -> [accepted, reached], decayed
+        self.rank_prior: List[List[float]] = []  # measured beforehand, [position][rank - 2]
+        self.widths: Optional[Tuple[int, ...]] = None  # the tree of the heads step just planned
 
     def seed(self, acceptance: Optional[List[float]] = None, costs: Optional[dict] = None,
-             weight: float = MEASURED_PRIOR_WEIGHT) -> "DraftPlanner":
+             weight: float = MEASURED_PRIOR_WEIGHT, ranks: Optional[List[List[float]]] = None) -> "DraftPlanner":
         """Start from what is already known instead of from nothing.
 
         `acceptance`: AR_j by draft position measured beforehand (the head set's
@@ -114,7 +125,11 @@ class DraftPlanner:
         `costs`: step costs measured on this device (:mod:`mlx_mtpd.costs`):
         {"plain": seconds per token, "heads": {d: seconds}, "lookup": {d: seconds}}.
         Later measurements correct both (the prior is outweighed as counts
-        accumulate; costs are moving averages started from these)."""
+        accumulate; costs are moving averages started from these).  `ranks`:
+        [position][rank - 2], a tree candidate's acceptance when the better ones
+        at its depth were rejected."""
+        if ranks:
+            self.rank_prior = [[min(max(float(x), 0.0), 0.99) for x in row] for row in ranks]
         if acceptance:
             self.head_prior = [min(max(float(a), 0.0), 0.99) for a in acceptance]
             self.head_prior_weight = weight
@@ -123,6 +138,8 @@ class DraftPlanner:
             for kind in ("heads", "lookup"):
                 for d, t in (costs.get(kind) or {}).items():
                     self.cost[(kind, int(d))] = float(t)
+            if costs.get("tree_token"):
+                self.cost[("tree", 0)] = float(costs["tree_token"])
             self._curves.clear()
             self.plain_seen = max(self.plain_seen, 1)  # warm-up is over: the first burst is timed
         return self
@@ -139,7 +156,7 @@ class DraftPlanner:
         t0 = self.cost.get(("plain", 0))
         if t0 is None:
             return 0
-        rate, d = self._best_length("heads", self.num_draft)
+        rate, d, _ = self._best_heads(self.num_draft, self.tree is not None)
         return d if rate * t0 > MARGIN / 1.1 else 0  # near paying: the heads will be tried soon
 
     @property
@@ -187,6 +204,139 @@ class DraftPlanner:
             p *= ar
             e += p
         return e
+
+    # -- trees (mlx_mtpd.tree) ------------------------------------------------------
+    def rank_table(self, d: int) -> List[List[float]]:
+        """[position j][rank - 2]: the acceptance of depth j+1's rank-r candidate
+        when the better ones at that depth were rejected.  Counted per position
+        and rank, with a prior of weight 2 at the rate pooled over positions
+        (itself with a prior: the head set's measured one, else RANK_PRIOR)."""
+        from .tree import MAX_WIDTH
+
+        ranks = MAX_WIDTH - 1
+        pooled = []
+        for k in range(ranks):
+            a = sum(row[k][0] for row in self.rank_counts)
+            n = sum(row[k][1] for row in self.rank_counts)
+            pooled.append((a, n))
+        table = []
+        for j in range(d):
+            row = []
+            for k in range(ranks):
+                src = self.rank_prior[min(j, len(self.rank_prior) - 1)] if self.rank_prior else ()
+                base = src[k] if k < len(src) else RANK_PRIOR[k]
+                pa, pn = pooled[k]
+                mean = (pa + RANK_PRIOR_WEIGHT * base) / (pn + RANK_PRIOR_WEIGHT)
+                a, n = self.rank_counts[j][k] if j < len(self.rank_counts) else (0.0, 0.0)
+                row.append((a + RANK_PRIOR_WEIGHT * mean) / (n + RANK_PRIOR_WEIGHT))
+            table.append(row)
+        return table
+
+    @staticmethod
+    def expected_tree(profile: List[float], widths, table: List[List[float]]) -> float:
+        """Tokens per step of a caterpillar tree: at depth j, reached when the chain
+        drafts before it were accepted, its chain draft or one of its
+        alternatives is accepted (an alternative ends the step)."""
+        e, reach = 1.0, 1.0
+        for j, ar in enumerate(profile):
+            w = widths[j] if j < len(widths) else 1
+            miss = 1.0
+            for r in range(2, w + 1):
+                miss *= 1.0 - table[j][r - 2]
+            e += reach * (ar + (1.0 - ar) * (1.0 - miss))
+            reach *= ar
+        return e
+
+    def tree_token_cost(self) -> Optional[float]:
+        """Seconds per alternative a tree verifies beyond its chain: measured on
+        tree steps; before that, the slope of the lookup steps' cost (a longer
+        verification and nothing else), a fifth more for the tree mask."""
+        t = self.cost.get(("tree", 0))
+        if t is not None:
+            return t
+        lo, hi = self.step_cost("lookup", 2), self.step_cost("lookup", 8)
+        if lo is None:
+            return None
+        return 1.2 * max((hi - lo) / 6, 0.02 * self.cost[("plain", 0)])
+
+    def best_tree(self, d: int, profile: List[float], table: List[List[float]]):
+        """(tokens per second, widths or None) of the best tree over a d-token
+        chain: alternatives added one at a time where they gain the most, while
+        they gain (at most MAX_TREE_ALTS)."""
+        from .tree import MAX_WIDTH
+
+        base, slope = self.step_cost("heads", d), self.tree_token_cost()
+        widths = [1] * d
+        best = self.expected_tree(profile, widths, table) / base
+        if slope is None:
+            return best, None
+        n = 0
+        while n < MAX_TREE_ALTS:
+            choice = None
+            for j in range(d):
+                if widths[j] >= MAX_WIDTH:
+                    continue
+                widths[j] += 1
+                rate = self.expected_tree(profile, widths, table) / (base + (n + 1) * slope)
+                widths[j] -= 1
+                if rate > (choice[0] if choice else best):
+                    choice = (rate, j)
+            if choice is None:
+                break
+            best = choice[0]
+            widths[choice[1]] += 1
+            n += 1
+        return best, (tuple(widths) if n else None)
+
+    def _best_heads(self, cap: int, trees: bool) -> Tuple[float, int, Optional[Tuple[int, ...]]]:
+        """(tokens per second, d, widths) of the best head draft up to `cap` tokens."""
+        if not trees or self.tree != "auto":
+            rate, d = self._best_length("heads", cap)
+            return rate, d, None
+        profile = self.profile("heads", cap)
+        table = self.rank_table(cap)
+        best = (0.0, 0, None)
+        for d in range(1, cap + 1):
+            rate, widths = self.best_tree(d, profile[:d], table)
+            if rate > best[0]:
+                best = (rate, d, widths)
+        return best
+
+    def fixed_widths(self, d: int, trees: bool) -> Optional[Tuple[int, ...]]:
+        """The tree over a fixed d-token chain: --tree's widths, or under --tree
+        auto the best shape by what the planner knows."""
+        if not trees or not self.tree:
+            return None
+        if self.tree == "auto":
+            if self.cost.get(("plain", 0)) is None:
+                return None
+            return self.best_tree(d, self.profile("heads", d), self.rank_table(d))[1]
+        from .tree import widths_for
+
+        return widths_for(self.tree, d)
+
+    def observe_tree(self, d: int, widths, a_chain: int, rank: int, seconds: Optional[float]) -> None:
+        """A tree step: the alternatives tried at the depth where the chain
+        stopped (each rank up to the accepted one), and the cost per alternative."""
+        from .tree import MAX_WIDTH
+
+        for row in self.rank_counts:
+            for c in row:
+                c[0] *= self.decay
+                c[1] *= self.decay
+        if a_chain < d and widths[a_chain] > 1:
+            while len(self.rank_counts) <= a_chain:
+                self.rank_counts.append([[0.0, 0.0] for _ in range(MAX_WIDTH - 1)])
+            row = self.rank_counts[a_chain]
+            top = rank if rank else widths[a_chain]
+            for r in range(2, top + 1):
+                row[r - 2][1] += 1
+                row[r - 2][0] += r == rank
+        n_alts = sum(w - 1 for w in widths)
+        base = self.step_cost("heads", d)
+        if seconds is not None and n_alts and base is not None:
+            t0 = self.cost[("plain", 0)]
+            self._ema(("tree", 0), min(max((seconds - base) / n_alts, 0.0), 2 * t0))
 
     def step_cost(self, kind: str, d: int) -> Optional[float]:
         """T(d): the measured step times of this kind, interpolated piecewise
@@ -280,7 +430,9 @@ class DraftPlanner:
 
     # -- the choice -------------------------------------------------------------
     def plan(self, st, remaining: int):
-        """('plain', n tokens, why) or ('heads', d, why) or ('lookup', Proposal, why)."""
+        """('plain', n tokens, why) or ('heads', d, why) or ('lookup', Proposal, why);
+        for a heads step, `self.widths` is its tree (None: a chain)."""
+        self.widths = None
         cap = min(self.num_draft, remaining - 1)
         lcap = min(self.lookup_cap, remaining - 1)
         index = getattr(st, "index", None)
@@ -288,6 +440,7 @@ class DraftPlanner:
         if self.uses_lookup and lcap > 0 and index is not None:
             lookup = propose(index, lcap, getattr(st, "memory", None))
         heads_ok = self.uses_heads and st.max_depth > 0 and cap > 0
+        trees = self.tree is not None and getattr(st, "tree_reason", "") is None
         if heads_ok and not st.can_verify(cap):
             return "plain", remaining if self.auto else 1, "sliding-window cache full: plain decoding"
         if lookup.tokens and not st.can_verify(len(lookup)):
@@ -297,14 +450,16 @@ class DraftPlanner:
                                   >= self.expected("heads", cap)):
                 return "lookup", lookup, None
             if heads_ok:
+                self.widths = self.fixed_widths(cap, trees)
                 return "heads", cap, None
             return "plain", 1 if self.uses_lookup else remaining, None
         t0 = self.cost.get(("plain", 0))
         if t0 is None:
             return self._plain(remaining)
         options = []  # (rate, kind, arg)
+        widths = None
         if heads_ok:
-            rate, d = self._best_length("heads", min(cap, st.max_depth))
+            rate, d, widths = self._best_heads(min(cap, st.max_depth), trees)
             options.append((rate, "heads", d))
         lookup_option = None
         if lookup.tokens:
@@ -332,9 +487,12 @@ class DraftPlanner:
             # drafts meanwhile: one unlucky step must not shut them out for good
             # (lookup steps that pay would otherwise keep postponing the probe)
             self.plain_since_probe = 0
+            self.widths = widths
             return "heads", options[0][2], None
         if pays or (options and self.plain_since_probe >= self.probe_every):
             self.plain_since_probe = 0
+            if kind == "heads":
+                self.widths = widths
             return kind, arg, None
         return self._plain(remaining, far=rate * t0 < NEAR_PAYING)
 

@@ -827,7 +827,7 @@ def test_qwen3_next_zero_centred_shift_once_gated_attention_and_recurrent_rollba
     st = DraftState(model, heads, 1)
     assert [t for t, _, _ in mtp_generate_step(mx.array(prompt), model, heads, num_draft=1, max_tokens=1,
                                                state=st)] == ref[:1]
-    new, a, _ = _step(st, 0, None, lookup=[ref[1], ref[2], (ref[3] + 1) % 300])
+    new, a, _, _ = _step(st, 0, None, lookup=[ref[1], ref[2], (ref[3] + 1) % 300])
     assert a == 2 and new == ref[1:4]
     more = [t for t, _, _ in mtp_generate_step(mx.array(prompt + ref[:4]), model, heads, num_draft=2,
                                                max_tokens=10, state=st)]

@@ -1,0 +1,206 @@
+"""Tree drafts (mlx_mtpd.tree): the tree forward against each path's own
+forward on every architecture, the kept path's cache, greedy equality and the
+sampled distribution over trees, the planner's choice of a shape."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from conftest import greedy_tokens, tiny_model
+from heads_util import fit_heads
+from mlx_mtpd.engine import TIE_TOLERANCE, DraftPlanner, DraftState, SpecStats, mtp_generate_step
+from mlx_mtpd.errors import MTPDError
+from mlx_mtpd.tree import Tree, keep_path, parse_tree, tree_attention, tree_support, widths_for
+from test_engine import _chi2_pvalue, _exact_marginals, assert_lossless
+
+ARCHS = ["llama", "qwen2", "qwen3", "gemma3_text", "phi3", "mimo"]
+
+
+def _path(t: Tree, node: int):
+    out = []
+    while node >= 0:
+        out.append(node)
+        node = t.parent[node]
+    return out[::-1]
+
+
+@pytest.mark.parametrize("quant", [None, 4])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tree_forward_equals_each_paths_forward(arch, quant):
+    """Every node's logits in one tree forward equal the logits of a plain
+    forward over the prompt and that node's path; keeping a path with an
+    alternative on it leaves the cache as the plain forward over that path."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _ = tiny_model(arch, vocab_size=300, seed=3)
+    if quant:
+        nn.quantize(model, group_size=32, bits=quant)
+    prompt = [5, 17, 42, 8, 99, 3, 250]
+    t = Tree.caterpillar(3, (3, 2, 2))
+    rng = np.random.default_rng(0)
+    nodes = rng.integers(3, 300, size=t.size).tolist()
+    cache = make_prompt_cache(model)
+    assert tree_support(model, cache) is None
+    model(mx.array(prompt)[None], cache=cache)
+    with tree_attention(model, cache, t):
+        logits = model(mx.array(nodes)[None], cache=cache)[0]
+    tol = 1e-4 if quant is None else 2e-3
+    for node in range(t.size):
+        path = _path(t, node)
+        ref = model(mx.array(prompt + [nodes[i] for i in path])[None])[0, -1]
+        assert mx.abs(logits[node] - ref).max().item() < tol, (arch, node)
+    # keep t_n, c_1 and depth 2's alternative: the cache now holds that path
+    alt = t.alt_nodes[1][0]
+    keep_path(cache, len(prompt), t.size, [0, 1, alt])
+    nxt = model(mx.array([7])[None], cache=cache)[0, -1]
+    ref = model(mx.array(prompt + [nodes[0], nodes[1], nodes[alt], 7])[None])[0, -1]
+    assert mx.abs(nxt - ref).max().item() < tol
+    assert cache[0].offset == len(prompt) + 4
+
+
+def test_tree_support_names_what_cannot_take_a_tree():
+    from mlx_lm.models.cache import ArraysCache, KVCache
+
+    model, _ = tiny_model("llama", vocab_size=300)
+    assert "ArraysCache" in tree_support(model, [ArraysCache(2), KVCache()])
+    assert "rope" in tree_support(model, [KVCache()] * 5)
+
+
+def test_parse_tree_and_widths():
+    assert parse_tree("auto") == "auto" and parse_tree(None) is None
+    assert parse_tree("off") is None and parse_tree("1") is None
+    assert parse_tree("3") == (3,) and parse_tree("4,2") == (4, 2)
+    for bad in ("x", "5", "0,2", "2,,2"):
+        with pytest.raises(MTPDError, match="--tree"):
+            parse_tree(bad)
+    assert widths_for((3,), 2) == (3, 3)
+    assert widths_for((4, 2), 3) == (4, 2, 1)
+    assert widths_for((1,), 3) is None and widths_for("auto", 2) is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_architectures_greedy_with_trees(arch):
+    """Greedy equality with fixed trees and under auto (where the planner picks
+    shapes after it has measured costs), alternatives accepted mid-tree, drafts
+    cut by the token budget."""
+    model, _ = tiny_model(arch, vocab_size=300, seed=1)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(3, 300, size=int(rng.integers(4, 12))).tolist() for _ in range(6)]
+    refs = [greedy_tokens(model, p, 20) for p in prompts]
+    # heads fitted loosely (high ridge): wrong often enough that alternatives matter
+    heads = fit_heads(model, [p + r for p, r in zip(prompts[:4], refs[:4])], num_heads=2, ridge=3.0)
+    hits = steps = 0
+    for p, ref in zip(prompts, refs):
+        for d, tree in [(1, (4,)), (2, (3, 2)), (3, (2, 2, 4))]:
+            stats = SpecStats()
+            got = [t for t, _, _ in mtp_generate_step(mx.array(p), model, heads, num_draft=d, tree=tree,
+                                                      max_tokens=20, stats=stats)]
+            assert_lossless(model, p, got, ref, TIE_TOLERANCE[mx.float32])
+            hits += stats.tree_hits
+            steps += stats.tree_steps
+        for n in (2, 3, 5):  # the budget ends inside a tree
+            got = [t for t, _, _ in mtp_generate_step(mx.array(p), model, heads, num_draft=3, tree=(3, 3, 3),
+                                                      max_tokens=n)]
+            assert_lossless(model, p, got, ref[:n], TIE_TOLERANCE[mx.float32])
+    assert steps > 0 and hits > 0, (steps, hits)
+
+
+def test_smollm_greedy_with_trees(smol):
+    """The real model with the shipped head: fixed trees of several shapes and
+    auto with a seeded planner, identical to plain decoding (or a near-tie)."""
+    from mlx_mtpd.heads import load_heads
+    from mlx_mtpd.utils import DEFAULT_HEADS
+
+    model, tok = smol
+    heads = load_heads(DEFAULT_HEADS, model)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in ("Write a haiku about autumn leaves.", "Give me three tips for learning Python.",
+                         "What causes rain?")]
+    hits = 0
+    for i, p in enumerate(prompts):
+        ref = greedy_tokens(model, p, 24)
+        for d, tree in [(1, (4,)), (2, (3, 2)), (3, (2, 2, 2))][i:] + [(2, "auto")]:
+            stats = SpecStats()
+            planner = None
+            if tree == "auto":
+                planner = DraftPlanner("auto", "heads", tree="auto")
+                planner.seed(costs={"plain": 0.1, "heads": {1: 0.11, 2: 0.12, 3: 0.13},
+                                    "lookup": {2: 0.101, 8: 0.107}})
+            got = [t for t, _, _ in mtp_generate_step(mx.array(p), model, heads, num_draft=d, tree=tree,
+                                                      planner=planner, max_tokens=24, stats=stats)]
+            assert_lossless(model, p, got, ref, TIE_TOLERANCE[mx.float32])
+            hits += stats.tree_hits
+            if tree == "auto":
+                assert stats.tree_steps > 0, stats.as_dict()
+    assert hits > 0
+
+
+@pytest.mark.parametrize("params,tree", [
+    (dict(temp=1.0), (3, 3, 2)),
+    (dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02), (4, 2, 2)),
+])
+def test_tree_sampling_matches_the_backbone_distribution(params, tree):
+    """N = 1500 generations of 3 tokens drafted as trees (D = 3): chi-square of
+    each position's marginal against the exact distribution (threshold 1e-3),
+    with chains rejected and alternatives accepted often."""
+    from mlx_mtpd.engine import make_logprobs_transform
+
+    model, _ = tiny_model("llama", vocab_size=24, seed=5)
+    transform = make_logprobs_transform(**params)
+    prompt = [3, 7, 11, 5]
+    marg = _exact_marginals(model, prompt, transform)
+    heads = fit_heads(model, [prompt + greedy_tokens(model, prompt, 30)], num_heads=2, ridge=3.0)
+    mx.random.seed(4321)
+    N, V = 1500, 24
+    counts = np.zeros((3, V))
+    stats = SpecStats()
+    for _ in range(N):
+        toks = [t for t, _, _ in mtp_generate_step(mx.array(prompt), model, heads, num_draft=3, tree=tree,
+                                                   max_tokens=3, stats=stats, **params)]
+        for i, t in enumerate(toks):
+            counts[i, t] += 1
+    assert stats.tree_steps > 0.9 * N and stats.tree_hits > 100, stats.as_dict()
+    for i in range(3):
+        assert _chi2_pvalue(counts[i], marg[i]) > 1e-3, (i, counts[i], marg[i])
+
+
+def test_planner_grows_a_tree_only_where_it_pays():
+    st = type("S", (), {"max_depth": 3, "can_verify": lambda self, d: True, "tree_reason": None,
+                        "index": None})()
+    cheap = DraftPlanner("auto", "heads", tree="auto").seed(
+        acceptance=[0.4, 0.4, 0.4], costs={"plain": 0.1, "heads": {1: 0.105, 2: 0.11, 3: 0.115},
+                                           "lookup": {2: 0.1, 8: 0.106}})
+    kind, d, _ = cheap.plan(st, 100)
+    assert kind == "heads" and cheap.widths is not None and sum(cheap.widths) > d, (d, cheap.widths)
+    dear = DraftPlanner("auto", "heads", tree="auto").seed(
+        acceptance=[0.4, 0.4, 0.4], costs={"plain": 0.1, "heads": {1: 0.105, 2: 0.11, 3: 0.115},
+                                           "lookup": {2: 0.1, 8: 0.2}})
+    kind, d, _ = dear.plan(st, 100)
+    assert kind == "heads" and dear.widths is None
+    # alternatives that never hit: the shape shrinks back to a chain
+    for _ in range(60):
+        cheap.observe("heads", 1, 0, None)
+        cheap.observe_tree(1, (4,), 0, 0, 0.12)
+    cheap.plan(st, 100)
+    assert cheap.widths is None or sum(w - 1 for w in cheap.widths) < 2
+    table = cheap.rank_table(1)
+    assert table[0][0] < 0.1
+    chain = DraftPlanner("auto", "heads", tree=None).seed(costs={"plain": 0.1, "heads": {1: 0.105},
+                                                                 "lookup": {2: 0.1, 8: 0.106}})
+    chain.plan(st, 100)
+    assert chain.widths is None
+
+
+def test_tree_state_reports_chains_for_recurrent_models():
+    """A model whose caches cannot keep one branch drafts chains (and says why)."""
+    from mlx_lm.models.cache import ArraysCache
+
+    model, _ = tiny_model("llama", vocab_size=300)
+    heads = fit_heads(model, [list(range(3, 40))], num_heads=1)
+    st = DraftState(model, heads, 2)
+    assert st.tree_reason is None
+    st.cache = [ArraysCache(2)] + st.cache[1:]
+    assert tree_support(model, st.cache) is not None
