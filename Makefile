@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PROMPT ?= Write a short poem about the sea.
 CHAT_ARGS ?=
 
-.PHONY: chat generate server bench test setup blas data heads heads-from-scratch ablation ablation-layers \
+.PHONY: chat generate server bench bench-chat test setup blas data heads heads-from-scratch ablation ablation-layers \
   ablation-regularize clean
 
 $(BIN)/mlx_mtpd: pyproject.toml
@@ -20,7 +20,7 @@ $(BIN)/mlx_mtpd: pyproject.toml
 
 setup: $(BIN)/mlx_mtpd
 
-# OpenBLAS makes MLX's CPU matmuls 10-20x faster on Linux (see README).
+# OpenBLAS makes MLX's CPU matmuls 10-20x faster on Linux (docs/DESIGN.md, "In brief").
 blas:
 	@if [ "$$(uname -s)" = "Linux" ] && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = "0" ]; then \
@@ -40,26 +40,43 @@ generate: setup
 server: setup
 	$(BIN)/mlx_mtpd server
 
-# The README's results tables: plain mlx-lm against this engine on the project's
+# The README's headline: the chat benchmark (ordinary requests, answers ending at
+# their end-of-sequence token), heads alone and the defaults, each request a fresh
+# generate (cold) and then the same requests as one chat session (warm), greedy
+# and at T = 0.7; plain mlx-lm and this engine alternate per request in one run.
+CHATBENCH_ARGS ?= --prompts chat --num-prompts 12 --max-tokens 256 --num-draft auto --draft heads,heads+lookup
+bench-chat: setup
+	mkdir -p bench
+	$(BIN)/mlx_mtpd bench $(CHATBENCH_ARGS) --mode cold --json bench/chat-greedy.json --plot bench/chat-greedy.png \
+	  --readme README.md --table chat-greedy
+	$(BIN)/mlx_mtpd bench $(CHATBENCH_ARGS) --mode cold --temp 0.7 --json bench/chat-temp-0.7.json \
+	  --readme README.md --table chat-temp-0.7
+	$(BIN)/mlx_mtpd bench $(CHATBENCH_ARGS) --mode warm --json bench/chat-warm-greedy.json \
+	  --readme docs/BENCHMARKS.md --table chat-warm-greedy
+	$(BIN)/mlx_mtpd bench $(CHATBENCH_ARGS) --mode warm --temp 0.7 --json bench/chat-warm-temp-0.7.json \
+	  --readme docs/BENCHMARKS.md --table chat-warm-temp-0.7
+
+# docs/BENCHMARKS.md's other tables: plain mlx-lm against this engine on the project's
 # own benchmark prompts (held out from training), 256 new tokens each (past the
 # end-of-sequence token: sustained decoding), greedy and at T = 0.7; then the
 # conversations whose last answer edits or repeats an earlier one (answers end
 # at their end-of-sequence token, as in a chat).
 BENCH_ARGS ?= --num-prompts 5 --max-tokens 256 --num-draft 1,2,auto --draft heads+lookup --ignore-eos
 EDITS_ARGS ?= --prompts edits --max-tokens 256 --num-draft auto --draft heads+lookup
+BENCHMARKS := docs/BENCHMARKS.md
 bench: setup
 	mkdir -p bench
-	$(BIN)/mlx_mtpd bench $(BENCH_ARGS) --json bench/greedy.json --plot bench/greedy.png --readme README.md
+	$(BIN)/mlx_mtpd bench $(BENCH_ARGS) --json bench/greedy.json --plot bench/greedy.png --readme $(BENCHMARKS)
 	$(BIN)/mlx_mtpd bench $(BENCH_ARGS) --temp 0.7 --json bench/temp-0.7.json --plot bench/temp-0.7.png \
-	  --readme README.md
-	$(BIN)/mlx_mtpd bench $(EDITS_ARGS) --json bench/edits-greedy.json --readme README.md --table edits-greedy
-	$(BIN)/mlx_mtpd bench $(EDITS_ARGS) --temp 0.7 --json bench/edits-temp-0.7.json --readme README.md \
+	  --readme $(BENCHMARKS)
+	$(BIN)/mlx_mtpd bench $(EDITS_ARGS) --json bench/edits-greedy.json --readme $(BENCHMARKS) --table edits-greedy
+	$(BIN)/mlx_mtpd bench $(EDITS_ARGS) --temp 0.7 --json bench/edits-temp-0.7.json --readme $(BENCHMARKS) \
 	  --table edits-temp-0.7
 
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-# The growing data set and the shipped head (README, "Training the heads").
+# The growing data set and the shipped head (docs/TRAINING.md, docs/RESEARCH.md).
 # `make data` adds NEW answers of the prompt pool (data/prompts_pool.jsonl) to
 # the committed token data (data/tokens: ids only, a few MB), keeping the
 # backbone's outputs while generating (one pass per token: the new chunk's
@@ -96,13 +113,13 @@ data: setup
 	$(BIN)/mlx_mtpd gen-data --prompts data/prompts_pool.jsonl --out $(RUNS)/gen --pack-into $(DATA) \
 	  --new $(NEW) --temps $(TEMPS) --batch-size $(GEN_BATCH) --max-tokens 256 --resume \
 	  --cache-into $(CACHE) --features $(CAPTURE_FEATURES) --top-n 256
-	$(BIN)/python -m mlx_mtpd.data.make_pool --multi-turn $(DATA)
+	$(BIN)/python scripts/make_pool.py --multi-turn $(DATA)
 	$(BIN)/mlx_mtpd gen-data --prompts data/prompts_multiturn.jsonl --out $(RUNS)/gen-multi --pack-into $(DATA) \
 	  --new $(NEW_MULTI) --temps 0 --batch-size $(GEN_BATCH) --max-tokens 256 --resume \
 	  --cache-into $(CACHE) --features $(CAPTURE_FEATURES) --top-n 256
 	@test -f $(RUNS)/eval/data.jsonl || $(BIN)/mlx_mtpd gen-data --prompts mlx_mtpd/data/prompts_eval.jsonl \
 	  --out $(RUNS)/eval --batch-size 60 --max-tokens 256 --temps 0 --resume
-	@test -f $(TEXT) || $(BIN)/python -m mlx_mtpd.data.reference_text $(TEXT) --chars $(TEXT_CHARS)
+	@test -f $(TEXT) || $(BIN)/python scripts/reference_text.py $(TEXT) --chars $(TEXT_CHARS)
 
 heads: data
 	$(BIN)/mlx_mtpd train --data $(DATA) $(TEXT) --eval-data $(RUNS)/eval --out $(RUNS)/mtpd \
@@ -143,7 +160,7 @@ ablation-layers: setup
 
 # Does regularization help? The shipped head's checkpoint fine-tuned on all data
 # so far for the same steps without it, with weight decay, and with dropout on
-# each depth's inputs; held-out agreement compared (README, "Training the heads").
+# each depth's inputs; held-out agreement compared (docs/RESEARCH.md).
 REG_ARGS ?= --num-heads 1 --train-depth 2 --top-n 256 --steps 100 --batch-size 8 --learning-rate 5e-4 \
   --warmup 10 --eval-every 50 --features $(FEATURES)
 REG_SETS ?= base:--weight-decay=0 wd:--weight-decay=0.1 dropout:--dropout=0.1

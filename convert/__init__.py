@@ -20,7 +20,7 @@ import mlx.nn as nn
 from tqdm import tqdm
 
 from mlx_mtpd.errors import MTPDError
-from mlx_mtpd.utils import HEADS_CONFIG, HEADS_WEIGHTS, atomic_dir, default_dtype
+from mlx_mtpd.files import HEADS_CONFIG, HEADS_WEIGHTS, atomic_dir, default_dtype
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_HEAD_BITS = 8
@@ -340,7 +340,7 @@ def configure_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    from mlx_mtpd.cli import run_main
+    from mlx_mtpd.errors import run_main
 
     args = configure_parser().parse_args(argv)
 

@@ -1,6 +1,6 @@
 """mlx-mtpd: multi-token-prediction heads trained by self-distillation, for MLX."""
 
-from ._blas import bind as _bind_blas
+from .blas import bind as _bind_blas
 
 _bind_blas()  # must run before the first `import mlx.core`
 

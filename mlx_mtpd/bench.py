@@ -19,13 +19,11 @@ import mlx.core as mx
 from .engine import DraftPlanner, SpecStats, mtp_generate_step
 from .errors import MTPDError
 
-BENCH_PROMPTS = Path(__file__).parent / "data" / "prompts_bench.jsonl"
-# Conversations whose last answer edits or repeats an earlier one (`--prompts edits`).
-EDITS_PROMPTS = Path(__file__).parent / "data" / "conversations_bench.jsonl"
-# Ordinary chat requests written for this benchmark, not from the training pool's templates
-# (`--prompts chat`): the answers end at their end-of-sequence token, as in a chat.
-CHAT_PROMPTS = Path(__file__).parent / "data" / "prompts_chat.jsonl"
-NAMED_PROMPTS = {"edits": EDITS_PROMPTS, "chat": CHAT_PROMPTS}
+# The shipped prompt files (`--prompts chat|edits|bench|eval` or a path): the bench prompts are
+# held out from training; `edits`: conversations whose last answer edits or repeats an earlier
+# one; `chat`: ordinary chat requests written for this benchmark, not from the training pool's
+# templates, whose answers end at their end-of-sequence token, as in a chat.
+from .prompts import BENCH_PROMPTS, CHAT_PROMPTS, EDITS_PROMPTS, NAMED_PROMPTS  # noqa: E402,F401
 # How requests follow one another (`--mode`):
 #   run:  each request alone, one planner for the whole run (it keeps what it measured);
 #   cold: each request alone with a fresh planner, as a new `mlx_mtpd generate` process gets
@@ -100,38 +98,47 @@ class PlainConversation:
 
 def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: List, temp: float = 0.0,
           loop: Optional[str] = None, seed: int = 0, progress: bool = True, draft="heads",
-          stop_at_eos: bool = True, cluster=None, mode: str = "run") -> Dict:
+          stop_at_eos: bool = True, cluster=None, mode: str = "run", trees=("auto",)) -> Dict:
     """drafts: draft lengths and/or 'auto'; `draft`: a source or a list of them (each
-    length runs with each source).  `mode` (see MODES): how the requests follow one
+    length runs with each source); `trees`: --tree settings (parsed: 'auto', None
+    for chains, widths), each length and source running with each.  `mode` (see MODES): how the requests follow one
     another.  An answer ends at the tokenizer's end-of-sequence token unless
     `stop_at_eos` is False.  Under mlx.launch (`cluster`), every rank runs the same
     benchmark on its shard; plain decoding is then mlx-lm's own on the sharded model."""
     from tqdm import tqdm
 
-    from . import _blas
+    from . import blas
     from .costs import seed_planner
     from .distributed import describe
     from .engine import DraftState
-    from .gen_data import _messages
+    from .prompts import chat_messages
 
     if mode not in MODES:
         raise MTPDError(f"unknown bench mode {mode!r}: choose from {', '.join(MODES)}")
     if mode == "warm" and cluster is not None:
         raise MTPDError("--mode warm is for one process: under mlx.launch use --mode run or cold")
     sources = [draft] if isinstance(draft, str) else list(draft)
-    settings = [(d, src) for src in sources for d in drafts]  # (num_draft, source)
-    label = (lambda d, src: f"D={d}") if len(sources) == 1 else (lambda d, src: f"D={d},{src}")
-    names = ["plain"] + [label(d, src) for d, src in settings]
+    trees = list(trees)
+    settings = [(d, src, tr) for tr in trees for src in sources for d in drafts]  # (num_draft, source, tree)
+
+    def label(d, src, tr):
+        name = f"D={d}" + (f",{src}" if len(sources) > 1 else "")
+        if len(trees) > 1:
+            name += ",chain" if tr is None else (",tree" if tr == "auto" else ",tree=" + "-".join(map(str, tr)))
+        return name
+
+    names = ["plain"] + [label(*x) for x in settings]
     setting_of = dict(zip(names[1:], settings))
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]) if stop_at_eos else set()
 
-    def new_planner(src):
-        planner = DraftPlanner("auto", src if heads is not None or src == "prompt-lookup" else "prompt-lookup")
+    def new_planner(src, tr):
+        planner = DraftPlanner("auto", src if heads is not None or src == "prompt-lookup" else "prompt-lookup",
+                               tree=tr)
         if cluster is None:  # as a fresh process starts: from the cached costs and the head set's evaluation
             seed_planner(planner, model, tokenizer, heads)
         return planner
 
-    planners = {n: new_planner(src) for n, (d, src) in setting_of.items() if d == "auto"}
+    planners = {n: new_planner(src, tr) for n, (d, src, tr) in setting_of.items() if d == "auto"}
     # warm: one conversation per setting (T > 0: the answers, so the conversations, differ)
     convs = {n: [] for n in names}
     states = {n: None for n in names[1:]}
@@ -141,7 +148,7 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
     mismatches = []
     per_prompt = []
     first_steps: Dict[str, List[str]] = {n: [] for n in names[1:]}
-    warm_ids = mx.array(tokenizer.apply_chat_template(_messages(prompts[0]), add_generation_prompt=True))
+    warm_ids = mx.array(tokenizer.apply_chat_template(chat_messages(prompts[0]), add_generation_prompt=True))
     _run(_plain(warm_ids, model, 4, 0.0))  # warm-up
     leader = cluster is None or cluster.leader
     bar = tqdm(total=len(prompts) * len(names), desc=f"bench ({mode})", unit="run",
@@ -151,7 +158,7 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
         outs = {}
         row = {"prompt": i}
         for name in order:
-            msgs = convs[name] + _messages(prompt) if mode == "warm" else _messages(prompt)
+            msgs = convs[name] + chat_messages(prompt) if mode == "warm" else chat_messages(prompt)
             ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
             row.setdefault("prompt_tokens", {})[name] = len(ids)
             mx.random.seed(seed + i)
@@ -163,9 +170,9 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
                 if plain_conv is not None:
                     plain_conv.answered(fed)
             else:
-                d, src = setting_of[name]
+                d, src, tr = setting_of[name]
                 if d == "auto" and mode == "cold":
-                    planners[name] = new_planner(src)
+                    planners[name] = new_planner(src, tr)
                 if mode == "warm" and states[name] is None and d != 0:
                     depth = planners[name].num_draft if d == "auto" else d
                     uses_heads = heads is not None and src != "prompt-lookup"
@@ -174,7 +181,7 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
                 st = SpecStats()
                 toks, t, td = _run(mtp_generate_step(mx.array(ids), model, heads if d else None, num_draft=d,
                                                      loop=loop, max_tokens=max_tokens, temp=temp, stats=st,
-                                                     draft=src, planner=planners.get(name),
+                                                     draft=src, planner=planners.get(name), tree=tr,
                                                      state=states[name] if mode == "warm" else None,
                                                      cluster=cluster), eos)
                 stats[name].add(st)
@@ -198,10 +205,13 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
     per_d = {}
     for name in names[1:]:
         t, s = totals[name], stats[name]
-        d, src = setting_of[name]
+        d, src, tr = setting_of[name]
         per_d[name] = {
             "num_draft": d,
             "draft": src,
+            "tree": tr if tr is None or tr == "auto" else list(tr),
+            "tree_steps": s.tree_steps,
+            "tree_hits": s.tree_hits,
             "tokens_per_s": t["tokens"] / t["time"],
             "decode_tokens_per_s": t["decode_tokens"] / max(t["decode_time"], 1e-9),
             # throughput against plain decoding's in the same run: at T > 0 (or with an end-of-sequence
@@ -239,7 +249,7 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
         "mode": mode,
         "stop_at_eos": stop_at_eos,
         "device": str(mx.default_device()),
-        "blas": _blas.describe(),
+        "blas": blas.describe(),
         "ranks": cluster.size if cluster is not None else 1,
         "sharding": describe(model) if cluster is not None else None,
         # host round trips by which the ranks agreed (a plan per step), and their mean cost
@@ -338,7 +348,7 @@ def update_readme(path: Path, res: Dict, command: str, tag: Optional[str] = None
 
 
 def main(argv=None) -> None:
-    from .cli import run_main
+    from .errors import run_main
 
     p = argparse.ArgumentParser(prog="mlx_mtpd bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
@@ -354,6 +364,9 @@ def main(argv=None) -> None:
     p.add_argument("--draft", default="heads",
                    help="Draft source: heads, prompt-lookup or heads+lookup, or several comma-separated "
                         "(each draft length runs with each; default heads).")
+    p.add_argument("--tree", nargs="+", default=["auto"],
+                   help="Head drafts as trees: auto (default), off, W or W1,W2,...; several values run "
+                        "each setting with each (e.g. --tree auto off).")
     p.add_argument("--mode", choices=MODES, default="run",
                    help="run: each request alone, one planner for the run (default); cold: each with a fresh "
                         "planner, as a new process; warm: the requests as the turns of one chat session.")
@@ -375,7 +388,7 @@ def main(argv=None) -> None:
 
     def run():
         from . import distributed
-        from .gen_data import read_prompts
+        from .prompts import read_prompts
         from .heads import init_heads
 
         try:
@@ -390,6 +403,9 @@ def main(argv=None) -> None:
         if bad or not sources:
             raise MTPDError(f"--draft takes heads, prompt-lookup or heads+lookup, comma-separated "
                             f"(got {args.draft!r})")
+        from .tree import parse_tree
+
+        trees = [parse_tree(x) for x in args.tree]
         untrained = args.heads == "untrained"
         cluster = distributed.setup(args)
         if untrained and cluster is not None:
@@ -404,7 +420,7 @@ def main(argv=None) -> None:
         prompts = read_prompts(NAMED_PROMPTS.get(args.prompts, args.prompts))[: args.num_prompts]
         res = bench(model, tok, heads, prompts, max_tokens=args.max_tokens, drafts=drafts, temp=args.temp,
                     loop=args.loop, seed=args.seed, draft=sources if len(sources) > 1 else sources[0],
-                    stop_at_eos=not args.ignore_eos, cluster=cluster, mode=args.mode)
+                    stop_at_eos=not args.ignore_eos, cluster=cluster, mode=args.mode, trees=trees)
         if cluster is not None and not cluster.leader:
             return
         print(f"device {res['device']}, BLAS: {res['blas']}, {res['num_prompts']} prompts, temp {args.temp}"
@@ -414,6 +430,8 @@ def main(argv=None) -> None:
         for name, r in res["by_num_draft"].items():
             print(f"{name:<5} {r['tokens_per_s']:7.2f} tokens/s  speedup {r['speedup']:.3f}x  "
                   f"tau {r['mean_accepted_length']:.2f}  steps {r['steps_by_source']}  first {r['first_steps']}"
+                  + (f"  trees {r['tree_steps']} (alternative accepted in {r['tree_hits']})"
+                     if r["tree_steps"] else "")
                   + (f"  match checks {r['match_checks']} x {r['match_check_us']:.0f} us "
                      f"({100 * r['match_check_share']:.3f}% of the time)" if r["match_checks"] else ""))
         if args.temp == 0:

@@ -98,8 +98,8 @@ class _Interrupt:
 
 
 def main(argv=None) -> None:
-    from . import _blas  # noqa: F401  (binds OpenBLAS before mlx loads)
-    from .cli import run_main
+    from . import blas  # noqa: F401  (binds OpenBLAS before mlx loads)
+    from .errors import run_main
 
     args = setup_arg_parser().parse_args(argv)
 
@@ -109,7 +109,10 @@ def main(argv=None) -> None:
         from .generate import parse_num_draft
         from .session import Session
 
+        from .tree import parse_tree
+
         num_draft = parse_num_draft(args.num_draft)
+        tree = parse_tree(args.tree)
         if args.max_tokens == 0:
             raise MTPDError("--max-tokens must be non-zero (use -1 for no limit)")
         if args.max_context is not None and args.max_context < 16:
@@ -120,7 +123,7 @@ def main(argv=None) -> None:
         distributed.seed_all(cluster, args.seed)
         model, tokenizer, heads = distributed.load_for(args, cluster)
         session = Session(model, tokenizer, heads, num_draft=num_draft, draft=args.draft, loop=args.loop,
-                          max_context=args.max_context, memory=True, cluster=cluster)
+                          max_context=args.max_context, memory=True, cluster=cluster, tree=tree)
         if cluster is not None and not cluster.leader:
             session.follow()
             return
@@ -134,12 +137,17 @@ def main(argv=None) -> None:
 
 def converse(args, session, heads, num_draft, sampling) -> None:
     """The terminal loop (rank 0's, under mlx.launch)."""
+    from .tree import tree_note
+
     heads_note = f"{heads.num_heads} MTP head(s)" if heads is not None else "no MTP heads"
     if session.cluster is not None:
         from .distributed import describe
 
         heads_note += f", {session.cluster.size} ranks ({describe(session.model)} parallel)"
     print(dim(f"[mlx_mtpd chat] {heads_note}, drafting: {session.draft}, num-draft {num_draft}. {HELP}"))
+    note = tree_note(session.model, heads, session.tree) if session.cluster is None else None
+    if note:
+        print(dim(f"[mlx_mtpd chat] {note}"))
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: List[Dict[str, str]] = list(system)
     while True:

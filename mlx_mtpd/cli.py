@@ -4,45 +4,21 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable
+
+from .errors import run_main  # noqa: F401  (where the subcommands' runner used to live)
 
 SUBCOMMANDS = {
     "convert": "mlx_mtpd.convert",
     "generate": "mlx_mtpd.generate",
     "chat": "mlx_mtpd.chat",
     "server": "mlx_mtpd.server",
-    "init-heads": "mlx_mtpd.init_heads",
-    "gen-data": "mlx_mtpd.gen_data",
-    "train": "mlx_mtpd.train",
-    "eval-heads": "mlx_mtpd.eval_heads",
+    "init-heads": "mlx_mtpd.training.init_heads",
+    "gen-data": "mlx_mtpd.training.gen_data",
+    "train": "mlx_mtpd.training.train",
+    "eval-heads": "mlx_mtpd.training.eval_heads",
     "bench": "mlx_mtpd.bench",
     "doctor": "mlx_mtpd.doctor",
 }
-
-
-def run_main(name: str, fn: Callable[[], None]) -> None:
-    """Run a CLI body; user errors become one line on stderr and exit status 1."""
-    from .errors import MTPDError
-
-    try:
-        fn()
-    except MTPDError as e:
-        print(f"mlx_mtpd {name}: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print(f"mlx_mtpd {name}: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except RuntimeError as e:
-        from .distributed import is_link_error
-
-        if not is_link_error(e):
-            raise
-        import os
-
-        rank = os.environ.get("MLX_RANK", "?")
-        print(f"mlx_mtpd {name}: error: rank {rank} lost another rank ({e}): every rank stops", file=sys.stderr,
-              flush=True)
-        os._exit(1)  # not sys.exit: MLX's communication threads would keep the process alive
 
 
 def main() -> None:

@@ -28,13 +28,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .utils import home, write_json_atomic
+from .files import home, write_json_atomic
 
-COSTS_VERSION = 1
+COSTS_VERSION = 2  # 2: tree steps by size
 COSTS_DIR = "step_costs"
 EVAL_FILE = "eval.json"  # a head set's evaluation, beside its weights (eval-heads --save, train --export)
 HEAD_DEPTHS = (1, 2, 3, 4)
 LOOKUP_LENGTHS = (2, 4, 8, 16, 32)
+TREE_SIZES = (3, 4, 5, 6, 8, 10, 12, 16)  # nodes of a tree step (t_n included)
 # A typical chat request: the costs are measured at the context length of a chat's first answer.
 CALIBRATION_PROMPT = (
     "I am planning a small vegetable garden behind my house this spring. The soil is a bit sandy and the "
@@ -50,9 +51,9 @@ def _device() -> Dict[str, Any]:
         info["name"] = mx.device_info().get("device_name")
     except Exception:  # older MLX, or a backend without it
         pass
-    from . import _blas
+    from . import blas
 
-    info["blas"] = _blas.describe()
+    info["blas"] = blas.describe()
     return info
 
 
@@ -143,30 +144,44 @@ def prompt_ids(tokenizer) -> List[int]:
     return list(tokenizer.encode(CALIBRATION_PROMPT))
 
 
-def measure_costs(model: nn.Module, prompt: List[int], head_set=None, *, repeats: int = 4,
-                  head_depths=HEAD_DEPTHS, lookup_lengths=LOOKUP_LENGTHS) -> Dict[str, Any]:
-    """Time plain bursts, head steps of each depth and lookup verifications of each
-    length through the real decoding loop, in interleaved rounds (the median of
-    `repeats` rounds after one warm-up round).  Returns {"plain": s/token, "heads": {d: s}, "lookup": {d: s}}."""
+def measure_costs(model: nn.Module, prompt: List[int], head_set=None, *, repeats: int = 5,
+                  head_depths=HEAD_DEPTHS, lookup_lengths=LOOKUP_LENGTHS, tree_sizes=TREE_SIZES) -> Dict[str, Any]:
+    """Time plain bursts, head steps of each depth, lookup verifications of each
+    length and tree steps of each size (over the shortest chain with room for
+    them, :func:`mlx_mtpd.tree.shape_for`) through the real decoding loop, in
+    interleaved rounds (the median of `repeats` rounds after one warm-up round).
+    Returns {"plain": s/token, "heads": {d: s}, "lookup": {d: s}, "tree": {size: s}}
+    ("tree" only where the model can verify trees)."""
     from .engine import caught_up, mtp_generate_step
     from .planner import DraftPlanner
     from .suffix import Proposal
+    from .tree import min_depth, shape_for
 
     depth = max(head_depths) if head_set is not None else 0
     # Interleaved rounds (the first one warms up): a machine's speed drifts, and every
     # option is then measured over the same minutes as plain decoding.
     one_round = [("plain", 16)] + [("heads", d) for d in (head_depths if head_set is not None else ())]
     one_round += [("lookup", n) for n in lookup_lengths]
+    if head_set is not None:
+        one_round += [("tree", n) for n in tree_sizes if min_depth(n) <= depth]
     schedule = one_round * (repeats + 1)
     samples: Dict[tuple, List[float]] = {}
 
     class Recorder(DraftPlanner):
         def plan(self, st, remaining):
-            while schedule and schedule[0][0] != "plain" and not st.can_verify(schedule[0][1]):
-                schedule.pop(0)  # a sliding-window cache that cannot take this draft back
+            self.widths = None
+            while schedule and schedule[0][0] != "plain" and (
+                    not st.can_verify(schedule[0][1])  # a sliding-window cache that cannot take this back
+                    or (schedule[0][0] == "tree" and st.tree_reason is not None)):
+                schedule.pop(0)
             if not schedule:
                 return "plain", 1, None
             kind, n = schedule.pop(0)
+            if kind == "tree":
+                self.widths = shape_for(n)
+                self.stop_match = None
+                mx.eval(caught_up(st, min_depth(n), reserve=1))
+                return "heads", min_depth(n), None
             if kind == "heads":  # depths up to date, as after another head step (the step is timed)
                 mx.eval(caught_up(st, n, reserve=1))
             if kind == "lookup":  # any tokens: a rejected draft costs what an accepted one does
@@ -178,6 +193,10 @@ def measure_costs(model: nn.Module, prompt: List[int], head_set=None, *, repeats
         def observe(self, kind, d, accepted, seconds, match=0):
             if seconds is not None:
                 samples.setdefault((kind, d), []).append(seconds)
+
+        def observe_tree(self, d, widths, a_chain, rank, seconds):
+            if seconds is not None:
+                samples.setdefault(("tree", 1 + sum(widths)), []).append(seconds)
 
         def observe_plain(self, tokens, seconds):
             samples.setdefault(("plain", 0), []).append(seconds / max(tokens, 1))
@@ -194,10 +213,13 @@ def measure_costs(model: nn.Module, prompt: List[int], head_set=None, *, repeats
     gen.close()
 
     def median(xs):
-        xs = sorted(xs[1:] if len(xs) > 1 else xs)  # the first of each is a warm-up
-        return xs[len(xs) // 2]
+        # The lower quartile of the rounds after the first (a warm-up): other load on the
+        # machine only ever adds time, and a ratio of two disturbed figures misleads the
+        # planner for the whole process (it corrects them only from typical steps).
+        xs = sorted(xs[1:] if len(xs) > 1 else xs)
+        return xs[(len(xs) - 1) // 4]
 
-    out: Dict[str, Any] = {"plain": median(samples[("plain", 0)]), "heads": {}, "lookup": {},
+    out: Dict[str, Any] = {"plain": median(samples[("plain", 0)]), "heads": {}, "lookup": {}, "tree": {},
                            "context_tokens": len(prompt)}
     for (kind, d), xs in sorted(samples.items()):
         if kind != "plain":
@@ -219,15 +241,28 @@ def head_acceptance(head_dir: Optional[Path], loop: Optional[str] = None) -> Opt
         rec = json.loads((Path(head_dir) / EVAL_FILE).read_text())
     except (OSError, ValueError):
         return None
-    best = None
+    best, ranks, tried = None, None, 0
     for name, entry in (rec.get("decoding") or {}).items():
-        rates = entry.get("acceptance_rates") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("tree"):  # a tree's acceptance by rank (its acceptance by position counts alternatives)
+            table = entry.get("rank_acceptance")
+            if table and entry.get("tree_steps", 0) > tried:
+                ranks, tried = table, entry.get("tree_steps", 0)
+            continue
+        rates = entry.get("acceptance_rates")
         if not rates or (loop is not None and entry.get("loop") not in (None, loop)):
             continue
         if best is None or len(rates) > len(best):
             best = rates
+    if ranks:  # ranks never tried: the rank before's rate, halved
+        ranks = [[x for x in row] for row in ranks]
+        for row in ranks:
+            for k, x in enumerate(row):
+                if x is None:
+                    row[k] = 0.5 * row[k - 1] if k else 0.2
     if best:
-        return {"acceptance": [float(x) for x in best], "source": "decoding"}
+        return {"acceptance": [float(x) for x in best], "source": "decoding", "ranks": ranks}
     tf = rec.get("teacher_forced_agreement")
     if tf:
         return {"acceptance": [float(x) for x in tf], "source": "teacher-forced"}
@@ -238,12 +273,16 @@ def seed_planner(planner, model: nn.Module, tokenizer, head_set=None, *, measure
                  quiet: bool = False):
     """Seed an `auto` planner with the head set's acceptance and this device's step
     costs (measured now when they are not cached and `measure`).  Returns the planner."""
+    from .planner import MEASURED_PRIOR_WEIGHT
+
     if not getattr(planner, "auto", False):
         return planner
     if head_set is not None and planner.uses_heads:
         found = head_acceptance(getattr(head_set, "path", None), head_set.config.get("loop"))
         if found is not None:
-            planner.seed(acceptance=found["acceptance"], weight=4.0 if found["source"] == "decoding" else 2.0)
+            weight = MEASURED_PRIOR_WEIGHT if found["source"] == "decoding" else 2.0
+            planner.seed(acceptance=found["acceptance"], weight=weight,
+                         ranks=found.get("ranks"))
     costs = step_costs(model, tokenizer, head_set if planner.uses_heads else None, measure=measure, quiet=quiet)
     if costs is not None:
         planner.seed(costs=costs)

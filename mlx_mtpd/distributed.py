@@ -30,11 +30,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 
-from .errors import MTPDError
+from .errors import MTPDError, is_link_error  # noqa: F401  (re-exported)
 
 SHARDING = ("auto", "tensor", "pipeline")
 DEFAULT_TIMEOUT = 120.0  # seconds a rank waits for the others inside a generation (or to connect)
@@ -237,12 +237,6 @@ def _deadline(seconds: float, message: str):
         guard.wait()
 
 
-def is_link_error(e: BaseException) -> bool:
-    """A collective failed because a peer went away."""
-    msg = str(e)
-    return isinstance(e, RuntimeError) and msg.startswith(("[ring]", "[jaccl]", "[mpi]", "[distributed]"))
-
-
 # -- loading ----------------------------------------------------------------------
 def load(model: Optional[str], heads: Optional[str], dtype: Optional[str], cluster: Cluster,
          sharding: str = "auto"):
@@ -252,7 +246,7 @@ def load(model: Optional[str], heads: Optional[str], dtype: Optional[str], clust
     a copy of its last layer, at full width) and replicated on every rank."""
     from mlx_lm.utils import load_model, sharded_load
 
-    from .heads import decoder_of
+    from .heads import Sharding, decoder_of
     from .utils import load_head_set, resolve_model
 
     if sharding not in SHARDING:
@@ -283,12 +277,11 @@ def load(model: Optional[str], heads: Optional[str], dtype: Optional[str], clust
                                               group if sharding == "tensor" else None)
         except (ValueError, AssertionError) as e:
             raise MTPDError(f"cannot shard {path} over {cluster.size} ranks by {sharding} parallelism ({e})") from None
-        inner = decoder_of(sharded)
-        inner.__dict__["_mtpd_num_layers"] = len(decoder_of(reference).layers)
-        if sharding == "pipeline":
-            inner.__dict__["_mtpd_pipeline_group"] = group
-        sharded.__dict__["_mtpd_sharding"] = sharding
+        facts = Sharding(sharding, len(decoder_of(reference).layers), group if sharding == "pipeline" else None)
+        _SHARDED[id(sharded)] = sharding
         head_set = load_head_set(model, heads, path, reference)
+        if head_set is not None:
+            head_set.sharding = facts  # the backbone adapter learns it from the head set
         del reference
         cluster.barrier()
     finally:
@@ -296,8 +289,13 @@ def load(model: Optional[str], heads: Optional[str], dtype: Optional[str], clust
     return sharded, tokenizer, head_set
 
 
+# How each model this process loaded sharded was split (by id: mlx-lm's models are
+# dicts, not hashable), for messages and bench reports.
+_SHARDED: Dict[int, str] = {}
+
+
 def describe(model) -> str:
-    return model.__dict__.get("_mtpd_sharding", "none")
+    return _SHARDED.get(id(model), "none")
 
 
 # -- following rank 0 -------------------------------------------------------------

@@ -7,7 +7,7 @@ import argparse
 import platform
 import time
 
-from . import _blas
+from . import blas
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
@@ -28,12 +28,12 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
 def report() -> str:
     import mlx.core as mx
 
-    from .utils import home
+    from .files import home
 
     lines = [
         f"platform: {platform.system()} {platform.machine()}, python {platform.python_version()}",
         f"mlx: {mx.__version__}, device: {mx.default_device()}",
-        f"BLAS: {_blas.describe()}",
+        f"BLAS: {blas.describe()}",
         f"matmul 1024x1024 float32: {matmul_gflops():.1f} GFLOP/s",
         f"model cache: {home()}",
     ]
@@ -52,15 +52,17 @@ def cost_report(model_arg=None, heads_arg=None) -> str:
     lines = [f"step costs ({cost_path(cost_key(model, heads))}), measured at a {costs['context_tokens']}-token "
              f"context in {costs['seconds_to_measure']:.1f} s:",
              f"  plain decoding: {1e3 * t0:.1f} ms a token ({1 / t0:.1f} tokens/s)"]
-    for kind in ("heads", "lookup"):
+    for kind in ("heads", "lookup", "tree"):
         if costs.get(kind):
-            parts = ", ".join(f"d={d} {1e3 * t:.0f} ms ({t / t0:.2f})" for d, t in costs[kind].items())
-            lines.append(f"  {kind} step (plain tokens): {parts}")
+            name = "n" if kind == "tree" else "d"
+            parts = ", ".join(f"{name}={d} {1e3 * t:.0f} ms ({t / t0:.2f})" for d, t in costs[kind].items())
+            what = "tree step by nodes" if kind == "tree" else f"{kind} step"
+            lines.append(f"  {what} (plain tokens): {parts}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    from .cli import run_main
+    from .errors import run_main
 
     p = argparse.ArgumentParser(prog="mlx_mtpd doctor", description=__doc__)
     p.add_argument("--costs", action="store_true",

@@ -73,6 +73,9 @@ class SpecStats:
     tree_steps: int = 0  # head steps that verified a tree
     tree_tokens: int = 0  # alternatives verified in them
     tree_hits: int = 0  # steps where an alternative was accepted
+    # [position][rank - 2]: alternatives tried where the chain stopped, and accepted
+    rank_reached: List[List[int]] = field(default_factory=list)
+    rank_accepted: List[List[int]] = field(default_factory=list)
 
     def record(self, num_draft: int, accepted: int, widths=None, a_chain: int = 0, rank: int = 0) -> None:
         if len(self.drafted) < num_draft:
@@ -89,6 +92,13 @@ class SpecStats:
             self.tree_tokens += sum(w - 1 for w in widths)
             if rank:
                 self.tree_hits += 1
+            if a_chain < len(widths) and widths[a_chain] > 1:
+                for lst in (self.rank_reached, self.rank_accepted):
+                    while len(lst) <= a_chain:
+                        lst.append([0] * (tree_drafts.MAX_WIDTH - 1))
+                for r in range(2, (rank or widths[a_chain]) + 1):
+                    self.rank_reached[a_chain][r - 2] += 1
+                    self.rank_accepted[a_chain][r - 2] += r == rank
         for i in range(num_draft):
             self.drafted[i] += 1
             if i <= accepted:
@@ -111,6 +121,12 @@ class SpecStats:
         self.tree_steps += other.tree_steps
         self.tree_tokens += other.tree_tokens
         self.tree_hits += other.tree_hits
+        for name in ("rank_reached", "rank_accepted"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            while len(mine) < len(theirs):
+                mine.append([0] * (tree_drafts.MAX_WIDTH - 1))
+            for j, row in enumerate(theirs):
+                mine[j] = [a + b for a, b in zip(mine[j], row)]
         for part, t in other.parts.items():
             self.parts[part] = self.parts.get(part, 0.0) + t
         self.num_draft = other.num_draft
@@ -153,7 +169,15 @@ class SpecStats:
             "tree_steps": self.tree_steps,
             "tree_alternatives": self.tree_tokens,
             "tree_hits": self.tree_hits,
+            "rank_acceptance": self.rank_acceptance,
         }
+
+    @property
+    def rank_acceptance(self) -> List[List[Optional[float]]]:
+        """[position][rank - 2]: how often a tree's rank-r alternative was accepted
+        where the chain stopped and the better ones were rejected (None: never tried)."""
+        return [[a / n if n else None for a, n in zip(acc, rea)]
+                for acc, rea in zip(self.rank_accepted, self.rank_reached)]
 
 
 def make_logprobs_transform(
@@ -246,7 +270,7 @@ class DraftState:
         self.head_set = head_set
         self.max_depth = max_depth if head_set is not None else 0
         self.loop = loop
-        self.backbone = Backbone(model, head_set.features) if head_set is not None else None
+        self.backbone = Backbone(model, head_set.features, head_set.sharding) if head_set is not None else None
         self.heads = [head_set.head_for_depth(d, loop) for d in range(1, self.max_depth + 1)]
         if self.max_depth:
             self.project = self.backbone.projection_rows(head_set.draft_ids)
@@ -269,7 +293,8 @@ class DraftState:
         # is saved before each verification and restored on a rejection.
         self.restorable = [c for c in self.cache if _restorable(c)]
         # why this model's head drafts stay chains (None: trees can be verified)
-        self.tree_reason = tree_drafts.tree_support(self.model, self.cache) if self.max_depth else "no heads"
+        self.tree_reason, self.rope_owners = (tree_drafts.tree_support_and_ropes(self.model, self.cache)
+                                              if self.max_depth else ("no heads", None))
         self.length = 0  # tokens in the backbone cache
         self.depth_cache = [KVCache() for _ in range(self.max_depth)]
         self.committed = [0] * (self.max_depth + 2)  # c[k] for k = 1..D (c[0] unused)
@@ -784,7 +809,7 @@ def _tree_step(st: DraftState, d: int, transform, chain: mx.array, qs, streams, 
     alt_list = [a for a in alts if a is not None]
     verify_in = mx.concatenate([mx.array([st.tokens[-1]], mx.uint32), chain] + alt_list)
     prefix = st.length
-    with tree_drafts.tree_attention(st.model, st.cache, t):
+    with tree_drafts.tree_attention(st.model, st.cache, t, st.rope_owners):
         logits, hidden = st.forward(verify_in)
     if transform is None:
         target = mx.argmax(logits, axis=-1)

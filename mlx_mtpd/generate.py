@@ -4,142 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from dataclasses import dataclass
-from typing import Generator, List, Optional, Union
+from typing import Optional
 
-import mlx.core as mx
-import mlx.nn as nn
-
-from .engine import SpecStats, mtp_generate_step, parse_num_draft
+from .engine import parse_num_draft
 from .errors import MTPDError
-from .heads import HeadSet
-
-DEFAULT_NUM_DRAFT = "auto"
-
-
-@dataclass
-class GenerationResponse:
-    """mlx-lm's GenerationResponse plus the acceptance statistics so far."""
-
-    text: str
-    token: int
-    logprobs: mx.array
-    from_draft: bool
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    peak_memory: float
-    finish_reason: Optional[str] = None
-    stats: Optional[SpecStats] = None
-
-
-def _encode(tokenizer, prompt) -> mx.array:
-    if isinstance(prompt, mx.array):
-        return prompt
-    if isinstance(prompt, str):
-        if not prompt:
-            raise MTPDError("the prompt is empty: give some text")
-        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
-        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
-    if len(prompt) == 0:
-        raise MTPDError("the prompt is empty: give at least one token")
-    return mx.array(prompt)
-
-
-def stream_generate(
-    model: nn.Module,
-    tokenizer,
-    prompt: Union[str, mx.array, List[int]],
-    max_tokens: int = 256,
-    heads: Optional[HeadSet] = None,
-    num_draft: Union[int, str, None] = None,
-    **kwargs,
-) -> Generator[GenerationResponse, None, None]:
-    """Stream text like `mlx_lm.stream_generate`, drafting with MTP heads.
-
-    Stop conditions, EOS and streaming detokenization are mlx-lm's.  Extra
-    keyword arguments go to :func:`mlx_mtpd.engine.mtp_generate_step`
-    (`draft`, `loop`, `temp`, `top_p`, `top_k`, `min_p`, `prefill_step_size`,
-    `state`, `planner`).  num_draft: an integer or 'auto' (the default).
-    """
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-
-    if max_tokens == 0:
-        raise MTPDError("--max-tokens must be non-zero (use -1 for no limit)")
-    if not isinstance(tokenizer, TokenizerWrapper):
-        tokenizer = TokenizerWrapper(tokenizer)
-    prompt = _encode(tokenizer, prompt)
-    num_draft = parse_num_draft(num_draft) if num_draft is not None else DEFAULT_NUM_DRAFT
-    if num_draft == "auto" and kwargs.get("planner") is None and kwargs.get("cluster") is None:
-        # a fresh planner starts from the head set's measured acceptance and this
-        # device's step costs (measured once, on first use): it drafts from the first step
-        from .costs import seed_planner
-        from .engine import DraftPlanner
-
-        source = kwargs.get("draft", "heads")
-        if heads is None and source != "prompt-lookup":
-            source = "prompt-lookup"
-        kwargs["planner"] = seed_planner(DraftPlanner("auto", source), model, tokenizer, heads)
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    stats = SpecStats()
-    gen = mtp_generate_step(
-        prompt, model, heads, num_draft=num_draft, max_tokens=max_tokens, stats=stats, **kwargs
-    )
-    tic = time.perf_counter()
-    n = -1
-    token, logprobs, from_draft = None, None, False
-    prompt_tps = 0.0
-
-    def response(n, token, logprobs, from_draft, finish_reason=None) -> GenerationResponse:
-        return GenerationResponse(
-            text=detokenizer.last_segment,
-            token=token,
-            logprobs=logprobs,
-            from_draft=from_draft,
-            prompt_tokens=prompt.size,
-            prompt_tps=prompt_tps,
-            generation_tokens=n + 1,
-            generation_tps=(n + 1) / max(time.perf_counter() - tic, 1e-9),
-            peak_memory=mx.get_peak_memory() / 1e9,
-            finish_reason=finish_reason,
-            stats=stats,
-        )
-
-    for n, (token, logprobs, from_draft) in enumerate(gen):
-        if n == 0:
-            prompt_time = time.perf_counter() - tic
-            prompt_tps = prompt.size / prompt_time
-            tic = time.perf_counter()
-        if token in tokenizer.eos_token_ids:
-            break
-        detokenizer.add_token(token)
-        if (n + 1) == max_tokens:
-            break
-        yield response(n, token, logprobs, from_draft)
-    gen.close()
-    detokenizer.finalize()
-    finish = "stop" if token in tokenizer.eos_token_ids else "length"
-    yield response(n, token, logprobs, from_draft, finish)
-
-
-def acceptance_line(stats: SpecStats) -> str:
-    src = ", ".join(f"{k} {v}" for k, v in sorted(stats.sources.items()))
-    src = f", steps: {src}" if src else ""
-    if stats.first_step:
-        src += f" (first: {stats.first_step})"
-    if not stats.rounds:
-        return f"Acceptance: no drafting (num_draft={stats.num_draft}{src})"
-    ar = " ".join(f"{x:.2f}" for x in stats.acceptance_rates)
-    car = " ".join(f"{x:.2f}" for x in stats.cumulative_acceptance)
-    return (
-        f"Acceptance: tau {stats.mean_accepted_length:.2f} tokens/forward, "
-        f"{stats.emitted} tokens in {stats.forwards + 1} backbone forwards, "
-        f"AR_k [{ar}], CAR_k [{car}]{src}"
-    )
-
+from .streaming import (  # noqa: F401  (re-exported: the API mirrors mlx-lm's generate module)
+    DEFAULT_NUM_DRAFT, GenerationResponse, acceptance_line, encode_prompt, stream_generate,
+)
+from .tree import parse_tree, tree_note
 
 def generate(model, tokenizer, prompt, verbose: bool = False, session=None, **kwargs) -> str:
     """Generate a complete response, as `mlx_lm.generate` does (through
@@ -150,7 +22,7 @@ def generate(model, tokenizer, prompt, verbose: bool = False, session=None, **kw
     text = ""
     response = None
     if session is not None:
-        responses = session.stream(_encode(session.tokenizer, prompt).tolist(), **kwargs)
+        responses = session.stream(encode_prompt(session.tokenizer, prompt).tolist(), **kwargs)
     else:
         responses = stream_generate(model, tokenizer, prompt, **kwargs)
     for response in responses:
@@ -211,6 +83,10 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
                         "acceptance and cost, plain decoding when drafting does not pay.")
     p.add_argument("--draft", choices=("heads", "prompt-lookup", "heads+lookup"), default=None,
                    help="Draft source (default: heads+lookup with heads, prompt-lookup without).")
+    p.add_argument("--tree", default="auto",
+                   help="Head drafts as trees: 'auto' (default: the shape chosen per step from measured "
+                        "acceptance by rank and cost), 'off' (chains), W (candidates at every depth, "
+                        "at most 4) or W1,W2,... per depth.")
 
 
 def default_draft(heads, draft: Optional[str]) -> str:
@@ -227,8 +103,8 @@ def render_prompt(tokenizer, prompt: str, system: Optional[str], use_template: b
 
 
 def main(argv=None) -> None:
-    from . import _blas
-    from .cli import run_main
+    from . import blas
+    from .errors import run_main
 
     args = setup_arg_parser().parse_args(argv)
 
@@ -238,6 +114,7 @@ def main(argv=None) -> None:
         if args.max_tokens == 0:
             raise MTPDError("--max-tokens must be non-zero (use -1 for no limit)")
         num_draft = parse_num_draft(args.num_draft)
+        tree = parse_tree(args.tree)
         cluster = distributed.setup(args)
         leader = cluster is None or cluster.leader
         prompt = (sys.stdin.read() if args.prompt == "-" else args.prompt) if leader else None
@@ -249,7 +126,7 @@ def main(argv=None) -> None:
             from .session import Session
 
             session = Session(model, tokenizer, heads, num_draft=num_draft, draft=args.draft, loop=args.loop,
-                              cluster=cluster)
+                              cluster=cluster, tree=tree)
             if not cluster.leader:
                 session.follow()
                 return
@@ -265,14 +142,17 @@ def main(argv=None) -> None:
                 print(out)
             return
         if args.verbose:
-            print(f"[mlx_mtpd] BLAS: {_blas.describe()}", file=sys.stderr)
+            print(f"[mlx_mtpd] BLAS: {blas.describe()}", file=sys.stderr)
             if heads is None:
                 print("[mlx_mtpd] no MTP heads: drafting by prompt lookup only", file=sys.stderr)
+            note = tree_note(model, heads, tree)
+            if note:
+                print(f"[mlx_mtpd] {note}", file=sys.stderr)
         text_prompt = render_prompt(tokenizer, prompt, args.system_prompt, not args.ignore_chat_template)
         out = generate(
             model, tokenizer, text_prompt, verbose=args.verbose, max_tokens=args.max_tokens,
             heads=heads, num_draft=num_draft, draft=default_draft(heads, args.draft), loop=args.loop, temp=args.temp,
-            top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+            top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, tree=tree,
         )
         if not args.verbose:
             print(out)

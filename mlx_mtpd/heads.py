@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
@@ -30,12 +31,23 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from .errors import MTPDError
-from .utils import HEADS_CONFIG, HEADS_WEIGHTS, atomic_dir, write_json_atomic
+from .files import HEADS_CONFIG, HEADS_WEIGHTS, atomic_dir, write_json_atomic
 
 FORMAT_VERSION = 1
 DRAFT_VOCAB_KEY = "draft_vocab"
 PROBE_TOLERANCE = 0.05  # 4-bit quantization moves row norms by about 1%
 LOOP_POLICIES = ("last", "cycle")
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How mlx.distributed split a backbone (`mlx_mtpd.distributed.load`): a
+    pipeline stage holds only its own layers, so the adapter is told the whole
+    model's layer count and the stage group."""
+
+    kind: str  # "tensor" or "pipeline"
+    num_layers: int
+    pipeline_group: Any = None
 
 
 class Backbone:
@@ -48,7 +60,8 @@ class Backbone:
       logit soft-capping where the architecture has it).
     """
 
-    def __init__(self, model: nn.Module, features: Optional[List[int]] = None):
+    def __init__(self, model: nn.Module, features: Optional[List[int]] = None,
+                 sharding: Optional[Sharding] = None):
         self.model = model
         inner = decoder_of(model)
         if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "norm"):
@@ -70,8 +83,8 @@ class Backbone:
         self._tap_norm()
         # Sharded over mlx.distributed (distributed.load): a pipeline stage holds
         # only its own layers, and a tensor-parallel lm_head one slice of the vocabulary.
-        self.num_layers = inner.__dict__.get("_mtpd_num_layers", len(inner.layers))
-        self.pipeline_group = inner.__dict__.get("_mtpd_pipeline_group")
+        self.num_layers = sharding.num_layers if sharding is not None else len(inner.layers)
+        self.pipeline_group = sharding.pipeline_group if sharding is not None else None
         self.vocab_group = (getattr(lm if lm is not None else model, "sharding_group", None)
                             if self.lm_head is not None else None)
         self.features = check_features(features, self.num_layers)
@@ -324,6 +337,8 @@ class HeadSet(nn.Module):
         # beside the weights as `draft_vocab`; not a parameter.
         self.set_draft_vocab(draft_ids)
         object.__setattr__(self, "path", None)  # the folder it was loaded from (load_heads)
+        # the backbone it drafts for is sharded so (mlx_mtpd.distributed.load); None: one process
+        object.__setattr__(self, "sharding", None)
 
     def set_draft_vocab(self, ids: Optional[mx.array]) -> None:
         object.__setattr__(self, "_draft_ids", None if ids is None else ids.astype(mx.int32))

@@ -44,8 +44,10 @@ NUM_BUCKETS = 6
 LOOKUP_PRIOR = [0.3, 0.45, 0.6, 0.75, 0.85, 0.9]
 LOOKUP_PRIOR_WEIGHT = 2.0
 HEADS_PRIOR = (0.5, 0.9)  # AR_1, and the factor from one position's AR to the next's prior
-# Weight (in observations) of a head set's own measured acceptance (its eval.json) as the prior.
-MEASURED_PRIOR_WEIGHT = 4.0
+# Weight (in observations) of a head set's own measured acceptance (its eval.json) as the prior:
+# a dozen, so that a few unlucky first steps of a short answer do not shut the heads out
+# (the counts decay by 0.97 a step, so the measured ones still dominate after a few dozen).
+MEASURED_PRIOR_WEIGHT = 12.0
 # Step cost before it is measured, per drafted token, as a fraction of a plain token.
 PRIOR_SLOPE = {"heads": 0.25, "lookup": 0.08}
 ALWAYS_TRY_MATCH = 12  # a match this long is verified even when history says it will not pay
@@ -54,10 +56,9 @@ LONG_BURST = 32
 NEAR_PAYING = 0.9
 RETIME_ADVANTAGE = 1.5  # while drafting beats plain by this much, plain decoding is not re-timed
 # Trees (mlx_mtpd.tree): the prior acceptance of a depth's rank-2, 3, 4 candidate when
-# the better ones were rejected, its weight, and the most alternatives in one tree.
+# the better ones were rejected, and its weight.
 RANK_PRIOR = (0.2, 0.1, 0.06)
 RANK_PRIOR_WEIGHT = 2.0
-MAX_TREE_ALTS = 8
 
 
 def match_bucket(match: int) -> int:
@@ -138,8 +139,8 @@ class DraftPlanner:
             for kind in ("heads", "lookup"):
                 for d, t in (costs.get(kind) or {}).items():
                     self.cost[(kind, int(d))] = float(t)
-            if costs.get("tree_token"):
-                self.cost[("tree", 0)] = float(costs["tree_token"])
+            for n, t in (costs.get("tree") or {}).items():  # tree steps by size
+                self.cost[("treesize", int(n))] = float(t)
             self._curves.clear()
             self.plain_seen = max(self.plain_seen, 1)  # warm-up is over: the first burst is timed
         return self
@@ -247,46 +248,64 @@ class DraftPlanner:
             reach *= ar
         return e
 
-    def tree_token_cost(self) -> Optional[float]:
-        """Seconds per alternative a tree verifies beyond its chain: measured on
-        tree steps; before that, the slope of the lookup steps' cost (a longer
-        verification and nothing else), a fifth more for the tree mask."""
-        t = self.cost.get(("tree", 0))
-        if t is not None:
-            return t
-        lo, hi = self.step_cost("lookup", 2), self.step_cost("lookup", 8)
-        if lo is None:
+    def tree_cost(self, d: int, size: int) -> Optional[float]:
+        """Seconds of a head step that verifies a tree of `size` nodes over a
+        d-token chain, or None for a size not measured (when some are).
+
+        Measured (mlx_mtpd.costs): one tree step per size, over the shortest
+        chain that has room for it; a d-token chain adds what its chain step
+        costs beyond that one's (a verification's cost need not grow with its
+        length: CPU BLAS kernels favour some row counts, so only measured sizes
+        are used).  Observed tree steps scale the result.  Unmeasured: the
+        chain's cost plus the lookup steps' slope per extra token, a fifth more
+        for the tree mask."""
+        from .tree import min_depth
+
+        base = self.step_cost("heads", d)
+        if base is None:
             return None
-        return 1.2 * max((hi - lo) / 6, 0.02 * self.cost[("plain", 0)])
+        if size <= d + 1:
+            return base
+        scale = self.cost.get(("tree", 0), 1.0)
+        measured = {n: t for (k, n), t in self.cost.items() if k == "treesize"}
+        if measured:
+            t = measured.get(size)
+            if t is None:
+                return None
+            return scale * (t + base - self.step_cost("heads", min_depth(size)))
+        lo, hi = self.step_cost("lookup", 2), self.step_cost("lookup", 8)
+        slope = 1.2 * max((hi - lo) / 6, 0.02 * self.cost[("plain", 0)])
+        return scale * (base + (size - d - 1) * slope)
 
     def best_tree(self, d: int, profile: List[float], table: List[List[float]]):
         """(tokens per second, widths or None) of the best tree over a d-token
-        chain: alternatives added one at a time where they gain the most, while
-        they gain (at most MAX_TREE_ALTS)."""
-        from .tree import MAX_WIDTH
+        chain.  Alternatives are added best first: the next one at depth j
+        (rank w_j + 1) adds reach_j (1 - AR_j) prod_{r<=w_j}(1 - b_{j,r}) b_{j,w_j+1}
+        expected tokens, so each tree size has its best shape; the size is then
+        chosen by tokens per second against its measured cost."""
+        from .tree import MAX_TREE_SIZE, MAX_WIDTH
 
-        base, slope = self.step_cost("heads", d), self.tree_token_cost()
+        base = self.step_cost("heads", d)
         widths = [1] * d
-        best = self.expected_tree(profile, widths, table) / base
-        if slope is None:
-            return best, None
-        n = 0
-        while n < MAX_TREE_ALTS:
-            choice = None
-            for j in range(d):
-                if widths[j] >= MAX_WIDTH:
-                    continue
-                widths[j] += 1
-                rate = self.expected_tree(profile, widths, table) / (base + (n + 1) * slope)
-                widths[j] -= 1
-                if rate > (choice[0] if choice else best):
-                    choice = (rate, j)
-            if choice is None:
+        reach, r = [], 1.0
+        for ar in profile:
+            reach.append(r)
+            r *= ar
+        e = self.expected_tree(profile, widths, table)
+        best, best_widths = e / base, None
+        miss = [1.0] * d  # prod (1 - b) over the ranks tried at depth j
+        for n in range(1, MAX_TREE_SIZE - d):
+            gain, j = max(((reach[j] * (1.0 - profile[j]) * miss[j] * table[j][widths[j] - 1], j)
+                           for j in range(d) if widths[j] < MAX_WIDTH), default=(0.0, -1))
+            if j < 0 or gain <= 0:
                 break
-            best = choice[0]
-            widths[choice[1]] += 1
-            n += 1
-        return best, (tuple(widths) if n else None)
+            miss[j] *= 1.0 - table[j][widths[j] - 1]
+            widths[j] += 1
+            e += gain
+            cost = self.tree_cost(d, 1 + d + n)  # None: a size not measured
+            if cost and e / cost > best:
+                best, best_widths = e / cost, tuple(widths)
+        return best, best_widths
 
     def _best_heads(self, cap: int, trees: bool) -> Tuple[float, int, Optional[Tuple[int, ...]]]:
         """(tokens per second, d, widths) of the best head draft up to `cap` tokens."""
@@ -332,11 +351,13 @@ class DraftPlanner:
             for r in range(2, top + 1):
                 row[r - 2][1] += 1
                 row[r - 2][0] += r == rank
-        n_alts = sum(w - 1 for w in widths)
-        base = self.step_cost("heads", d)
-        if seconds is not None and n_alts and base is not None:
-            t0 = self.cost[("plain", 0)]
-            self._ema(("tree", 0), min(max((seconds - base) / n_alts, 0.0), 2 * t0))
+        size = 1 + sum(widths)
+        if seconds is not None and size > d + 1:
+            # None: no plain timing yet, or a size not measured (a fixed --tree shape)
+            predicted = self.tree_cost(d, size)
+            if predicted:
+                predicted /= self.cost.get(("tree", 0), 1.0)
+                self._ema(("tree", 0), min(max(seconds / predicted, 0.5), 3.0))
 
     def step_cost(self, kind: str, d: int) -> Optional[float]:
         """T(d): the measured step times of this kind, interpolated piecewise

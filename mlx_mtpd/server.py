@@ -378,8 +378,8 @@ def serve(session, host: str, port: int, model_id: str, quiet: bool = False):
 
 
 def main(argv=None) -> None:
-    from . import _blas  # noqa: F401  (binds OpenBLAS before mlx loads)
-    from .cli import run_main
+    from . import blas  # noqa: F401  (binds OpenBLAS before mlx loads)
+    from .errors import run_main
 
     args = setup_arg_parser().parse_args(argv)
 
@@ -390,14 +390,17 @@ def main(argv=None) -> None:
         from .generate import parse_num_draft
         from .session import Session
 
+        from .tree import parse_tree
+
         num_draft = parse_num_draft(args.num_draft)
+        tree = parse_tree(args.tree)
         if not 0 <= args.port < 65536:
             raise MTPDError(f"--port must be in 0..65535 (got {args.port})")
         cluster = distributed.setup(args)
         distributed.seed_all(cluster, None)  # one random state on every rank
         model, tokenizer, heads = distributed.load_for(args, cluster)
         session = Session(model, tokenizer, heads, num_draft=num_draft, draft=args.draft, loop=args.loop,
-                          max_context=args.max_context, memory=args.draft_memory, cluster=cluster)
+                          max_context=args.max_context, memory=args.draft_memory, cluster=cluster, tree=tree)
         if cluster is not None and not cluster.leader:
             session.follow()
             return

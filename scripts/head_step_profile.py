@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import mlx_mtpd  # noqa: F401  (binds OpenBLAS first)
 import mlx.core as mx
 
 from mlx_mtpd.bench import CHAT_PROMPTS, _plain, _run
 from mlx_mtpd.engine import SpecStats, mtp_generate_step
-from mlx_mtpd.gen_data import _messages, read_prompts
+from mlx_mtpd.training.gen_data import _messages, read_prompts
 from mlx_mtpd.utils import load
 
 

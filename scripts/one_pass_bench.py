@@ -41,9 +41,9 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from mlx_mtpd.capture import generate_captured
-    from mlx_mtpd.data_cache import TokenSeq, prepare_cache
-    from mlx_mtpd.gen_data import _messages, generate_answers, read_prompts
+    from mlx_mtpd.training.capture import generate_captured
+    from mlx_mtpd.training.data_cache import TokenSeq, prepare_cache
+    from mlx_mtpd.training.gen_data import _messages, generate_answers, read_prompts
     from mlx_mtpd.heads import parse_features
     from mlx_mtpd.utils import load
 

@@ -12,12 +12,12 @@ from conftest import run_cli
 
 _SNIPPET = """
 import json, mlx_mtpd
-from mlx_mtpd import _blas
+from mlx_mtpd import blas
 import mlx.core as mx
 a = mx.random.normal((257, 300), key=mx.random.key(0))
 b = mx.random.normal((300, 129), key=mx.random.key(1))
 c = (a @ b).tolist()
-print(json.dumps({"lib": _blas.state["library"], "c": c}))
+print(json.dumps({"lib": blas.state["library"], "c": c}))
 """
 
 
@@ -38,12 +38,12 @@ def test_matmul_agrees_with_and_without_openblas():
 
 
 def test_doctor_reports_blas_and_speed():
-    from mlx_mtpd import _blas
+    from mlx_mtpd import blas
 
     r = run_cli("doctor")
     assert r.returncode == 0, r.stderr
     assert "GFLOP/s" in r.stdout and "BLAS:" in r.stdout
-    if _blas.find_openblas():
+    if blas.find_openblas():
         assert "OpenBLAS" in r.stdout
     r = run_cli("doctor", env={"MLX_MTPD_BLAS": "0"})
     assert "disabled by MLX_MTPD_BLAS=0" in r.stdout
@@ -59,9 +59,9 @@ def test_explicit_bad_library_warns_in_one_line_and_falls_back():
 
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
 def test_explicit_library_path_is_used():
-    from mlx_mtpd import _blas
+    from mlx_mtpd import blas
 
-    lib = _blas.find_openblas()
+    lib = blas.find_openblas()
     if lib is None:
         pytest.skip("no system OpenBLAS here")
     assert _run({"MLX_MTPD_BLAS": lib})["lib"] == lib

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_cli, write_hf_checkpoint
+from conftest import ROOT, run_cli, write_hf_checkpoint
 
 
 def test_gen_data_greedy_and_sampled_then_resume(tmp_path):
@@ -64,8 +64,8 @@ def test_gen_data_grows_a_token_data_set(tmp_path):
     and a damaged chunk is refused with a clear error."""
     import numpy as np
 
-    from mlx_mtpd.data_cache import read_sequences
-    from mlx_mtpd.dataset import iter_records, read_manifest
+    from mlx_mtpd.training.data_cache import read_sequences
+    from mlx_mtpd.training.dataset import iter_records, read_manifest
     from mlx_mtpd.utils import load
 
     model = tmp_path / "model"
@@ -114,8 +114,8 @@ def test_capture_while_generating_gives_the_training_cache(tmp_path):
     import numpy as np
 
     from conftest import greedy_tokens
-    from mlx_mtpd.data_cache import iter_sequences, open_cache, prepare_cache, read_sequences
-    from mlx_mtpd.dataset import iter_records
+    from mlx_mtpd.training.data_cache import iter_sequences, open_cache, prepare_cache, read_sequences
+    from mlx_mtpd.training.dataset import iter_records
     from mlx_mtpd.utils import load
 
     model = tmp_path / "model"
@@ -169,7 +169,7 @@ def test_continuous_batching_capture_equals_one_sequence_at_a_time(arch, batch_s
     import numpy as np
 
     from conftest import greedy_tokens, tiny_model
-    from mlx_mtpd.capture import generate_captured
+    from mlx_mtpd.training.capture import generate_captured
     from mlx_mtpd.heads import Backbone
 
     model, _ = tiny_model(arch, vocab_size=64, seed=3)
@@ -216,8 +216,14 @@ def test_multi_turn_prompts_follow_up_on_greedy_answers(tmp_path):
     """make_pool --multi-turn: each finished greedy answer of a pool prompt
     becomes a conversation (prompt, that answer, a follow-up asking to repeat
     or edit it); sampled, cut and unknown answers are left out."""
-    from mlx_mtpd.data.make_pool import CODE_FOLLOW_UPS, FOLLOW_UPS, build_multi_turn, build_pool
-    from mlx_mtpd.dataset import job_id, pack
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_pool", ROOT / "scripts" / "make_pool.py")
+    make_pool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_pool)
+    CODE_FOLLOW_UPS, FOLLOW_UPS = make_pool.CODE_FOLLOW_UPS, make_pool.FOLLOW_UPS
+    build_multi_turn, build_pool = make_pool.build_multi_turn, make_pool.build_pool
+    from mlx_mtpd.training.dataset import job_id, pack
 
     class Tok:
         def decode(self, ids):

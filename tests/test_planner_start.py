@@ -102,7 +102,8 @@ def test_step_costs_are_measured_once_and_keyed(tmp_path, monkeypatch):
     c = costs.step_costs(model, _Tok(), heads, quiet=True)
     assert c["plain"] > 0 and set(c["heads"]) == {"1", "2", "3", "4"}
     assert set(c["lookup"]) == {"2", "4", "8", "16", "32"}
-    assert all(t > 0 for kind in ("heads", "lookup") for t in c[kind].values())
+    assert set(c["tree"]) == {"3", "4", "5", "6", "8", "10", "12", "16"}  # tree steps by size
+    assert all(t > 0 for kind in ("heads", "lookup", "tree") for t in c[kind].values())
     files = list((tmp_path / costs.COSTS_DIR).glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["costs"] == c
 
@@ -137,7 +138,17 @@ def test_head_acceptance_prefers_decoding_then_teacher_forced(tmp_path):
         "D=1,loop=last": {"loop": "last", "acceptance_rates": [0.45]},
         "D=3,loop=last": {"loop": "last", "acceptance_rates": [0.43, 0.4, 0.35]},
         "D=4,loop=cycle": {"loop": "cycle", "acceptance_rates": [0.43, 0.4, 0.35, 0.3]}}}))
-    assert costs.head_acceptance(tmp_path, "last") == {"acceptance": [0.43, 0.4, 0.35], "source": "decoding"}
+    assert costs.head_acceptance(tmp_path, "last") == {"acceptance": [0.43, 0.4, 0.35], "source": "decoding",
+                                                       "ranks": None}
+    # a tree's row gives acceptance by rank (ranks never tried: half the rank before), not by position
+    rec = json.loads((tmp_path / "eval.json").read_text())
+    rec["decoding"]["D=2,loop=last,tree=3-2"] = {"loop": "last", "tree": [3, 2], "tree_steps": 40,
+                                                 "acceptance_rates": [0.9, 0.9, 0.9, 0.9, 0.9],
+                                                 "rank_acceptance": [[0.3, 0.1, None], [0.2, None, None]]}
+    (tmp_path / "eval.json").write_text(json.dumps(rec))
+    found = costs.head_acceptance(tmp_path, "last")
+    assert found["acceptance"] == [0.43, 0.4, 0.35]
+    assert found["ranks"] == [[0.3, 0.1, 0.05], [0.2, 0.1, 0.05]]
     (tmp_path / "eval.json").write_text("{broken")
     assert costs.head_acceptance(tmp_path) is None
 
@@ -159,7 +170,9 @@ def test_a_seeded_planner_drafts_from_its_first_step_and_its_measurements_correc
     for _ in range(40):  # the heads turn out to guess nothing here, and steps cost more
         seeded.observe("heads", d, 0, 0.2)
         seeded.observe("heads", 1, 0, 0.15)
-    assert seeded.acceptance("heads", 1) < 0.15
+    # the prior keeps its weight (12) while the counts decay (a window of ~33 steps):
+    # the measured 0 pulls 0.6 down to about a sixth of it
+    assert seeded.acceptance("heads", 1) < 0.2
     assert seeded.step_cost("heads", d) > 0.19
     assert seeded.plan(St(), 100)[0] == "plain"
     assert seeded.prefill_depth() == 0

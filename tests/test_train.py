@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli, write_hf_checkpoint
-from mlx_mtpd.train import mtpd_loss
+from mlx_mtpd.training.train import mtpd_loss
 
 
 def _softmax(x):
@@ -246,6 +246,19 @@ def test_eval_heads_json_and_plot(tiny_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert res["prompts"] == 2 and res["decoding"]["D=1,loop=last"]["rounds"] > 0
+    # trees beside chains: a row per shape and D, with acceptance by rank
+    r = run_cli("eval-heads", "--model", tiny_ckpt / "model", "--heads", tmp_path / "h", "--prompts", prompts,
+                "--num-draft", "1,2", "--loops", "last", "--tree", "off", "3", "--max-tokens", 10, "--json", out,
+                "--plot", png)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert set(res["decoding"]) == {"D=1,loop=last", "D=2,loop=last", "D=1,loop=last,tree=3",
+                                    "D=2,loop=last,tree=3-3"}
+    row = res["decoding"]["D=2,loop=last,tree=3-3"]
+    assert row["tree"] == [3, 3] and row["tree_steps"] == row["rounds"] > 0 and row["rank_acceptance"]
+    r = run_cli("eval-heads", "--model", tiny_ckpt / "model", "--heads", tmp_path / "h", "--prompts", prompts,
+                "--tree", "auto", "--max-tokens", 6)
+    assert r.returncode != 0 and "fixed shapes" in r.stderr and "Traceback" not in r.stderr
     # ... and an evaluation over no prompt is refused, not reported as tau 1.00
     (tmp_path / "none.jsonl").write_text(json.dumps({"messages": [{"role": "system", "content": "x"}]}) + "\n")
     r = run_cli("eval-heads", "--model", tiny_ckpt / "model", "--heads", tmp_path / "h", "--prompts",
@@ -267,9 +280,9 @@ def test_backbone_parameters_stay_byte_equal_in_process(tiny_ckpt, tmp_path):
     import mlx_lm
     from mlx.utils import tree_flatten
 
-    from mlx_mtpd.data_cache import open_cache, prepare_cache, read_sequences
+    from mlx_mtpd.training.data_cache import open_cache, prepare_cache, read_sequences
     from mlx_mtpd.heads import init_heads
-    from mlx_mtpd.train import TrainConfig, Trainer
+    from mlx_mtpd.training.train import TrainConfig, Trainer
 
     model, tok = mlx_lm.load(str(tiny_ckpt / "model"))
     model.freeze()
@@ -296,9 +309,9 @@ def test_looped_depth_training_trains_the_head_on_its_own_output(tiny_ckpt, tmp_
     import mlx_lm
     from mlx.utils import tree_flatten
 
-    from mlx_mtpd.data_cache import open_cache, prepare_cache, read_sequences
+    from mlx_mtpd.training.data_cache import open_cache, prepare_cache, read_sequences
     from mlx_mtpd.heads import init_heads
-    from mlx_mtpd.train import TrainConfig, Trainer, forward_heads, make_batch
+    from mlx_mtpd.training.train import TrainConfig, Trainer, forward_heads, make_batch
 
     model, tok = mlx_lm.load(str(tiny_ckpt / "model"))
     model.freeze()
@@ -315,7 +328,7 @@ def test_looped_depth_training_trains_the_head_on_its_own_output(tiny_ckpt, tmp_
         results[depth] = dict(tree_flatten(heads.parameters()))
         if depth == 2:
             from mlx_mtpd.heads import Backbone
-            from mlx_mtpd.data_cache import iter_sequences
+            from mlx_mtpd.training.data_cache import iter_sequences
 
             batch = make_batch(list(iter_sequences(cache, [0, 1])), Backbone(model), 64, 1)
             total2, metrics = forward_heads(heads, Backbone(model), batch, cfg)
@@ -332,9 +345,9 @@ def test_loss_counts_only_answer_tokens_unless_asked(tiny_ckpt, tmp_path):
     positions leaves the loss unchanged; --prompt-loss counts every position."""
     import mlx_lm
 
-    from mlx_mtpd.data_cache import iter_sequences, open_cache, prepare_cache, read_sequences
+    from mlx_mtpd.training.data_cache import iter_sequences, open_cache, prepare_cache, read_sequences
     from mlx_mtpd.heads import Backbone, init_heads
-    from mlx_mtpd.train import TrainConfig, forward_heads, make_batch
+    from mlx_mtpd.training.train import TrainConfig, forward_heads, make_batch
 
     model, tok = mlx_lm.load(str(tiny_ckpt / "model"))
     seqs, _ = read_sequences([str(tiny_ckpt / "data.jsonl")], tok, 64)
@@ -409,9 +422,9 @@ def test_per_sequence_token_sets_give_the_same_loss_as_the_whole_vocabulary(tiny
     the same top-N and targets (a mapping error would change it)."""
     import mlx_lm
 
-    from mlx_mtpd.data_cache import iter_sequences, open_cache, prepare_cache, read_sequences
+    from mlx_mtpd.training.data_cache import iter_sequences, open_cache, prepare_cache, read_sequences
     from mlx_mtpd.heads import Backbone, init_heads
-    from mlx_mtpd.train import TrainConfig, forward_heads, make_batch
+    from mlx_mtpd.training.train import TrainConfig, forward_heads, make_batch
 
     model, tok = mlx_lm.load(str(tiny_ckpt / "model"))
     seqs, _ = read_sequences([str(tiny_ckpt / "data.jsonl")], tok, 64)

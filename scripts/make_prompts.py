@@ -3,7 +3,7 @@
 Topics are split three ways first, so the evaluation and benchmark prompts
 share no topic with the training prompts.
 
-    python -m mlx_mtpd.data.make_prompts
+    python scripts/make_prompts.py   # into mlx_mtpd/data/
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def build(seed: int = 0):
 
 
 def main():
-    here = Path(__file__).parent
+    here = Path(__file__).resolve().parents[1] / "mlx_mtpd" / "data"
     for name, prompts in build().items():
         with open(here / f"prompts_{name}.jsonl", "w") as f:
             for p in prompts:

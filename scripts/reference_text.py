@@ -6,7 +6,7 @@ on every position, from the cache pass), not the text's own next tokens, so
 any well-formed text is usable; it keeps a head trained on a few hundred
 thousand answer tokens from memorising them.
 
-    python -m mlx_mtpd.data.reference_text OUT.txt [--chars N]
+    python scripts/reference_text.py OUT.txt [--chars N]
 """
 
 from __future__ import annotations

@@ -17,46 +17,10 @@ import time
 from pathlib import Path
 from typing import Iterable, List
 
-from .errors import MTPDError
+from ..errors import MTPDError
+from ..prompts import DATA_DIR, chat_messages, read_prompts  # noqa: F401  (read_prompts: re-exported)
 
-DATA_DIR = Path(__file__).parent / "data"
 OUTPUT_FILE = "data.jsonl"
-
-
-def read_prompts(path: Path) -> List[str]:
-    """Prompts from a .jsonl file (`prompt`, `text` or chat `messages`) or a text file (one a line)."""
-    path = Path(path)
-    if not path.exists():
-        raise MTPDError(f"prompts file {path} not found")
-    prompts = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise MTPDError(f"{path}:{i}: invalid JSON ({e.msg}): fix or remove the line") from None
-                if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-                    prompts.append(obj["prompt"])
-                elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
-                    prompts.append(obj["text"])
-                elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                    prompts.append(obj["messages"])
-                else:
-                    raise MTPDError(f"{path}:{i}: expected an object with 'prompt', 'text' or 'messages'")
-            else:
-                prompts.append(line)
-    if not prompts:
-        raise MTPDError(f"{path} holds no prompts")
-    return prompts
-
-
-def _messages(prompt, system=None):
-    msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    return ([{"role": "system", "content": system}] if system else []) + msgs
 
 
 def generate_answers(model, tokenizer, jobs: List[dict], max_tokens: int, batch_size: int,
@@ -110,7 +74,7 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
     from tqdm import tqdm
 
     from .dataset import answered, job_id
-    from .utils import load
+    from ..utils import load
 
     out = Path(out)
     target = out / OUTPUT_FILE
@@ -126,7 +90,7 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
     if cache_into and capture_dir is None:
         print("[mlx_mtpd] this model's caches are not plain KV caches: generating without capture "
               "(training prepares the cache with one more pass)", file=sys.stderr)
-    jobs = [{"id": job_id(_messages(p, system), t), "temp": t, "messages": _messages(p, system)}
+    jobs = [{"id": job_id(chat_messages(p, system), t), "temp": t, "messages": chat_messages(p, system)}
             for t in temps for p in prompts]
     jobs = list({j["id"]: j for j in jobs}.values())  # a prompt listed twice is answered once
     in_work = _ids_in(target) if resume else set()  # a line cut by an interruption: its job runs again
@@ -229,7 +193,7 @@ def _records(path: Path):
 
 def _pack(work: Path, dataset: Path, model, tokenizer, prompts_file, seconds: float, cpu_seconds: float) -> None:
     from .dataset import pack
-    from .heads import Backbone
+    from ..heads import Backbone
 
     records = list(_records(work))
     meta = {"prompts": Path(prompts_file).name, "seconds": round(seconds, 3),
@@ -246,7 +210,7 @@ def _pack(work: Path, dataset: Path, model, tokenizer, prompts_file, seconds: fl
 
 
 def main(argv=None) -> None:
-    from .cli import run_main
+    from ..errors import run_main
 
     p = argparse.ArgumentParser(prog="mlx_mtpd gen-data", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="MLX model folder (default: SmolLM2-135M-Instruct).")
@@ -277,7 +241,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     def run():
-        from .heads import parse_features
+        from ..heads import parse_features
 
         try:
             temps = tuple(float(x) for x in args.temps.split(","))

@@ -21,8 +21,8 @@ from typing import Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 
-from .errors import MTPDError
-from .utils import write_json_atomic
+from ..errors import MTPDError
+from ..files import write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "mlx-mtpd-tokens-1"
@@ -95,7 +95,7 @@ def pack(records: Iterable[dict], path: Path, *, eos: Optional[int], backbone: d
     path.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(path)
     if manifest["backbone"] is not None:
-        from .heads import compare_fingerprints
+        from ..heads import compare_fingerprints
 
         compare_fingerprints(manifest["backbone"], backbone, path)
     done = answered(path)

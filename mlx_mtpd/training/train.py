@@ -28,9 +28,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .data_cache import epoch_order, iter_sequences
-from .errors import MTPDError
-from .heads import Backbone, HeadSet, init_heads, load_heads, write_head_files
-from .utils import HEADS_WEIGHTS, atomic_dir
+from ..errors import MTPDError
+from ..heads import Backbone, HeadSet, init_heads, load_heads, write_head_files
+from ..files import HEADS_WEIGHTS, atomic_dir
 
 STATE_FILE = "trainer_state.json"
 BEST_DIR = "best"  # the checkpoint with the best held-out agreement, inside --out
@@ -454,7 +454,7 @@ def _all_finite(params) -> bool:
 def build_heads(model, args) -> HeadSet:
     """New heads, or heads from --init-from (given a pass-through fusion of
     --features if they have none), extended to --extend-to by copying."""
-    from .heads import parse_features
+    from ..heads import parse_features
 
     features = parse_features(getattr(args, "features", None))
     if args.init_from:
@@ -476,7 +476,7 @@ def build_heads(model, args) -> HeadSet:
 
 
 def main(argv=None) -> None:
-    from .cli import run_main
+    from ..errors import run_main
 
     p = argparse.ArgumentParser(prog="mlx_mtpd train", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="MLX model folder (default: SmolLM2-135M-Instruct).")
@@ -535,7 +535,7 @@ def main(argv=None) -> None:
 
 def train_cli(args) -> None:
     from .data_cache import caches_for
-    from .utils import load
+    from ..utils import load
 
     group = None
     if mx.distributed.is_available():
@@ -588,7 +588,7 @@ def train_cli(args) -> None:
         trainer.restore(out)
     history = trainer.train()
     if rank == 0 and args.export:
-        from .heads import save_heads
+        from ..heads import save_heads
 
         best = trainer.use_best()
         if best is not None:
@@ -599,8 +599,8 @@ def train_cli(args) -> None:
         save_heads(heads, Path(args.export), force=True, dtype=args.export_dtype)
         if best is not None and best.get("eval_agreement"):
             # the acceptance `auto` starts from until `eval-heads --save` measures it in decoding
-            from .costs import EVAL_FILE
-            from .utils import write_json_atomic
+            from ..costs import EVAL_FILE
+            from ..files import write_json_atomic
 
             write_json_atomic(Path(args.export) / EVAL_FILE, {
                 "heads": str(args.export), "num_heads": heads.num_heads, "source": "train --export",

@@ -19,8 +19,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .errors import MTPDError
-from .utils import atomic_dir
+from ..errors import MTPDError
+from ..files import atomic_dir
 
 CACHE_INDEX = "index.json"
 MAX_CACHED_TOP_N = 1024  # above this the teacher is recomputed from the hidden state
@@ -145,7 +145,7 @@ def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_
     sequences are written without a second backbone pass."""
     from tqdm import tqdm
 
-    from .heads import Backbone
+    from ..heads import Backbone
 
     bb = Backbone(model, features)
     vocab = bb.vocab_size
@@ -235,7 +235,7 @@ def open_cache(path: Path, backbone=None) -> dict:
         raise MTPDError(f"{path} is not a prepared data cache (no {CACHE_INDEX})")
     index = json.loads((path / CACHE_INDEX).read_text())
     if backbone is not None:
-        from .heads import check_fingerprint
+        from ..heads import check_fingerprint
 
         check_fingerprint({"backbone": index["backbone"]}, backbone, path)
         have = list(index.get("features") or [])

@@ -8,7 +8,7 @@ DEFAULT_DRAFT_VOCAB = 8192
 
 
 def main(argv=None) -> None:
-    from .cli import run_main
+    from ..errors import run_main
 
     p = argparse.ArgumentParser(prog="mlx_mtpd init-heads", description=__doc__)
     p.add_argument("--model", default=None, help="MLX model folder (default: SmolLM2-135M-Instruct).")
@@ -23,9 +23,9 @@ def main(argv=None) -> None:
     def run():
         from pathlib import Path
 
-        from .errors import MTPDError
-        from .heads import init_heads, save_heads
-        from .utils import load
+        from ..errors import MTPDError
+        from ..heads import init_heads, save_heads
+        from ..utils import load
 
         if args.num_heads < 1:
             raise MTPDError(f"--num-heads must be at least 1 (got {args.num_heads})")

@@ -7,8 +7,8 @@ conversations whose second turn edits the first answer (the answer itself is
 the backbone's, filled in by `gen-data` from earlier data).  The project's
 evaluation and benchmark topics (`make_prompts.py`) never appear.
 
-    python -m mlx_mtpd.data.make_pool
-    python -m mlx_mtpd.data.make_pool --multi-turn data/tokens   # data/prompts_multiturn.jsonl
+    python scripts/make_pool.py
+    python scripts/make_pool.py --multi-turn data/tokens   # data/prompts_multiturn.jsonl
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import json
 import random
 from pathlib import Path
 
-from .make_prompts import TEMPLATES, TOPICS, build
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # make_prompts, beside this script
+from make_prompts import TEMPLATES, TOPICS, build  # noqa: E402
 
 MORE_TOPICS = [
     "the Eiffel Tower", "rivers", "owls", "the Internet of Things", "pizza", "the Great Barrier Reef",
@@ -163,7 +166,7 @@ def build_multi_turn(dataset: Path, tokenizer, pool, max_answer_tokens: int = 20
     """Two-turn conversations: a pool prompt, the backbone's own greedy answer
     to it from the data set, and a follow-up that asks to repeat, shorten or
     edit that answer (the turns where drafting from the conversation pays)."""
-    from ..dataset import iter_records, job_id
+    from mlx_mtpd.training.dataset import iter_records, job_id
 
     by_id = {job_id([{"role": "user", "content": p}], 0.0): p for p in pool}
     out = []
@@ -188,10 +191,10 @@ def main():
     ap.add_argument("--multi-turn", default=None, metavar="DATASET",
                     help="Write data/prompts_multiturn.jsonl from this token data set's greedy answers.")
     args = ap.parse_args()
-    root = Path(__file__).resolve().parents[2] / "data"
+    root = Path(__file__).resolve().parents[1] / "data"
     root.mkdir(exist_ok=True)
     if args.multi_turn:
-        from ..utils import load
+        from mlx_mtpd.utils import load
 
         _, tokenizer, _ = load(None)
         pool = [json.loads(x)["prompt"] for x in (root / "prompts_pool.jsonl").read_text().splitlines()]

@@ -9,16 +9,15 @@ acceptance by draft position.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import mlx.core as mx
 
-from .errors import MTPDError
+from ..errors import MTPDError
+from ..prompts import EVAL_PROMPTS
 
-EVAL_PROMPTS = Path(__file__).parent / "data" / "prompts_eval.jsonl"
 TF_MAX_DEPTH = 4  # teacher-forced agreement is reported up to this depth (or the heads)
 
 
@@ -32,26 +31,36 @@ def conversation_prompt(prompt):
 
 
 def decoding_acceptance(model, tokenizer, heads, prompts: List[str], *, max_tokens: int,
-                        drafts: List[int], loops: List[str], progress: bool = True) -> Dict[str, dict]:
-    """Aggregate SpecStats over `prompts` for every (D, loop); loop only matters for D > K."""
+                        drafts: List[int], loops: List[str], progress: bool = True,
+                        trees=(None,)) -> Dict[str, dict]:
+    """Aggregate SpecStats over `prompts` for every (D, loop, tree); loop only
+    matters for D > K; `trees`: None (chains) and/or widths (mlx_mtpd.tree)."""
+    from ..tree import widths_for
+
     from tqdm import tqdm
 
-    from .engine import SpecStats, mtp_generate_step
-    from .gen_data import _messages
+    from ..engine import SpecStats, mtp_generate_step
+    from ..prompts import chat_messages
 
-    ids = [mx.array(tokenizer.apply_chat_template(_messages(p), add_generation_prompt=True)) for p in prompts]
-    configs = [(d, lp) for d in drafts for lp in (loops if d > heads.num_heads else loops[:1])]
+    ids = [mx.array(tokenizer.apply_chat_template(chat_messages(p), add_generation_prompt=True)) for p in prompts]
+    configs = [(d, lp, tr) for tr in trees for d in drafts for lp in (loops if d > heads.num_heads else loops[:1])]
     results = {}
     bar = tqdm(total=len(configs) * len(ids), desc="decode", unit="run", disable=not progress)
-    for d, lp in configs:
+    for d, lp, tr in configs:
+        widths = widths_for(tr, d)
+        if tr is not None and widths is None:
+            continue  # a tree that adds nothing at this D: the chain's row
         total = SpecStats()
         for p in ids:
             st = SpecStats()
-            for _ in mtp_generate_step(p, model, heads, num_draft=d, loop=lp, max_tokens=max_tokens, stats=st):
+            for _ in mtp_generate_step(p, model, heads, num_draft=d, loop=lp, max_tokens=max_tokens, stats=st,
+                                       tree=widths):
                 pass
             total.add(st)
             bar.update(1)
-        results[f"D={d},loop={lp}"] = {"num_draft": d, "loop": lp, **total.as_dict()}
+        name = f"D={d},loop={lp}" + (f",tree={'-'.join(map(str, widths))}" if widths else "")
+        results[name] = {"num_draft": d, "loop": lp, "tree": list(widths) if widths else None,
+                         **total.as_dict()}
     bar.close()
     return results
 
@@ -66,9 +75,10 @@ def plot(results: Dict[str, dict], agreement: Optional[List[float]], path: Path,
     from matplotlib.ticker import MaxNLocator
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    looped = {r["loop"] for r in results.values() if r["num_draft"] > num_heads} or {"last"}
+    chains = {k: r for k, r in results.items() if not r.get("tree")}
+    looped = {r["loop"] for r in chains.values() if r["num_draft"] > num_heads} or {"last"}
     for loop, style in (("last", "o-"), ("cycle", "s--")):
-        best = [r for r in results.values() if r["loop"] == loop or r["num_draft"] <= num_heads]
+        best = [r for r in chains.values() if r["loop"] == loop or r["num_draft"] <= num_heads]
         if not best or loop not in looped:  # a policy that was not run (or cannot differ)
             continue
         deepest = max(best, key=lambda r: r["num_draft"])
@@ -77,6 +87,15 @@ def plot(results: Dict[str, dict], agreement: Optional[List[float]], path: Path,
         a1.plot(k, deepest["cumulative_acceptance"], style, alpha=0.5, label=f"CAR_k ({loop})")
         by_d = sorted(best, key=lambda r: r["num_draft"])
         a2.plot([r["num_draft"] for r in by_d], [r["mean_accepted_length"] for r in by_d], style, label=loop)
+    shapes = {}
+    for r in results.values():
+        if r.get("tree"):
+            shapes.setdefault("-".join(map(str, r["tree"][:1])) if len(set(r["tree"])) == 1
+                              else "-".join(map(str, r["tree"])), []).append(r)
+    for shape, rows in shapes.items():
+        rows = sorted(rows, key=lambda r: r["num_draft"])
+        a2.plot([r["num_draft"] for r in rows], [r["mean_accepted_length"] for r in rows], "^:",
+                label=f"tree {shape}")
     if agreement:
         a1.plot(range(1, len(agreement) + 1), agreement, "k^", label="teacher-forced agreement")
     a1.set(xlabel="draft position k", ylabel="rate", ylim=(0, 1), title="acceptance by draft position")
@@ -92,7 +111,7 @@ def plot(results: Dict[str, dict], agreement: Optional[List[float]], path: Path,
 
 
 def main(argv=None) -> None:
-    from .cli import run_main
+    from ..errors import run_main
 
     p = argparse.ArgumentParser(prog="mlx_mtpd eval-heads", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
@@ -104,6 +123,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--num-draft", default="1,2,3,4,5,6,7,8", help="Comma-separated draft lengths.")
     p.add_argument("--loops", default="last,cycle")
+    p.add_argument("--tree", nargs="+", default=["off"],
+                   help="Tree shapes to evaluate beside (or instead of) chains: off, W or W1,W2,... "
+                        "(e.g. --tree off 4 4,3,2); fixed shapes, greedy.")
     p.add_argument("--json", default=None, help="Write the results here.")
     p.add_argument("--plot", default=None, help="Write a PNG plot here.")
     p.add_argument("--save", action="store_true",
@@ -112,14 +134,22 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     def run():
-        from .costs import EVAL_FILE
-        from .gen_data import read_prompts
-        from .utils import load, write_json_atomic
+        from ..costs import EVAL_FILE
+        from ..prompts import read_prompts
+        from ..utils import load, write_json_atomic
 
         model, tok, heads = load(args.model, heads=args.heads)
         if heads is None:
             raise MTPDError("no head set to evaluate: pass --heads")
+        from ..tree import parse_tree
+
         drafts = [int(x) for x in args.num_draft.split(",")]
+        trees = []
+        for x in args.tree:
+            t = parse_tree(x)
+            if t == "auto":
+                raise MTPDError("eval-heads measures fixed shapes: --tree off, W or W1,W2,...")
+            trees.append(t)
         loops = args.loops.split(",")
         if args.num_prompts < 1:
             raise MTPDError(f"--num-prompts must be at least 1 (got {args.num_prompts})")
@@ -135,9 +165,9 @@ def main(argv=None) -> None:
                                        depth=max(heads.num_heads, min(max(drafts), TF_MAX_DEPTH)))
             out["teacher_forced_agreement"] = agreement
         out["decoding"] = decoding_acceptance(model, tok, heads, prompts, max_tokens=args.max_tokens,
-                                              drafts=drafts, loops=loops)
+                                              drafts=drafts, loops=loops, trees=trees)
         best = max(out["decoding"].values(), key=lambda r: r["mean_accepted_length"])
-        out["best"] = {"num_draft": best["num_draft"], "loop": best["loop"],
+        out["best"] = {"num_draft": best["num_draft"], "loop": best["loop"], "tree": best.get("tree"),
                        "mean_accepted_length": best["mean_accepted_length"],
                        "AR_1": best["acceptance_rates"][0] if best["acceptance_rates"] else 0.0}
         for key, r in out["decoding"].items():
@@ -155,7 +185,8 @@ def main(argv=None) -> None:
         if args.plot:
             title = f"{heads.num_heads} head(s), {len(prompts)} held-out prompts x {args.max_tokens} tokens, greedy"
             plot(out["decoding"], agreement, Path(args.plot), title, heads.num_heads)
-        print(f"best: D={best['num_draft']} loop={best['loop']} tau {best['mean_accepted_length']:.2f}",
+        shape = f" tree={'-'.join(map(str, best['tree']))}" if best.get("tree") else ""
+        print(f"best: D={best['num_draft']} loop={best['loop']}{shape} tau {best['mean_accepted_length']:.2f}",
               file=sys.stderr)
 
     run_main("eval-heads", run)
@@ -170,7 +201,7 @@ def teacher_forced(model, tokenizer, heads, data: List[str], seq_len: int = 512,
     import tempfile
 
     from .data_cache import open_cache, prepare_cache, read_sequences
-    from .heads import Backbone
+    from ..heads import Backbone
     from .train import TrainConfig, teacher_forced_agreement
 
     seqs, _ = read_sequences(data, tokenizer, seq_len)

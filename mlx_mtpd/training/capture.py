@@ -46,7 +46,7 @@ def generate_captured(model, tokenizer, jobs: List[dict], *, max_tokens: int, ba
     from mlx_lm.models.cache import BatchKVCache
     from mlx_lm.sample_utils import make_sampler
 
-    from .heads import Backbone
+    from ..heads import Backbone
 
     bb = Backbone(model, features)
     top_n = min(top_n, bb.vocab_size)
