@@ -242,7 +242,7 @@ def head_acceptance(head_dir: Optional[Path], loop: Optional[str] = None) -> Opt
     except (OSError, ValueError):
         return None
     best, ranks, tried = None, None, 0
-    for name, entry in (rec.get("decoding") or {}).items():
+    for entry in (rec.get("decoding") or {}).values():
         if not isinstance(entry, dict):
             continue
         if entry.get("tree"):  # a tree's acceptance by rank (its acceptance by position counts alternatives)

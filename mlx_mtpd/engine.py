@@ -35,6 +35,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import ArraysCache, trim_prompt_cache
 
 from . import head_drafts
+from .depths import DepthCaches
 from . import tree as tree_drafts
 from .errors import MTPDError
 from .heads import Backbone, HeadSet
@@ -286,7 +287,7 @@ class DraftState:
             )
 
     def reset(self) -> None:
-        from mlx_lm.models.cache import KVCache, make_prompt_cache
+        from mlx_lm.models.cache import make_prompt_cache
 
         self.cache = make_prompt_cache(self.model)
         # Recurrent layers (linear attention, SSM) cannot be trimmed: their state
@@ -296,9 +297,7 @@ class DraftState:
         self.tree_reason, self.rope_owners = (tree_drafts.tree_support_and_ropes(self.model, self.cache)
                                               if self.max_depth else ("no heads", None))
         self.length = 0  # tokens in the backbone cache
-        self.depth_cache = [KVCache() for _ in range(self.max_depth)]
-        self.committed = [0] * (self.max_depth + 2)  # c[k] for k = 1..D (c[0] unused)
-        self.tail: List[Optional[mx.array]] = [None] * (self.max_depth + 1)  # k = 1..D (0 unused: see hist)
+        self.depths = DepthCaches(self.max_depth)
         self.tokens: List[int] = []
         self.index = SuffixIndex()
         self.hist: List[mx.array] = []  # backbone hidden states, in chunks
@@ -350,20 +349,21 @@ class DraftState:
         generation and decoding goes on plainly, which is always lossless."""
         return all(_headroom(c) > d for c in self.cache)
 
-    def tail_start(self, k: int, committed: Optional[List[int]] = None) -> int:
-        """First position of depth k's tail: the next depth's committed count
-        (the backbone's stream starts at depth 1's; the deepest keeps none)."""
-        c = self.committed if committed is None else committed
-        if k == 0:
-            return c[1]
-        return c[k + 1] if k < self.max_depth else c[k]
-
     def forward(self, tokens: mx.array):
         """(logits, hidden) of the backbone over `tokens`, through the caches; the
         hidden state is None when no heads are kept (nothing else needs it)."""
         if self.max_depth:
             return self.backbone.forward(tokens, self.cache)
         return self.model(tokens[None], cache=self.cache)[0], None
+
+    def feed(self, tokens: mx.array) -> mx.array:
+        """The backbone's logits over `tokens`, which join the context (the
+        hidden states kept for the heads)."""
+        self.length += tokens.size
+        logits, h = self.forward(tokens)
+        if h is not None:
+            self.push_hidden(h)
+        return logits
 
     def common_prefix(self, prompt: List[int]) -> int:
         """How many leading tokens of `prompt` the caches hold (at most all but its last)."""
@@ -388,21 +388,7 @@ class DraftState:
         self.tokens = list(prompt[:p])
         if self.max_depth:
             self._truncate_hidden(p)
-            old = list(self.committed)
-            new = list(old)
-            for k in range(1, self.max_depth + 1):
-                new[k] = max(0, min(old[k], p - k))
-            # Depth k's stored outputs start at the old tail start; where the next
-            # depth now needs earlier ones, depth k recomputes them (from depth k-1's).
-            for k in range(self.max_depth - 1, 0, -1):
-                if new[k + 1] < self.tail_start(k, old):
-                    new[k] = new[k + 1]
-            for k in range(1, self.max_depth + 1):
-                self.depth_cache[k - 1].trim(old[k] - new[k])
-                if k < self.max_depth and self.tail[k] is not None:
-                    o = self.tail_start(k, old)
-                    self.tail[k] = self.tail[k][self.tail_start(k, new) - o : new[k] - o]
-            self.committed = new
+            self.depths.rewind(p)
         return p
 
 
@@ -480,15 +466,7 @@ def mtp_generate_step(
     None (chains) or widths per depth; chains wherever the model's caches or
     attention cannot verify a tree (`DraftState.tree_reason`), and under a cluster.
     """
-    if planner is None:
-        planner = DraftPlanner(num_draft, draft, tree=tree)
-    if planner.uses_heads and head_set is None:
-        if planner.auto or draft == "heads+lookup":
-            planner = DraftPlanner(planner.num_draft if not planner.auto else "auto", "prompt-lookup", tree=None)
-        else:
-            raise MTPDError("drafting needs MTP heads: pass --heads, --draft prompt-lookup, or --num-draft 0")
-    if cluster is not None:  # every burst costs the ranks one agreement: longer ones
-        planner.burst = max(planner.burst, DIST_PLAIN_BURST)
+    planner = _planner_for(planner, num_draft, draft, tree, head_set is not None, cluster is not None)
     prompt_list = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
     if len(prompt_list) == 0:
         raise MTPDError("the prompt is empty: give at least one token")
@@ -501,142 +479,195 @@ def mtp_generate_step(
     ):
         state = DraftState(model, head_set if depth else None, depth, loop)
     st = state
-    done = st.rewind(prompt_list) if st.length else 0
-    st.set_tokens(prompt_list)
     plain_only = planner.num_draft == 0 or (st.max_depth == 0 and not planner.uses_lookup)
+    if cluster is None and plain_only:
+        first, lp = _prefill(st, prompt_list, 0, transform, prefill_step_size)
+        yield from _plain_decode(st, first, lp, transform, max_tokens, stats)
+        return
+    ahead = min(planner.prefill_depth(), st.max_depth) if cluster is None else 0
+    link = _Link(cluster)
+    yield from link.deliver(_decode(st, prompt_list, ahead, planner, transform, max_tokens, prefill_step_size,
+                                    stats, plain_only, link))
 
-    def forward(tokens: mx.array):
-        st.length += tokens.size
-        logits, h = st.forward(tokens)
-        if h is not None:
-            st.push_hidden(h)
-        return logits
 
-    if cluster is not None:
-        cluster.watchdog.arm("generating")
-    # Prefill all but the last new prompt token in chunks, as mlx-lm does
-    # (the logits are never evaluated; the hidden states are kept).  The head
-    # depths the first drafting step will use catch up on the prompt here, chunk
-    # by chunk, instead of all at once in that step.
-    ahead = min(planner.prefill_depth(), st.max_depth) if cluster is None and not plain_only else 0
-    y = mx.array(prompt_list[done:], mx.uint32)
+def _planner_for(planner: Optional[DraftPlanner], num_draft, draft: str, tree, has_heads: bool,
+                 clustered: bool) -> DraftPlanner:
+    """The planner given, or a new one; drafting sources that need heads fall
+    back to the suffix index where the heads are missing and the user asked for
+    no heads in particular."""
+    if planner is None:
+        planner = DraftPlanner(num_draft, draft, tree=tree)
+    if planner.uses_heads and not has_heads:
+        if planner.auto or draft == "heads+lookup":
+            planner = DraftPlanner(planner.num_draft if not planner.auto else "auto", "prompt-lookup", tree=None)
+        else:
+            raise MTPDError("drafting needs MTP heads: pass --heads, --draft prompt-lookup, or --num-draft 0")
+    if clustered:  # every burst costs the ranks one agreement: longer ones
+        planner.burst = max(planner.burst, DIST_PLAIN_BURST)
+    return planner
+
+
+def _prefill(st: DraftState, prompt: List[int], ahead: int, transform, step_size: int, watchdog=None):
+    """Prefill what the caches do not hold of `prompt`, all but its last token in
+    chunks as mlx-lm does (their logits never evaluated, the hidden states kept),
+    and return the first token and its logprobs, lazily.  The `ahead` head depths
+    the first drafting step will use catch up on the prompt here, chunk by chunk,
+    instead of all at once in that step."""
+    done = st.rewind(prompt) if st.length else 0
+    st.set_tokens(prompt)
+    y = mx.array(prompt[done:], mx.uint32)
     while y.size > 1:
-        n = min(prefill_step_size, y.size - 1)
-        forward(y[:n])
+        n = min(step_size, y.size - 1)
+        st.feed(y[:n])
         mx.eval([c.state for c in st.cache] + st.hist[-1:] + caught_up(st, ahead))
         y = y[n:]
         mx.clear_cache()
-        if cluster is not None:
-            cluster.watchdog.tick()
-    logits = forward(y)
-    first, lp = _pick(logits[-1:], transform)
+        if watchdog is not None:
+            watchdog.tick()
+    first, lp = _pick(st.feed(y)[-1:], transform)
     if ahead:
         mx.async_eval(first, lp, *caught_up(st, ahead))
-    if plain_only and cluster is None:
-        yield from _plain_decode(st, first, lp, transform, max_tokens, stats)
-        return
-    if cluster is not None:
-        first = cluster.tensor(first)
-    # Under a cluster, a generation closed by its consumer (end of sequence, a
-    # stop string, a client gone) finishes the burst it is in without yielding,
-    # then tells the other ranks to stop: every rank runs the same collectives.
-    closing = stopped = False
-    try:
-        mx.eval(first)
-        token = first.item()
-        st.push_tokens([token])
-        stats.emitted += 1
-        try:
-            yield token, lp[0], False
-        except GeneratorExit:
-            if cluster is None:
-                raise
-            closing = True
-        emitted = 1
+    return first, lp
 
-        while not closing and (max_tokens < 0 or emitted < max_tokens):
-            remaining = (max_tokens - emitted if max_tokens >= 0
-                         else max(planner.num_draft, planner.lookup_cap) + planner.burst + 1)
-            why = None
-            tic = time.perf_counter()
-            if cluster is None or cluster.leader:
-                if plain_only:
-                    kind, arg = "plain", min(remaining, DIST_PLAIN_BURST)
-                else:
-                    kind, arg, why = planner.plan(st, remaining)
-            plan_time = time.perf_counter() - tic
-            if cluster is not None:
-                plan, planner.stop_match = cluster.plan((kind, arg) if cluster.leader else None,
-                                                        planner.stop_match)
-                if plan is None:
-                    stopped = True
-                    return
-                kind, arg = plan
-            if why:
-                stats.fallback = why
-            if stats.first_step is None:
-                stats.first_step = kind
-            stats.sources[kind] = stats.sources.get(kind, 0) + 1
-            if kind == "plain":
-                tic = time.perf_counter()
-                n_out = 0
-                for tok, row, last in _plain_burst(st, arg, transform, stats, planner.stop_match, cluster):
-                    emitted += 1
-                    n_out += 1
-                    if last:  # the burst's time, before the consumer's
-                        planner.observe_plain(n_out, time.perf_counter() - tic)
-                    if not closing:
-                        try:
-                            yield tok, row, False
-                        except GeneratorExit:
-                            if cluster is None:
-                                raise
-                            closing = True
-                    if max_tokens >= 0 and emitted >= max_tokens:
-                        return
-                continue
-            tic = time.perf_counter()
-            # the longest catch-up of the depths this step runs (a depth's first use
-            # catches up the whole context)
-            catch_up = st.length - min(st.committed[1 : arg + 1]) if kind == "heads" else 0
-            widths = planner.widths if kind == "heads" and cluster is None and st.tree_reason is None else None
-            if widths and not st.can_verify(sum(widths)):  # a sliding window without room for the tree
-                widths = None
-            new_tokens, a, rows, (a_chain, rank) = _step(
-                st, arg if kind == "heads" else 0, transform, lookup=arg if kind == "lookup" else None,
-                cluster=cluster, parts=stats.parts, widths=widths)
-            stats.parts["plan"] = stats.parts.get("plan", 0.0) + plan_time
-            d = arg if kind == "heads" else len(arg)
-            seconds = time.perf_counter() - tic
-            stats.record(d, a, widths, a_chain, rank)
-            stats.step_time += seconds
-            # A long catch-up (after plain bursts or a new turn) is not a typical step's cost.
-            typical = seconds if catch_up <= d + 2 else None
-            if widths:
-                planner.observe("heads", d, a_chain, None)
-                planner.observe_tree(d, widths, a_chain, rank, typical)
-            else:
-                planner.observe("heads" if kind == "heads" else "lookup", d, a, typical,
-                                match=0 if kind == "heads" else arg.match)
-            for i, t in enumerate(new_tokens):
+
+class _Link:
+    """How a generation ends, alone or under a cluster.
+
+    Alone, a consumer that closes the generator ends it at once.  Under a
+    cluster (every rank runs the loop, rank 0 decides), a generation closed by
+    its consumer (end of sequence, a stop string, a client gone) finishes the
+    unit it is in without yielding (the rest of a plain burst; nothing after a
+    verification step), then tells the other ranks to stop at the next step
+    boundary: every rank runs the same collectives.  Every exit ends with that
+    one agreement unless a stop was agreed already or an error broke the link.
+    """
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self.closing = False  # the consumer closed the generation: stop at the next step boundary
+        self.stopped = False  # a stop was agreed (or an error: no more collectives)
+
+    def deliver(self, tokens: Generator):
+        cluster = self.cluster
+        if cluster is not None:
+            cluster.watchdog.arm("generating")
+        try:
+            for item in tokens:
                 try:
-                    yield t, rows[i], i < a
+                    yield item
                 except GeneratorExit:
                     if cluster is None:
                         raise
-                    closing = True
-                    break
-                emitted += 1
-                if max_tokens >= 0 and emitted >= max_tokens:
+                    self.closing = True
+                    for _ in tokens:  # the unit under way, then the loop stops at its boundary
+                        pass
                     return
-    except Exception:
-        stopped = True  # an error: no more collectives (the other ranks learn of it from the link)
-        raise
-    finally:
+        except Exception:
+            self.stopped = True  # the other ranks learn of it from the link
+            raise
+        finally:
+            tokens.close()
+            if cluster is not None:
+                if not self.stopped:
+                    cluster.plan(None, None)  # rank 0: stop; the others: rank 0's word (a stop too)
+                cluster.watchdog.disarm()
+
+    def plan(self, st: DraftState, planner: DraftPlanner, remaining: int, plain_only: bool, stats: SpecStats):
+        """This step's (kind, arg, seconds the planner took), decided by rank 0
+        and agreed by every rank; None when the generation stops."""
+        cluster, why = self.cluster, None
+        tic = time.perf_counter()
+        if cluster is None or cluster.leader:
+            if plain_only:
+                kind, arg = "plain", min(remaining, DIST_PLAIN_BURST)
+            else:
+                kind, arg, why = planner.plan(st, remaining)
+        seconds = time.perf_counter() - tic
         if cluster is not None:
-            if not stopped:
-                cluster.plan(None, None)  # rank 0: stop; the others: rank 0's word (a stop too)
-            cluster.watchdog.disarm()
+            plan, planner.stop_match = cluster.plan((kind, arg) if cluster.leader else None, planner.stop_match)
+            if plan is None:
+                self.stopped = True
+                return None
+            kind, arg = plan
+        if why:
+            stats.fallback = why
+        if stats.first_step is None:
+            stats.first_step = kind
+        stats.sources[kind] = stats.sources.get(kind, 0) + 1
+        return kind, arg, seconds
+
+
+def _decode(st: DraftState, prompt: List[int], ahead: int, planner: DraftPlanner, transform, max_tokens: int,
+            prefill_step_size: int, stats: SpecStats, plain_only: bool, link: _Link):
+    """The drafting loop: the prefill, then before every step the planner's
+    choice, then a plain burst or a verification step."""
+    cluster = link.cluster
+    first, lp = _prefill(st, prompt, ahead, transform, prefill_step_size,
+                         cluster.watchdog if cluster is not None else None)
+    if cluster is not None:
+        first = cluster.tensor(first)
+    mx.eval(first)
+    token = first.item()
+    st.push_tokens([token])
+    stats.emitted += 1
+    yield token, lp[0], False
+    emitted = 1
+    while not link.closing and (max_tokens < 0 or emitted < max_tokens):
+        remaining = (max_tokens - emitted if max_tokens >= 0
+                     else max(planner.num_draft, planner.lookup_cap) + planner.burst + 1)
+        plan = link.plan(st, planner, remaining, plain_only, stats)
+        if plan is None:
+            return
+        kind, arg, plan_time = plan
+        if kind == "plain":
+            out = _timed_burst(st, planner, arg, transform, stats, cluster)
+        else:
+            out = _draft_step(st, planner, kind, arg, transform, stats, cluster, plan_time)
+        for item in out:
+            yield item
+            emitted += 1
+            if max_tokens >= 0 and emitted >= max_tokens:
+                return
+
+
+def _timed_burst(st: DraftState, planner: DraftPlanner, n: int, transform, stats: SpecStats, cluster):
+    """A plain burst, its time (before the consumer's of its last token) told to the planner."""
+    tic = time.perf_counter()
+    n_out = 0
+    for tok, row, last in _plain_burst(st, n, transform, stats, planner.stop_match, cluster):
+        n_out += 1
+        if last:
+            planner.observe_plain(n_out, time.perf_counter() - tic)
+        yield tok, row, False
+
+
+def _draft_step(st: DraftState, planner: DraftPlanner, kind: str, arg, transform, stats: SpecStats, cluster,
+                plan_time: float):
+    """One verification step of head drafts (`arg` = d) or of the suffix index's
+    (`arg`, a Proposal), measured and told to the planner; [(token, logprobs,
+    from_draft)]."""
+    tic = time.perf_counter()
+    heads = kind == "heads"
+    behind = st.depths.behind(arg, st.length) if heads else 0
+    widths = planner.widths if heads and cluster is None and st.tree_reason is None else None
+    if widths and not st.can_verify(sum(widths)):  # a sliding window without room for the tree
+        widths = None
+    new_tokens, a, rows, (a_chain, rank) = _step(
+        st, arg if heads else 0, transform, lookup=None if heads else arg, cluster=cluster, parts=stats.parts,
+        widths=widths)
+    stats.parts["plan"] = stats.parts.get("plan", 0.0) + plan_time
+    d = arg if heads else len(arg)
+    seconds = time.perf_counter() - tic
+    stats.record(d, a, widths, a_chain, rank)
+    stats.step_time += seconds
+    # A long catch-up (after plain bursts or a new turn) is not a typical step's cost.
+    typical = seconds if behind <= d + 2 else None
+    if widths:
+        planner.observe("heads", d, a_chain, None)
+        planner.observe_tree(d, widths, a_chain, rank, typical)
+    else:
+        planner.observe(kind, d, a, typical, match=0 if heads else arg.match)
+    return [(t, rows[i], i < a) for i, t in enumerate(new_tokens)]
 
 
 def caught_up(st: DraftState, depths: int, reserve: int = 0) -> List[mx.array]:
@@ -644,8 +675,7 @@ def caught_up(st: DraftState, depths: int, reserve: int = 0) -> List[mx.array]:
     head_drafts.catch_up); what to evaluate."""
     if not depths or not head_drafts.catch_up(st, depths, reserve):
         return []
-    out = [x for k in range(depths) if st.depth_cache[k].keys is not None for x in st.depth_cache[k].state]
-    return out + [t for t in st.tail if t is not None]
+    return st.depths.arrays(depths)
 
 
 def _plain_decode(st: DraftState, y: mx.array, lp: mx.array, transform, max_tokens: int, stats):
@@ -686,11 +716,7 @@ def _plain_burst(st: DraftState, n: int, transform, stats, stop_match: Optional[
     already queued gives one more token, and nothing is wasted."""
 
     def fwd(y):
-        st.length += 1
-        logits, h = st.forward(y)
-        if h is not None:
-            st.push_hidden(h)
-        y, lp = _pick(logits[-1:], transform)
+        y, lp = _pick(st.feed(y)[-1:], transform)
         return (cluster.tensor(y), lp) if cluster is not None else (y, lp)
 
     nxt = fwd(mx.array([st.tokens[-1]], mx.uint32))
@@ -781,7 +807,7 @@ def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None,
     st.length += a + 1
     if st.max_depth:
         st.push_hidden(hidden[: a + 1])
-        head_drafts.rollback_depths(st, 0 if lookup else d, a, n, streams)
+        st.depths.rollback(0 if lookup else d, a, n, streams)
     st.push_tokens(new_tokens)
     rows = _rows(logits)
     _add_parts(parts, t_start, t_built, t_evaluated)
@@ -835,7 +861,7 @@ def _tree_step(st: DraftState, d: int, transform, chain: mx.array, qs, streams, 
     tree_drafts.keep_path(st.cache, prefix, t.size, keep)
     st.length = prefix + len(keep)
     st.push_hidden(hidden[mx.array(keep, mx.uint32)] if rank else hidden[: len(keep)])
-    head_drafts.rollback_depths(st, d, a_chain, n, streams)
+    st.depths.rollback(d, a_chain, n, streams)
     st.push_tokens(new_tokens)
     rows = _rows(logits[mx.array(keep, mx.uint32)] if rank else logits[: len(keep)])
     _add_parts(parts, t_start, t_built, t_evaluated)

@@ -11,10 +11,6 @@ import mlx.core as mx
 from .tree import alternatives
 
 
-def _concat(a: Optional[mx.array], b: mx.array) -> mx.array:
-    return b if a is None or a.shape[0] == 0 else mx.concatenate([a, b], axis=0)
-
-
 def draft(st, d: int, transform, widths=None):
     """Build (lazily) the depth calls: drafts d_{n+1..n+d}, their q, each depth's
     stream, and with `widths` (candidates per depth, :mod:`mlx_mtpd.tree`) each
@@ -25,12 +21,13 @@ def draft(st, d: int, transform, widths=None):
     qs: List[mx.array] = []
     streams: List[mx.array] = [None] * (d + 1)
     alts: List[Optional[mx.array]] = []
-    prev_start = st.committed[1]
+    dc = st.depths
+    prev_start = dc.committed[1]
     prev = st.hidden_range(prev_start, n)
     if st.entry is not None:
         prev = st.entry(prev)
     for k in range(1, d + 1):
-        start = st.committed[k]
+        start = dc.committed[k]
         hid = prev[start - prev_start :]
         true_ids = tokens[start + k : n + 1]
         first_draft = max(start + k, n + 1) - (n + 1)
@@ -40,7 +37,7 @@ def draft(st, d: int, transform, widths=None):
         parts.extend(x.reshape(1).astype(mx.uint32) for x in drafts[first_draft : k - 1])
         tok = parts[0] if len(parts) == 1 else mx.concatenate(parts)
         head = st.heads[k - 1]
-        out = head(hid, st.backbone.embed_tokens(tok), st.depth_cache[k - 1])
+        out = head(hid, st.backbone.embed_tokens(tok), dc.caches[k - 1])
         if st.feedback_post:
             out = head.norm(out)
             logits = st.project(out[-1:])[0]
@@ -64,25 +61,10 @@ def draft(st, d: int, transform, widths=None):
             alts.append((st.draft_ids[alt] if st.draft_ids is not None else alt).astype(mx.uint32))
         else:
             alts.append(None)
-        prev = _concat(st.tail[k], out)
-        prev_start = st.tail_start(k)
+        prev = dc.stream(k, out)
+        prev_start = dc.tail_start(k)
         streams[k] = prev
     return drafts, qs, streams, alts
-
-
-def rollback_depths(st, d: int, a: int, n: int, streams) -> None:
-    """Depth k keeps its entries whose input token t_{j+k} was accepted: j <= n+a-k."""
-    old = list(st.committed)
-    new = list(st.committed)
-    for k in range(1, d + 1):
-        new[k] = min(n, n - k + 1 + a)
-        st.depth_cache[k - 1].trim(n - new[k])
-    st.committed = new
-    for k in range(1, d + 1):
-        s = streams[k]  # positions [old tail start of k, n-1]
-        lo = st.tail_start(k, new) - st.tail_start(k, old)
-        hi = new[k] - st.tail_start(k, old)
-        st.tail[k] = s[lo:hi]
 
 
 def catch_up(st, depths: int, reserve: int = 0) -> int:
@@ -99,9 +81,10 @@ def catch_up(st, depths: int, reserve: int = 0) -> int:
     from; inside the prefill (reserve 0) the first token is yet to come.
     """
     depths = min(depths, st.max_depth)
+    dc = st.depths
     n = len(st.tokens) - 1
     tokens = st.tokens
-    old = list(st.committed)
+    old = dc.committed
     new = list(old)
     hi = st.length
     for k in range(1, depths + 1):
@@ -115,26 +98,19 @@ def catch_up(st, depths: int, reserve: int = 0) -> int:
     prev = st.hidden_range(prev_start, new[1]) if new[1] > old[1] else None
     if prev is not None and st.entry is not None:
         prev = st.entry(prev)
+    streams: List[Optional[mx.array]] = [None] * (depths + 1)
     for k in range(1, depths + 1):
         lo, top = old[k], new[k]
+        out = None
         if top > lo:  # prev covers [prev_start, ...) and starts at old[k]: the next depth's tail start
             hid = prev[lo - prev_start : top - prev_start]
             tok = mx.array(tokens[lo + k : top + k], mx.uint32)
             head = st.heads[k - 1]
-            out = head(hid, st.backbone.embed_tokens(tok), st.depth_cache[k - 1])
+            out = head(hid, st.backbone.embed_tokens(tok), dc.caches[k - 1])
             if st.feedback_post:
                 out = head.norm(out)
             work += top - lo
-        else:
-            out = None
-        # depth k's outputs not yet consumed by depth k+1: [c_{k+1}, c_k)
-        start = st.tail_start(k, old)
-        stream = st.tail[k] if out is None else _concat(st.tail[k], out)
-        prev, prev_start = stream, start
-        if k < st.max_depth:
-            keep_from = (new[k + 1] if k < depths else old[k + 1]) - start
-            st.tail[k] = None if stream is None else stream[keep_from:]
-        else:
-            st.tail[k] = None
-    st.committed = new
+        streams[k] = dc.stream(k, out)  # depth k's outputs not yet consumed by depth k+1: [c_{k+1}, c_k)
+        prev, prev_start = streams[k], dc.tail_start(k, old)
+    dc.advance(new, depths, streams)
     return work

@@ -28,6 +28,7 @@ A planner keeps what it learned across generations (a chat, a server).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
 from .errors import MTPDError
@@ -79,6 +80,52 @@ def parse_num_draft(value) -> Union[int, str, None]:
     return d
 
 
+@dataclass
+class ProbeClock:
+    """What `auto` counts between its measurements, in tokens emitted.
+
+    Plain decoding is re-timed after `probe_every` drafted tokens, the heads
+    re-measured after `probe_every` tokens of anything else, and the best
+    draft tried once after `probe_every` plain tokens; the first plain burst
+    after loading is not timed (it pays for the warm-up)."""
+
+    plain_since_probe: int = 0  # plain tokens since a draft was last tried
+    heads_since: int = 0  # tokens since the heads last drafted
+    drafted_since_plain: int = 0  # tokens of drafting steps since plain decoding was last timed
+    plain_seen: int = 0  # plain bursts observed
+
+    def drafted(self, kind: str, tokens: int) -> None:
+        self.drafted_since_plain += tokens
+        self.heads_since = 0 if kind == "heads" else self.heads_since + tokens
+
+    def plain_timed(self, tokens: int) -> None:
+        self.plain_seen += 1
+        self.heads_since += tokens
+        self.drafted_since_plain = 0
+
+    def plain_planned(self, tokens: int) -> None:
+        self.plain_since_probe += tokens
+
+    def retimed(self) -> None:
+        self.drafted_since_plain = 0
+
+    def probed(self) -> None:
+        self.plain_since_probe = 0
+
+    def retime_due(self, every: int) -> bool:
+        return self.drafted_since_plain >= every
+
+    def heads_due(self, every: int) -> bool:
+        return self.heads_since >= every
+
+    def probe_due(self, every: int) -> bool:
+        return self.plain_since_probe >= every
+
+    def until_probe(self, every: int) -> int:
+        """Plain tokens until either probe is due."""
+        return min(every - self.plain_since_probe, every - self.heads_since)
+
+
 class DraftPlanner:
     """Chooses each step's draft: its source (heads or the suffix index) and length.
 
@@ -104,10 +151,7 @@ class DraftPlanner:
         self.match_counts = [[0.0, 0.0] for _ in range(NUM_BUCKETS)]  # lookup, per bucket: [accepted, reached]
         self.cost: dict = {}  # ("plain", 0): seconds per token; (kind, d): seconds per step
         self._curves: Dict[str, List[Tuple[int, float]]] = {}  # kind -> measured (d, seconds), sorted
-        self.plain_since_probe = 0
-        self.heads_since = 0  # tokens emitted since the heads last drafted: a probe is due at probe_every
-        self.drafted_since_plain = 0  # tokens emitted by drafting steps since plain decoding was last timed
-        self.plain_seen = 0  # plain bursts observed (the first one warms up and is not timed)
+        self.clock = ProbeClock()
         self.stop_match: Optional[int] = None  # a plain burst ends at a match this long (None: never)
         self.head_prior: List[float] = []  # AR_j measured beforehand (the head set's evaluation)
         self.head_prior_weight = 1.0
@@ -142,7 +186,7 @@ class DraftPlanner:
             for n, t in (costs.get("tree") or {}).items():  # tree steps by size
                 self.cost[("treesize", int(n))] = float(t)
             self._curves.clear()
-            self.plain_seen = max(self.plain_seen, 1)  # warm-up is over: the first burst is timed
+            self.clock.plain_seen = max(self.clock.plain_seen, 1)  # warm-up is over: the first burst is timed
         return self
 
     def prefill_depth(self) -> int:
@@ -396,8 +440,7 @@ class DraftPlanner:
     def observe(self, kind: str, d: int, accepted: int, seconds: Optional[float], match: int = 0) -> None:
         if seconds is not None:
             self._ema((kind, d), seconds)
-        self.drafted_since_plain += accepted + 1
-        self.heads_since = 0 if kind == "heads" else self.heads_since + accepted + 1
+        self.clock.drafted(kind, accepted + 1)
         if kind != "heads":
             for c in self.match_counts:
                 c[0] *= self.decay
@@ -420,10 +463,8 @@ class DraftPlanner:
                 c[i][0] += 1
 
     def observe_plain(self, tokens: int, seconds: float) -> None:
-        self.plain_seen += 1
-        self.heads_since += tokens
-        self.drafted_since_plain = 0
-        if tokens >= 2 and self.plain_seen > 1:  # the first burst after loading pays for warm-up
+        self.clock.plain_timed(tokens)
+        if tokens >= 2 and self.clock.plain_seen > 1:  # the first burst after loading pays for warm-up
             self._ema(("plain", 0), seconds / tokens)
 
     def _best_length(self, kind: str, cap: int, match: int = 0) -> Tuple[float, int]:
@@ -488,11 +529,11 @@ class DraftPlanner:
             lookup_option = (rate, "lookup", lookup[:d])
             options.append(lookup_option)
         rate, kind, arg = max(options, key=lambda o: o[0], default=(0.0, "plain", None))
-        if self.drafted_since_plain >= self.probe_every and rate * t0 < RETIME_ADVANTAGE * MARGIN:
+        if self.clock.retime_due(self.probe_every) and rate * t0 < RETIME_ADVANTAGE * MARGIN:
             # time plain decoding again now and then while drafting: the yardstick
             # drifts (context length, other load on the machine); not while drafting
             # clearly wins, as in a long repeat
-            self.drafted_since_plain = 0
+            self.clock.retimed()
             return self._plain(remaining)
         # Drafting must beat plain decoding by a margin: timings are noisy, and a
         # wrong "draft" costs speed while a wrong "plain" costs only a missed gain.
@@ -502,16 +543,16 @@ class DraftPlanner:
         if not pays and lookup_option is not None and lookup.match >= ALWAYS_TRY_MATCH:
             _, kind, arg = lookup_option
             pays = True
-        if (heads_ok and kind != "heads" and self.heads_since >= self.probe_every
+        if (heads_ok and kind != "heads" and self.clock.heads_due(self.probe_every)
                 and (not pays or rate * t0 < RETIME_ADVANTAGE * MARGIN)):
             # the heads are measured again every probe_every tokens whatever else
             # drafts meanwhile: one unlucky step must not shut them out for good
             # (lookup steps that pay would otherwise keep postponing the probe)
-            self.plain_since_probe = 0
+            self.clock.probed()
             self.widths = widths
             return "heads", options[0][2], None
-        if pays or (options and self.plain_since_probe >= self.probe_every):
-            self.plain_since_probe = 0
+        if pays or (options and self.clock.probe_due(self.probe_every)):
+            self.clock.probed()
             if kind == "heads":
                 self.widths = widths
             return kind, arg, None
@@ -528,9 +569,8 @@ class DraftPlanner:
         a burst ends anyway at a useful match and at the next probe."""
         n = self.burst
         if far:
-            due = min(self.probe_every - self.plain_since_probe, self.probe_every - self.heads_since)
-            n = max(n, min(LONG_BURST, due))
+            n = max(n, min(LONG_BURST, self.clock.until_probe(self.probe_every)))
         n = min(n, remaining)
-        self.plain_since_probe += n
+        self.clock.plain_planned(n)
         self.stop_match = self.useful_match()
         return "plain", n, None

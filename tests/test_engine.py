@@ -216,10 +216,10 @@ def test_cache_rollback_equals_recomputation(loop, features):
 
 
 def _check_depth_caches(st, model, heads, loop):
-    want = _recomputed_depth_keys(model, heads, st.tokens, st.committed, st.max_depth, loop)
+    want = _recomputed_depth_keys(model, heads, st.tokens, st.depths.committed, st.max_depth, loop)
     for k in range(st.max_depth):
-        cache = st.depth_cache[k]
-        c = st.committed[k + 1]
+        cache = st.depths.caches[k]
+        c = st.depths.committed[k + 1]
         assert cache.offset == c
         if c == 0:
             continue
@@ -357,7 +357,7 @@ def test_auto_planner_drafts_only_when_it_pays():
     # while drafting wins by far (a long repeat), plain decoding is not re-timed ...
     for _ in range(30):
         pl2.observe("heads", d, d, 0.050 + 0.006 * d)
-    assert pl2.drafted_since_plain >= 128 and pl2.plan(st, 500)[0] == "heads"
+    assert pl2.clock.drafted_since_plain >= 128 and pl2.plan(st, 500)[0] == "heads"
     # ... but where the gain is marginal, it is timed again every 128 drafted tokens
     pl3 = DraftPlanner("auto", "heads")
     pl3.observe_plain(8, 8 * 0.050)
@@ -367,7 +367,7 @@ def test_auto_planner_drafts_only_when_it_pays():
     assert pl3.plan(st, 500)[:2] == ("heads", 1)
     for i in range(40):
         pl3.observe("heads", 1, i % 2, 0.060)
-    assert pl3.drafted_since_plain >= 128 and pl3.plan(st, 500)[0] == "plain"
+    assert pl3.clock.drafted_since_plain >= 128 and pl3.plan(st, 500)[0] == "plain"
     # a fixed D drafts D every step, capped by the tokens left
     assert DraftPlanner(3, "heads").plan(st, 500)[:2] == ("heads", 3)
     assert DraftPlanner(3, "heads").plan(st, 2)[:2] == ("heads", 1)

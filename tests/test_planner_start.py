@@ -90,8 +90,8 @@ def test_catch_up_reaches_every_known_position():
                             planner=_Ahead(3))
     next(gen)  # the first token: the prefill is done
     p = len(prompts[0])
-    assert st.committed[1:4] == [p - 1, p - 2, p - 3]
-    assert [c.offset for c in st.depth_cache] == [p - 1, p - 2, p - 3]
+    assert st.depths.committed[1:4] == [p - 1, p - 2, p - 3]
+    assert [c.offset for c in st.depths.caches] == [p - 1, p - 2, p - 3]
     gen.close()
 
 

@@ -200,7 +200,7 @@ def test_planner_prices_long_drafts_from_measured_lengths():
     rep = _State(list(range(100, 180)) + [0] + list(range(100, 130)))
     for _ in range(20):
         pl.observe("lookup", 16, 16, 0.17, match=30)
-    assert pl.drafted_since_plain >= pl.probe_every
+    assert pl.clock.drafted_since_plain >= pl.probe_every
     assert pl.plan(rep, 500)[0] == "lookup"
 
 
@@ -234,4 +234,4 @@ def test_planner_probes_the_heads_again_while_lookup_steps_pay():
     rep = _State(list(range(100, 180)) + [0] + list(range(100, 130)), max_depth=1)
     for _ in range(20):
         pl.observe("lookup", 16, 16, 0.15, match=30)
-    assert pl.heads_since >= pl.probe_every and pl.plan(rep, 500)[0] == "lookup"
+    assert pl.clock.heads_since >= pl.probe_every and pl.plan(rep, 500)[0] == "lookup"
