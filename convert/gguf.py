@@ -39,7 +39,24 @@ ARCHITECTURES = {
     "llama": ("llama", "LlamaForCausalLM", True),
     "mistral": ("llama", "LlamaForCausalLM", True),
     "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", False),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM", False),
 }
+# Per-architecture layer names beside (or instead of) LAYER_NAMES.
+QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+ARCH_LAYER_NAMES = {
+    "qwen3": QK_NORMS,
+    # Gemma 3: a norm before and after attention and before and after the MLP
+    "gemma3": dict(QK_NORMS, post_attention_norm="post_attention_layernorm",
+                   ffn_norm="pre_feedforward_layernorm", post_ffw_norm="post_feedforward_layernorm"),
+}
+# llama.cpp stores Gemma's RMSNorm weights as 1 + w (ggml's norm multiplies by
+# the weight; Gemma's by 1 + w): mlx-lm's Gemma norms take w.
+NORM_SHIFT = {"gemma3": 1.0}
+# Gemma 3's facts llama.cpp does not store (it hard-codes them too): five local
+# layers to one global, and the local layers' RoPE base.
+GEMMA3_SLIDING_PATTERN = 6
+GEMMA3_LOCAL_ROPE_BASE = 10_000.0
 
 
 def _value(v: Any) -> Any:
@@ -172,6 +189,23 @@ def gguf_config(meta: Dict[str, Any], names) -> Dict[str, Any]:
     for key in ("bos", "eos"):
         if (i := meta.get(f"tokenizer.ggml.{key}_token_id")) is not None:
             config[f"{key}_token_id"] = int(i)
+    if arch == "gemma3":
+        config.pop("hidden_act")
+        head_dim = config["head_dim"]
+        config.update(
+            sliding_window=int(get("attention.sliding_window")),
+            sliding_window_pattern=GEMMA3_SLIDING_PATTERN,
+            rope_local_base_freq=GEMMA3_LOCAL_ROPE_BASE,
+            # 1/sqrt(256) for every size but the 27B (head_dim 128, scaled by hidden / heads)
+            query_pre_attn_scalar=head_dim if head_dim != 128 else hidden // n_head,
+            hidden_activation="gelu_pytorch_tanh",
+        )
+        if meta.get("gemma3.rope.scaling.type") == "linear":
+            config["rope_scaling"] = {"rope_type": "linear", "factor": float(meta["gemma3.rope.scaling.factor"])}
+        # a chat ends at <end_of_turn> as well as at <eos>
+        tokens = meta.get("tokenizer.ggml.tokens") or []
+        if "<end_of_turn>" in tokens and "eos_token_id" in config:
+            config["eos_token_id"] = [config["eos_token_id"], tokens.index("<end_of_turn>")]
     return config
 
 
@@ -179,16 +213,19 @@ def hf_tensors(
     weights: Dict[str, mx.array], meta: Dict[str, Any], config: Dict[str, Any]
 ) -> Iterator[Tuple[str, mx.array]]:
     """Yield (Hugging Face name, float32 array) for every GGUF tensor."""
-    _, _, permuted = ARCHITECTURES[meta["general.architecture"]]
+    arch = meta["general.architecture"]
+    _, _, permuted = ARCHITECTURES[arch]
+    layer_names = dict(LAYER_NAMES, **ARCH_LAYER_NAMES.get(arch, {}))
+    shift = NORM_SHIFT.get(arch)
     for name in weights:
         if name.endswith((".scales", ".biases")):
             continue
         parts = name.split(".")
         if parts[0] == "blk":
             layer, kind, suffix = parts[1], parts[2], ".".join(parts[3:])
-            if kind not in LAYER_NAMES:
+            if kind not in layer_names:
                 raise MTPDError(f"unknown GGUF tensor {name}: this layout is not supported yet")
-            hf = f"model.layers.{layer}.{LAYER_NAMES[kind]}.{suffix}"
+            hf = f"model.layers.{layer}.{layer_names[kind]}.{suffix}"
         elif parts[0] in GLOBAL_NAMES:
             kind = parts[0]
             hf = f"{GLOBAL_NAMES[kind]}.{'.'.join(parts[1:])}"
@@ -199,4 +236,6 @@ def hf_tensors(
             w = _unpermute(w, config["num_attention_heads"])
         elif permuted and kind == "attn_k" and suffix == "weight":
             w = _unpermute(w, config["num_key_value_heads"])
+        if shift and kind.endswith("norm"):
+            w = w - shift
         yield hf, w

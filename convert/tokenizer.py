@@ -1,4 +1,9 @@
-"""Rebuild a Hugging Face tokenizer (tokenizer.json + tokenizer_config.json) from GGUF metadata."""
+"""Rebuild a Hugging Face tokenizer (tokenizer.json + tokenizer_config.json) from GGUF metadata.
+
+Byte-level BPE ('gpt2': Llama 3, Qwen, SmolLM) is rebuilt here; SentencePiece
+('llama': Gemma, Llama 2, Mistral) through transformers' own GGUF tokenizer
+support.  A file without a chat template gets its family's (Gemma's).
+"""
 
 from __future__ import annotations
 
@@ -38,6 +43,18 @@ PRE_TOKENIZERS = {
 
 CONTROL, USER_DEFINED = 3, 4
 
+# Gemma's chat format (a system message goes before the first user turn's text),
+# for GGUF files that carry no template.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\n\n' %}"
+    "{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['role'] == 'user' %}{{ ns.system }}{% set ns.system = '' %}{% endif %}"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+DEFAULT_TEMPLATES = {"gemma3": GEMMA_TEMPLATE}
+
 
 def _pre_tokenizer(pre: str):
     from tokenizers import Regex, pre_tokenizers
@@ -65,15 +82,18 @@ def _pre_tokenizer(pre: str):
 
 
 def build_tokenizer(meta: Dict[str, Any], out: Path) -> None:
-    """Write tokenizer files for a byte-level BPE ('gpt2') GGUF tokenizer."""
+    """Write tokenizer files for a GGUF tokenizer: byte-level BPE ('gpt2') here,
+    SentencePiece ('llama') through transformers' builders."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
     kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _sentencepiece_tokenizer(meta, out)
     if kind != "gpt2":
         raise MTPDError(
-            f"GGUF tokenizer model {kind!r} is not supported yet (only byte-level "
-            "BPE 'gpt2'): convert from the Hugging Face checkpoint with --hf-path"
+            f"GGUF tokenizer model {kind!r} is not supported yet (byte-level BPE 'gpt2' "
+            "and SentencePiece 'llama'): convert from the Hugging Face checkpoint with --hf-path"
         )
     tokens = meta.get("tokenizer.ggml.tokens")
     merges = meta.get("tokenizer.ggml.merges")
@@ -123,4 +143,39 @@ def build_tokenizer(meta: Dict[str, Any], out: Path) -> None:
     )
     if meta.get("tokenizer.chat_template"):
         fast.chat_template = meta["tokenizer.chat_template"]
+    fast.save_pretrained(str(out))
+
+
+def _sentencepiece_tokenizer(meta: Dict[str, Any], out: Path) -> None:
+    """transformers' GGUF tokenizer builders, fed from the metadata already read
+    (its own GGUF reader needs PyTorch)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    groups = {
+        group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer, config = groups["tokenizer"], groups["tokenizer_config"]
+    config.setdefault("add_bos_token", True)  # llama.cpp adds BOS to a SentencePiece vocabulary
+    tokens = tokenizer.get("tokens") or []
+    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and int(i) < len(tokens):
+            config[name] = tokens[int(i)]
+    try:
+        backend, _ = convert_gguf_tokenizer(meta.get("general.architecture"), tokenizer)
+    except Exception as e:  # transformers raises many kinds on a tokenizer it cannot rebuild
+        raise MTPDError(
+            f"cannot rebuild this GGUF's SentencePiece tokenizer ({type(e).__name__}: {e}): "
+            "convert from the Hugging Face checkpoint with --hf-path"
+        ) from None
+    template = config.pop("chat_template", None) or DEFAULT_TEMPLATES.get(meta.get("general.architecture"))
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
+                                   model_max_length=int(meta.get("context_length", 8192)), **config)
+    if template:
+        fast.chat_template = template
     fast.save_pretrained(str(out))

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 
 from .engine import DraftPlanner, SpecStats, mtp_generate_step
+from .kvcache import KVOptions, add_kv_args
 from .errors import MTPDError
 
 # The shipped prompt files (`--prompts chat|edits|bench|eval` or a path): the bench prompts are
@@ -62,22 +63,24 @@ def _run(gen, eos=(), fed: Optional[List[int]] = None) -> tuple:
     return toks, end - tic, end - (first or end)
 
 
-def _plain(prompt, model, max_tokens, temp, prompt_cache=None):
+def _plain(prompt, model, max_tokens, temp, prompt_cache=None, kv: Optional[KVOptions] = None):
     from mlx_lm.generate import generate_step
     from mlx_lm.sample_utils import make_sampler
 
+    kv = kv or KVOptions()
     return generate_step(prompt, model, max_tokens=max_tokens, sampler=make_sampler(temp=temp),
-                         prompt_cache=prompt_cache)
+                         prompt_cache=prompt_cache, max_kv_size=kv.max_kv_size, kv_bits=kv.kv_bits,
+                         kv_group_size=kv.kv_group_size, quantized_kv_start=kv.quantized_kv_start)
 
 
 class PlainConversation:
     """Plain mlx-lm in a chat: one prompt cache kept across turns, rewound to the
     longest common prefix of the next turn's prompt, as a chat front end keeps it."""
 
-    def __init__(self, model):
+    def __init__(self, model, kv: Optional[KVOptions] = None):
         from mlx_lm.models.cache import make_prompt_cache
 
-        self.cache = make_prompt_cache(model)
+        self.cache = make_prompt_cache(model, (kv or KVOptions()).max_kv_size)
         self.tokens: List[int] = []
 
     def prompt(self, ids: List[int]) -> mx.array:
@@ -98,13 +101,15 @@ class PlainConversation:
 
 def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: List, temp: float = 0.0,
           loop: Optional[str] = None, seed: int = 0, progress: bool = True, draft="heads",
-          stop_at_eos: bool = True, cluster=None, mode: str = "run", trees=("auto",)) -> Dict:
+          stop_at_eos: bool = True, cluster=None, mode: str = "run", trees=("auto",),
+          kv: Optional[KVOptions] = None) -> Dict:
     """drafts: draft lengths and/or 'auto'; `draft`: a source or a list of them (each
     length runs with each source); `trees`: --tree settings (parsed: 'auto', None
     for chains, widths), each length and source running with each.  `mode` (see MODES): how the requests follow one
     another.  An answer ends at the tokenizer's end-of-sequence token unless
     `stop_at_eos` is False.  Under mlx.launch (`cluster`), every rank runs the same
-    benchmark on its shard; plain decoding is then mlx-lm's own on the sharded model."""
+    benchmark on its shard; plain decoding is then mlx-lm's own on the sharded model.
+    `kv`: mlx-lm's KV cache options, the same for plain mlx-lm and this engine."""
     from tqdm import tqdm
 
     from . import blas
@@ -142,7 +147,7 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
     # warm: one conversation per setting (T > 0: the answers, so the conversations, differ)
     convs = {n: [] for n in names}
     states = {n: None for n in names[1:]}
-    plain_conv = PlainConversation(model) if mode == "warm" else None
+    plain_conv = PlainConversation(model, kv) if mode == "warm" else None
     totals = {n: {"tokens": 0, "time": 0.0, "decode_tokens": 0, "decode_time": 0.0} for n in names}
     stats = {n: SpecStats() for n in names[1:]}
     mismatches = []
@@ -166,7 +171,7 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
             if name == "plain":
                 p = plain_conv.prompt(ids) if plain_conv is not None else mx.array(ids)
                 toks, t, td = _run(_plain(p, model, max_tokens, temp,
-                                          plain_conv.cache if plain_conv is not None else None), eos, fed)
+                                          plain_conv.cache if plain_conv is not None else None, kv), eos, fed)
                 if plain_conv is not None:
                     plain_conv.answered(fed)
             else:
@@ -177,13 +182,13 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
                     depth = planners[name].num_draft if d == "auto" else d
                     uses_heads = heads is not None and src != "prompt-lookup"
                     states[name] = DraftState(model, heads if uses_heads else None, depth if uses_heads else 0,
-                                              loop)
+                                              loop, kv)
                 st = SpecStats()
                 toks, t, td = _run(mtp_generate_step(mx.array(ids), model, heads if d else None, num_draft=d,
                                                      loop=loop, max_tokens=max_tokens, temp=temp, stats=st,
                                                      draft=src, planner=planners.get(name), tree=tr,
                                                      state=states[name] if mode == "warm" else None,
-                                                     cluster=cluster), eos)
+                                                     cluster=cluster, kv=kv), eos)
                 stats[name].add(st)
                 if st.first_step:
                     first_steps[name].append(st.first_step)
@@ -383,6 +388,7 @@ def main(argv=None) -> None:
     p.add_argument("--plot", default=None)
     from .distributed import add_args
 
+    add_kv_args(p)
     add_args(p)
     args = p.parse_args(argv)
 
@@ -420,7 +426,8 @@ def main(argv=None) -> None:
         prompts = read_prompts(NAMED_PROMPTS.get(args.prompts, args.prompts))[: args.num_prompts]
         res = bench(model, tok, heads, prompts, max_tokens=args.max_tokens, drafts=drafts, temp=args.temp,
                     loop=args.loop, seed=args.seed, draft=sources if len(sources) > 1 else sources[0],
-                    stop_at_eos=not args.ignore_eos, cluster=cluster, mode=args.mode, trees=trees)
+                    stop_at_eos=not args.ignore_eos, cluster=cluster, mode=args.mode, trees=trees,
+                    kv=KVOptions.from_args(args))
         if cluster is not None and not cluster.leader:
             return
         print(f"device {res['device']}, BLAS: {res['blas']}, {res['num_prompts']} prompts, temp {args.temp}"

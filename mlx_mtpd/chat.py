@@ -20,6 +20,7 @@ HELP = "commands: /reset (new conversation), /stats (acceptance and speed), /hel
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     from .generate import add_draft_args, add_sampling_args
+    from .kvcache import add_kv_args
 
     p = argparse.ArgumentParser(prog="mlx_mtpd chat", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="MLX model folder or hub id (default: SmolLM2-135M-Instruct).")
@@ -28,6 +29,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", "-m", type=int, default=512, help="Maximum tokens per answer.")
     add_sampling_args(p)
     add_draft_args(p)
+    add_kv_args(p)
     p.add_argument("--loop", choices=("last", "cycle"), default=None, help="Loop policy beyond the trained heads.")
     p.add_argument("--max-context", type=int, default=None,
                    help="Context size in tokens (default: the model's); older turns are dropped to fit.")
@@ -107,6 +109,7 @@ def main(argv=None) -> None:
         from . import distributed
         from .engine import make_logprobs_transform
         from .generate import parse_num_draft
+        from .kvcache import KVOptions
         from .session import Session
 
         from .tree import parse_tree
@@ -123,7 +126,8 @@ def main(argv=None) -> None:
         distributed.seed_all(cluster, args.seed)
         model, tokenizer, heads = distributed.load_for(args, cluster)
         session = Session(model, tokenizer, heads, num_draft=num_draft, draft=args.draft, loop=args.loop,
-                          max_context=args.max_context, memory=True, cluster=cluster, tree=tree)
+                          max_context=args.max_context, memory=True, cluster=cluster, tree=tree,
+                          kv=KVOptions.from_args(args))
         if cluster is not None and not cluster.leader:
             session.follow()
             return
@@ -145,9 +149,13 @@ def converse(args, session, heads, num_draft, sampling) -> None:
 
         heads_note += f", {session.cluster.size} ranks ({describe(session.model)} parallel)"
     print(dim(f"[mlx_mtpd chat] {heads_note}, drafting: {session.draft}, num-draft {num_draft}. {HELP}"))
-    note = tree_note(session.model, heads, session.tree) if session.cluster is None else None
-    if note:
-        print(dim(f"[mlx_mtpd chat] {note}"))
+    from .kvcache import kv_note
+
+    notes = [tree_note(session.model, heads, session.tree) if session.cluster is None else None,
+             kv_note(session.model, session.kv)]
+    for note in notes:
+        if note:
+            print(dim(f"[mlx_mtpd chat] {note}"))
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: List[Dict[str, str]] = list(system)
     while True:

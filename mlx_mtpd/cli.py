@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "train": "mlx_mtpd.training.train",
     "eval-heads": "mlx_mtpd.training.eval_heads",
     "bench": "mlx_mtpd.bench",
+    "cache-prompt": "mlx_mtpd.cache_prompt",
     "doctor": "mlx_mtpd.doctor",
 }
 

@@ -171,8 +171,9 @@ def measure_costs(model: nn.Module, prompt: List[int], head_set=None, *, repeats
         def plan(self, st, remaining):
             self.widths = None
             while schedule and schedule[0][0] != "plain" and (
-                    not st.can_verify(schedule[0][1])  # a sliding-window cache that cannot take this back
-                    or (schedule[0][0] == "tree" and st.tree_reason is not None)):
+                    not st.can_verify(schedule[0][1])  # a cache that cannot take this back
+                    or (schedule[0][0] == "tree" and (st.tree_reason is not None
+                                                      or not st.tree_room(schedule[0][1])))):
                 schedule.pop(0)
             if not schedule:
                 return "plain", 1, None

@@ -21,10 +21,14 @@ from mlx_lm.models.cache import KVCache
 
 
 class DepthCaches:
-    def __init__(self, depth: int):
+    def __init__(self, depth: int, base: int = 0):
         self.depth = depth
         self.caches = [KVCache() for _ in range(depth)]
-        self.committed = [0] * (depth + 2)  # c[k] for k = 1..D (c[0] and c[D+1] unused, kept 0)
+        # c[k] for k = 1..D (c[0] and c[D+1] unused, kept 0).  `base`: positions
+        # before it were never seen by the heads (a prompt cache's unknown
+        # prefix); depth k's cache holds c_k - base entries.
+        self.base = base
+        self.committed = [0] + [base] * depth + [0]
         self.tail: List[Optional[mx.array]] = [None] * (depth + 1)  # k = 1..D (0 unused: the backbone's are kept apart)
 
     def tail_start(self, k: int, committed: Optional[List[int]] = None) -> int:
@@ -89,7 +93,7 @@ class DepthCaches:
         old = list(self.committed)
         new = list(old)
         for k in range(1, self.depth + 1):
-            new[k] = max(0, min(old[k], p - k))
+            new[k] = max(self.base, min(old[k], p - k))
         for k in range(self.depth - 1, 0, -1):
             if new[k + 1] < self.tail_start(k, old):
                 new[k] = new[k + 1]

@@ -32,7 +32,7 @@ from typing import Callable, Generator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import ArraysCache, trim_prompt_cache
+from mlx_lm.models.cache import ArraysCache, KVCache, trim_prompt_cache
 
 from . import head_drafts
 from .depths import DepthCaches
@@ -40,7 +40,8 @@ from . import tree as tree_drafts
 from .errors import MTPDError
 from .heads import Backbone, HeadSet
 from .planner import DRAFT_SOURCES, MARGIN, DraftPlanner, parse_num_draft  # noqa: F401  (re-exported)
-from .suffix import AnswerMemory, SuffixIndex, prompt_lookup  # noqa: F401  (re-exported)
+from .suffix import SEPARATOR, AnswerMemory, SuffixIndex, prompt_lookup  # noqa: F401  (re-exported)
+from .kvcache import KVOptions, WindowKVCache, prefill_masks, windowed, wrapped
 
 # Greedy speculative output may differ from plain decoding only where the
 # backbone's top-two logits are closer than this (float32; see docs/DESIGN.md,
@@ -49,6 +50,9 @@ TIE_TOLERANCE = {mx.float32: 1e-3, mx.float16: 0.15, mx.bfloat16: 0.25}
 # Under a cluster, plain decoding goes in bursts this long: rank 0 can stop
 # every rank between two of them.
 DIST_PLAIN_BURST = 32
+# A position whose token is not known (a prompt cache file's prefix): the
+# suffix index's separator, which no match runs across.
+UNKNOWN = SEPARATOR
 
 
 @dataclass
@@ -266,8 +270,10 @@ class DraftState:
 
     memory: Optional[AnswerMemory] = None
 
-    def __init__(self, model: nn.Module, head_set: Optional[HeadSet], max_depth: int, loop: Optional[str] = None):
+    def __init__(self, model: nn.Module, head_set: Optional[HeadSet], max_depth: int, loop: Optional[str] = None,
+                 kv: Optional[KVOptions] = None):
         self.model = model
+        self.kv = kv or KVOptions()
         self.head_set = head_set
         self.max_depth = max_depth if head_set is not None else 0
         self.loop = loop
@@ -289,7 +295,10 @@ class DraftState:
     def reset(self) -> None:
         from mlx_lm.models.cache import make_prompt_cache
 
-        self.cache = make_prompt_cache(self.model)
+        # mlx-lm's caches (a rotating one per layer under --max-kv-size), the
+        # rotating ones able to take back a rejected draft past their window
+        self.cache = windowed(make_prompt_cache(self.model, self.kv.max_kv_size))
+        self.quantized = self.kv.kv_bits is None  # every cache that will ever be quantized is
         # Recurrent layers (linear attention, SSM) cannot be trimmed: their state
         # is saved before each verification and restored on a rejection.
         self.restorable = [c for c in self.cache if _restorable(c)]
@@ -297,11 +306,39 @@ class DraftState:
         self.tree_reason, self.rope_owners = (tree_drafts.tree_support_and_ropes(self.model, self.cache)
                                               if self.max_depth else ("no heads", None))
         self.length = 0  # tokens in the backbone cache
+        self.unknown = 0  # leading positions whose tokens are unknown (a prompt cache file's)
         self.depths = DepthCaches(self.max_depth)
         self.tokens: List[int] = []
         self.index = SuffixIndex()
         self.hist: List[mx.array] = []  # backbone hidden states, in chunks
         self.hist_pos: List[int] = []  # first position of each chunk
+        self.hist_base = 0  # the first position with a hidden state
+
+    def adopt(self, caches: List) -> int:
+        """Start from a prompt cache (mlx-lm's file, `mlx_lm.cache_prompt`):
+        the backbone's caches hold n positions whose tokens are not stored.
+        They stand as UNKNOWN tokens (never matched by the suffix index), and
+        the heads start after them (their own caches hold no entry for them:
+        the heads draft from what follows, the backbone verifies as always).
+        Returns n; a prompt given to the loop is then `[UNKNOWN] * n + ids`."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from mlx_lm.models.cache import RotatingKVCache
+
+        fresh = make_prompt_cache(self.model, self.kv.max_kv_size)
+        if len(caches) != len(fresh) or any(
+                isinstance(c, RotatingKVCache) != isinstance(f, RotatingKVCache) for c, f in zip(caches, fresh)):
+            raise MTPDError("the prompt cache file was made for another model or other cache options "
+                            f"({', '.join(sorted({type(c).__name__ for c in caches}))}): make it again")
+        self.reset()
+        self.cache = windowed(list(caches))
+        self.restorable = [c for c in self.cache if _restorable(c)]
+        n = max(c.offset for c in self.cache)
+        self.length = self.unknown = n
+        self.set_tokens([UNKNOWN] * n)
+        self.hist_base = n
+        self.depths = DepthCaches(self.max_depth, base=n)
+        return n
 
     def set_tokens(self, tokens: List[int]) -> None:
         """The context is now `tokens` (a new prompt): the index keeps the common prefix."""
@@ -315,7 +352,7 @@ class DraftState:
 
     # -- the backbone's hidden states -------------------------------------------
     def push_hidden(self, h: mx.array) -> None:
-        start = self.hist_pos[-1] + self.hist[-1].shape[0] if self.hist else 0
+        start = self.hist_pos[-1] + self.hist[-1].shape[0] if self.hist else self.hist_base
         self.hist.append(h)
         self.hist_pos.append(start)
         if len(self.hist) > 64:  # merge the recent chunks: one more chunk per 64 steps
@@ -343,18 +380,40 @@ class DraftState:
 
     # -- rollback ---------------------------------------------------------------
     def can_verify(self, d: int) -> bool:
-        """Whether d drafts can be verified and rolled back.  A rotating
-        (sliding-window) cache can be trimmed only until it wraps: once the
-        verify forward would fill it, drafting stops for the rest of the
-        generation and decoding goes on plainly, which is always lossless."""
+        """Whether d drafts can be verified and rolled back (a sliding-window
+        cache always: :class:`~mlx_mtpd.windows.WindowKVCache`)."""
         return all(_headroom(c) > d for c in self.cache)
+
+    def tree_room(self, size: int) -> bool:
+        """Whether a tree of `size` nodes fits before any sliding window is
+        full (past it, head drafts are chains: a tree's mask and kept path
+        assume the cache's positions in order from 0)."""
+        return self.can_verify(size) and not wrapped(self.cache, size)
 
     def forward(self, tokens: mx.array):
         """(logits, hidden) of the backbone over `tokens`, through the caches; the
         hidden state is None when no heads are kept (nothing else needs it)."""
         if self.max_depth:
-            return self.backbone.forward(tokens, self.cache)
-        return self.model(tokens[None], cache=self.cache)[0], None
+            out = self.backbone.forward(tokens, self.cache)
+        else:
+            out = self.model(tokens[None], cache=self.cache)[0], None
+        if not self.quantized:
+            self.quantize()
+        return out
+
+    def quantize(self) -> None:
+        """--kv-bits: a full-precision cache becomes a quantized one after the
+        forward that takes it to --quantized-kv-start, as mlx-lm's generate_step
+        does (each entry is quantized on its own, so when it happens changes no
+        value, only which forwards saw the full-precision keys)."""
+        kv, done = self.kv, True
+        for i, c in enumerate(self.cache):
+            if type(c) is KVCache:
+                if c.offset >= kv.quantized_kv_start:
+                    self.cache[i] = c.to_quantized(group_size=kv.kv_group_size, bits=kv.kv_bits)
+                else:
+                    done = False
+        self.quantized = done
 
     def feed(self, tokens: mx.array) -> mx.array:
         """The backbone's logits over `tokens`, which join the context (the
@@ -377,9 +436,9 @@ class DraftState:
         """Keep the longest cached prefix of `prompt` (at most all but its last
         token) and drop the rest from every cache; returns its length."""
         p = self.common_prefix(prompt)
-        if p == 0 or not all(_headroom(c) > 0 or self.length == p for c in self.cache) or (
+        if p == 0 or p < self.unknown or not all(_headroom(c) > 0 or self.length == p for c in self.cache) or (
             self.restorable and p < self.length  # a recurrent state cannot go back
-        ):
+        ) or not all(c.can_take_back(self.length - p) for c in self.cache if isinstance(c, WindowKVCache)):
             self.reset()
             return 0
         if self.length > p:
@@ -419,6 +478,8 @@ def _headroom(cache) -> float:
     inner = getattr(cache, "caches", None)
     if inner is not None:  # CacheList
         return min(_headroom(c) for c in inner)
+    if isinstance(cache, WindowKVCache):
+        return float("inf")  # it takes back what a verification added, wrapped or not
     if not cache.is_trimmable():
         return float("inf") if _restorable(cache) else 0
     max_size = getattr(cache, "max_size", None)
@@ -447,6 +508,7 @@ def mtp_generate_step(
     planner: Optional[DraftPlanner] = None,
     cluster=None,
     tree="auto",
+    kv: Optional[KVOptions] = None,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Yield (token, logprobs, from_draft) like mlx-lm's `speculative_generate_step`.
 
@@ -465,6 +527,9 @@ def mtp_generate_step(
     chooses each step's shape; under a fixed num_draft, from what it measured),
     None (chains) or widths per depth; chains wherever the model's caches or
     attention cannot verify a tree (`DraftState.tree_reason`), and under a cluster.
+    `kv`: mlx-lm's KV cache options (:class:`~mlx_mtpd.windows.KVOptions`:
+    --max-kv-size, --kv-bits, --kv-group-size, --quantized-kv-start); a given
+    `state` made with other options is replaced.
     """
     planner = _planner_for(planner, num_draft, draft, tree, head_set is not None, cluster is not None)
     prompt_list = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
@@ -474,10 +539,11 @@ def mtp_generate_step(
     stats = stats if stats is not None else SpecStats()
     stats.num_draft = "auto" if planner.auto else planner.num_draft
     depth = planner.num_draft if planner.uses_heads else 0
+    kv = kv or KVOptions()
     if state is None or (state.max_depth < depth) or (depth and state.head_set is not head_set) or (
         depth and loop is not None and state.loop != loop
-    ):
-        state = DraftState(model, head_set if depth else None, depth, loop)
+    ) or state.kv != kv:
+        state = DraftState(model, head_set if depth else None, depth, loop, kv)
     st = state
     plain_only = planner.num_draft == 0 or (st.max_depth == 0 and not planner.uses_lookup)
     if cluster is None and plain_only:
@@ -516,14 +582,15 @@ def _prefill(st: DraftState, prompt: List[int], ahead: int, transform, step_size
     done = st.rewind(prompt) if st.length else 0
     st.set_tokens(prompt)
     y = mx.array(prompt[done:], mx.uint32)
-    while y.size > 1:
-        n = min(step_size, y.size - 1)
-        st.feed(y[:n])
-        mx.eval([c.state for c in st.cache] + st.hist[-1:] + caught_up(st, ahead))
-        y = y[n:]
-        mx.clear_cache()
-        if watchdog is not None:
-            watchdog.tick()
+    with prefill_masks(st.cache):
+        while y.size > 1:
+            n = min(step_size, y.size - 1)
+            st.feed(y[:n])
+            mx.eval([c.state for c in st.cache] + st.hist[-1:] + caught_up(st, ahead))
+            y = y[n:]
+            mx.clear_cache()
+            if watchdog is not None:
+                watchdog.tick()
     first, lp = _pick(st.feed(y)[-1:], transform)
     if ahead:
         mx.async_eval(first, lp, *caught_up(st, ahead))
@@ -650,7 +717,7 @@ def _draft_step(st: DraftState, planner: DraftPlanner, kind: str, arg, transform
     heads = kind == "heads"
     behind = st.depths.behind(arg, st.length) if heads else 0
     widths = planner.widths if heads and cluster is None and st.tree_reason is None else None
-    if widths and not st.can_verify(sum(widths)):  # a sliding window without room for the tree
+    if widths and not st.tree_room(1 + sum(widths)):  # a sliding window without room for the tree
         widths = None
     new_tokens, a, rows, (a_chain, rank) = _step(
         st, arg if heads else 0, transform, lookup=None if heads else arg, cluster=cluster, parts=stats.parts,
@@ -685,6 +752,8 @@ def _plain_decode(st: DraftState, y: mx.array, lp: mx.array, transform, max_toke
     def step(y):
         st.length += 1
         logits = st.model(y[None].astype(mx.uint32), cache=st.cache)[0]
+        if not st.quantized:
+            st.quantize()
         return _pick(logits[-1:], transform)
 
     mx.async_eval(y, lp)

@@ -8,6 +8,7 @@ from typing import Optional
 
 from .engine import parse_num_draft
 from .errors import MTPDError
+from .kvcache import KVOptions, add_kv_args, kv_note
 from .streaming import (  # noqa: F401  (re-exported: the API mirrors mlx-lm's generate module)
     DEFAULT_NUM_DRAFT, GenerationResponse, acceptance_line, encode_prompt, stream_generate,
 )
@@ -53,6 +54,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", "-m", type=int, default=256, help="Maximum tokens to generate.")
     add_sampling_args(p)
     add_draft_args(p)
+    add_kv_args(p)
+    p.add_argument("--prompt-cache-file", default=None,
+                   help="A prompt cache file written by mlx_lm.cache_prompt (or `mlx_mtpd cache-prompt`): the "
+                        "prompt continues what it holds, as with mlx_lm.generate.")
     p.add_argument("--loop", choices=("last", "cycle"), default=None,
                    help="How depths beyond the trained heads reuse them (default: the head set's).")
     p.add_argument("--seed", type=int, default=None, help="Random seed.")
@@ -102,6 +107,64 @@ def render_prompt(tokenizer, prompt: str, system: Optional[str], use_template: b
     return prompt
 
 
+def read_prompt_cache(path: str, args, kv: KVOptions):
+    """(caches, metadata) of an mlx-lm prompt cache file; `args.model` becomes
+    the file's model when none was given (a different one is an error, as in
+    mlx_lm.generate)."""
+    from pathlib import Path
+
+    from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache
+
+    if not Path(path).is_file():
+        raise MTPDError(f"prompt cache file {path} not found: write one with mlx_lm.cache_prompt")
+    try:
+        caches, meta = load_prompt_cache(path, return_metadata=True)
+    except Exception as e:  # mlx raises several kinds on a file that is not a cache
+        raise MTPDError(f"{path} is not a prompt cache file ({type(e).__name__}: {e}): "
+                        "write it again with mlx_lm.cache_prompt") from None
+    made_for = meta.get("model")
+    if args.model is None:
+        args.model = made_for
+    elif made_for and args.model != made_for and Path(args.model).resolve() != Path(made_for).resolve():
+        raise MTPDError(f"the prompt cache file was made for {made_for}, not {args.model}: "
+                        "drop --model or make the cache again")
+    q = [c for c in caches if isinstance(c, QuantizedKVCache)]
+    if q and ((kv.kv_bits is not None and kv.kv_bits != q[0].bits) or kv.kv_group_size != q[0].group_size):
+        raise MTPDError(f"--kv-bits/--kv-group-size do not match the prompt cache file's ({q[0].bits} bits, "
+                        f"groups of {q[0].group_size})")
+    return caches, meta
+
+
+def _from_prompt_cache(args, model, tokenizer, heads, prompt: str, cache_file, num_draft, tree, kv) -> str:
+    """mlx_lm.generate's --prompt-cache-file: the cache holds the start of a
+    user message; the prompt is rendered as mlx-lm renders it and only the part
+    from the user's text on is appended."""
+    from .engine import UNKNOWN, DraftPlanner, DraftState
+
+    caches, _ = cache_file
+    use_template = not args.ignore_chat_template and getattr(tokenizer, "chat_template", None)
+    if use_template:
+        messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
+        messages.append({"role": "user", "content": prompt})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        messages[-1]["content"] = "<query>"
+        probe = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = text[probe.index("<query>"):]
+    else:
+        text = prompt
+    ids = tokenizer.encode(text, add_special_tokens=not use_template)
+    draft = default_draft(heads, args.draft)
+    planner = DraftPlanner(num_draft, draft if heads is not None else "prompt-lookup", tree=tree)
+    depth = planner.num_draft if heads is not None and planner.uses_heads else 0
+    state = DraftState(model, heads if depth else None, depth, args.loop, kv)
+    n = state.adopt(caches)
+    if args.verbose:
+        print(f"[mlx_mtpd] prompt cache: {n} tokens cached, {len(ids)} new", file=sys.stderr)
+    return generate(model, tokenizer, [UNKNOWN] * n + list(ids), verbose=args.verbose, max_tokens=args.max_tokens,
+                    heads=heads, num_draft=num_draft, draft=draft, loop=args.loop, temp=args.temp,
+                    top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, tree=tree, kv=kv, state=state)
+
+
 def main(argv=None) -> None:
     from . import blas
     from .errors import run_main
@@ -115,18 +178,24 @@ def main(argv=None) -> None:
             raise MTPDError("--max-tokens must be non-zero (use -1 for no limit)")
         num_draft = parse_num_draft(args.num_draft)
         tree = parse_tree(args.tree)
+        kv = KVOptions.from_args(args)
         cluster = distributed.setup(args)
         leader = cluster is None or cluster.leader
         prompt = (sys.stdin.read() if args.prompt == "-" else args.prompt) if leader else None
         if leader and not prompt:
             raise MTPDError("the prompt is empty: pass --prompt TEXT")
         distributed.seed_all(cluster, args.seed)
+        cache_file = None
+        if args.prompt_cache_file:
+            if cluster is not None:
+                raise MTPDError("--prompt-cache-file is for one process: under mlx.launch, pass the whole prompt")
+            cache_file = read_prompt_cache(args.prompt_cache_file, args, kv)
         model, tokenizer, heads = distributed.load_for(args, cluster)
         if cluster is not None:
             from .session import Session
 
             session = Session(model, tokenizer, heads, num_draft=num_draft, draft=args.draft, loop=args.loop,
-                              cluster=cluster, tree=tree)
+                              cluster=cluster, tree=tree, kv=kv)
             if not cluster.leader:
                 session.follow()
                 return
@@ -141,18 +210,23 @@ def main(argv=None) -> None:
             if not args.verbose:
                 print(out)
             return
+        if args.prompt_cache_file:
+            out = _from_prompt_cache(args, model, tokenizer, heads, prompt, cache_file, num_draft, tree, kv)
+            if not args.verbose:
+                print(out)
+            return
         if args.verbose:
             print(f"[mlx_mtpd] BLAS: {blas.describe()}", file=sys.stderr)
             if heads is None:
                 print("[mlx_mtpd] no MTP heads: drafting by prompt lookup only", file=sys.stderr)
-            note = tree_note(model, heads, tree)
-            if note:
-                print(f"[mlx_mtpd] {note}", file=sys.stderr)
+            for note in (tree_note(model, heads, tree), kv_note(model, kv)):
+                if note:
+                    print(f"[mlx_mtpd] {note}", file=sys.stderr)
         text_prompt = render_prompt(tokenizer, prompt, args.system_prompt, not args.ignore_chat_template)
         out = generate(
             model, tokenizer, text_prompt, verbose=args.verbose, max_tokens=args.max_tokens,
             heads=heads, num_draft=num_draft, draft=default_draft(heads, args.draft), loop=args.loop, temp=args.temp,
-            top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, tree=tree,
+            top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, tree=tree, kv=kv,
         )
         if not args.verbose:
             print(out)

@@ -504,7 +504,7 @@ class DraftPlanner:
         heads_ok = self.uses_heads and st.max_depth > 0 and cap > 0
         trees = self.tree is not None and getattr(st, "tree_reason", "") is None
         if heads_ok and not st.can_verify(cap):
-            return "plain", remaining if self.auto else 1, "sliding-window cache full: plain decoding"
+            return "plain", remaining if self.auto else 1, "a cache that cannot take this draft back: plain decoding"
         if lookup.tokens and not st.can_verify(len(lookup)):
             lookup = Proposal([], 0)
         if not self.auto:

@@ -347,6 +347,7 @@ def _new_id(kind: str) -> str:
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     from .generate import add_draft_args
+    from .kvcache import add_kv_args
 
     p = argparse.ArgumentParser(prog="mlx_mtpd server", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="MLX model folder or hub id (default: SmolLM2-135M-Instruct).")
@@ -354,6 +355,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1).")
     p.add_argument("--port", type=int, default=8080, help="Port (default 8080; 0 picks a free one).")
     add_draft_args(p)
+    add_kv_args(p)
     p.add_argument("--loop", choices=("last", "cycle"), default=None)
     p.add_argument("--max-context", type=int, default=None, help="Context size in tokens (default: the model's).")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
@@ -388,6 +390,7 @@ def main(argv=None) -> None:
 
         from . import distributed
         from .generate import parse_num_draft
+        from .kvcache import KVOptions
         from .session import Session
 
         from .tree import parse_tree
@@ -400,7 +403,8 @@ def main(argv=None) -> None:
         distributed.seed_all(cluster, None)  # one random state on every rank
         model, tokenizer, heads = distributed.load_for(args, cluster)
         session = Session(model, tokenizer, heads, num_draft=num_draft, draft=args.draft, loop=args.loop,
-                          max_context=args.max_context, memory=args.draft_memory, cluster=cluster, tree=tree)
+                          max_context=args.max_context, memory=args.draft_memory, cluster=cluster, tree=tree,
+                          kv=KVOptions.from_args(args))
         if cluster is not None and not cluster.leader:
             session.follow()
             return

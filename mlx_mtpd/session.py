@@ -60,6 +60,8 @@ class Session:
     cluster: Optional[object] = None
     # Head drafts as trees: "auto", None (chains) or widths per depth (mlx_mtpd.tree).
     tree: object = "auto"
+    # mlx-lm's KV cache options (mlx_mtpd.kvcache.KVOptions); None: mlx-lm's defaults.
+    kv: Optional[object] = None
     turns: List[Turn] = field(default_factory=list)
 
     def __post_init__(self):
@@ -79,7 +81,7 @@ class Session:
 
             seed_planner(self.planner, self.model, self.tokenizer, self.heads)
         depth = self.planner.num_draft if self.planner.uses_heads else 0
-        self.state = DraftState(self.model, self.heads if depth else None, depth, self.loop)
+        self.state = DraftState(self.model, self.heads if depth else None, depth, self.loop, self.kv)
         if self.memory and self.planner.uses_lookup:
             self.state.memory = AnswerMemory()
         self.max_context = self.max_context or context_length(self.model)
@@ -124,7 +126,10 @@ class Session:
     def fit_messages(self, messages: List[Dict[str, str]], max_tokens: int):
         """Drop the oldest turns (never the system message or the last one) until
         the prompt and `max_tokens` fit the context.  Returns (messages, ids,
-        dropped); raises when the last message alone does not fit."""
+        dropped); raises when the last message alone does not fit.  What a
+        dropped user turn said stays a draft source (the answer memory, which
+        already holds the answers), so a long conversation keeps drafting from
+        all of itself."""
         msgs = list(messages)
         dropped = 0
         ids = self.encode_messages(msgs)
@@ -136,13 +141,20 @@ class Session:
                 raise MTPDError(
                     f"the message is {len(ids)} tokens and the context holds {self.max_context}: shorten it"
                 )
-            del msgs[first]
+            self._remember(msgs.pop(first))
             # never leave an assistant message first after the system prompt
             while len(msgs) - first > 1 and msgs[first]["role"] == "assistant":
-                del msgs[first]
+                self._remember(msgs.pop(first))
             dropped += 1
             ids = self.encode_messages(msgs)
         return msgs, ids, dropped
+
+    def _remember(self, message: Dict[str, str]) -> None:
+        """A user turn leaving the context joins the answer memory (answers are
+        there since they were generated)."""
+        memory = self.state.memory
+        if memory is not None and message.get("role") == "user" and message.get("content"):
+            memory.add(self.tokenizer.encode(message["content"], add_special_tokens=False))
 
     def stream(self, prompt: Union[List[int], mx.array], max_tokens: int = 512, should_stop=None,
                seed: Optional[int] = None, **sampling) -> Generator[GenerationResponse, None, None]:
@@ -168,7 +180,7 @@ class Session:
         answer: List[int] = []
         gen = stream_generate(self.model, self.tokenizer, mx.array(ids), max_tokens=max_tokens, heads=self.heads,
                               loop=self.loop, state=self.state, planner=self.planner, cluster=self.cluster,
-                              **sampling)
+                              kv=self.state.kv, **sampling)
         try:
             for last in gen:
                 answer.append(last.token)

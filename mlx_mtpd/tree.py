@@ -92,10 +92,13 @@ def tree_support_and_ropes(model: nn.Module, cache: Sequence):
     """(tree_support's answer, the rope owners when trees can be verified)."""
     from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 
+    from .kvcache import WindowKVCache
+
     # A rotating (sliding-window) cache holds its entries in order until it wraps,
-    # and drafting stops before then (DraftState.can_verify): within the window a
-    # tree's mask needs no window term.
-    kinds = {type(c).__name__ for c in cache if type(c) not in (KVCache, QuantizedKVCache, RotatingKVCache)}
+    # and trees are drafted only before then (DraftState.tree_room): within the
+    # window a tree's mask needs no window term; past it, head drafts are chains.
+    kinds = {type(c).__name__ for c in cache
+             if type(c) not in (KVCache, QuantizedKVCache, RotatingKVCache, WindowKVCache)}
     if kinds:
         return f"its caches ({', '.join(sorted(kinds))}) cannot keep one branch of a tree", None
     ropes = rope_owners(model)

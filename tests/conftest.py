@@ -50,6 +50,28 @@ TINY_CONFIGS = {
         "sliding_window": 16, "sliding_window_pattern": 2, "query_pre_attn_scalar": 16,
         "max_position_embeddings": 512,
     },
+    # head_dim 64: room for KV cache quantization groups (--kv-bits)
+    "llama_hd64": {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 128,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "max_position_embeddings": 512,
+    },
+    # Mistral's sliding-window variant (mlx-lm's llama with layer types), window 16
+    "mistral_swa": {
+        "model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "max_position_embeddings": 512, "sliding_window": 16,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+    "gpt_oss": {
+        "model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000, "sliding_window": 16,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
     "mimo": {
         "model_type": "mimo", "architectures": ["MiMoForCausalLM"], "hidden_size": 64,
         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

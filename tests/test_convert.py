@@ -184,14 +184,17 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, model, config, tensor_type="F32", k_quant_tensor=None):
-    """A llama GGUF written the way llama.cpp's converter writes one."""
+def write_tiny_gguf(path: Path, model, config, tensor_type="F32", k_quant_tensor=None, arch="llama"):
+    """A llama (or qwen3) GGUF written the way llama.cpp's converter writes one."""
     import gguf
     from mlx.utils import tree_flatten
 
     from conftest import byte_tokenizer
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
+    if arch == "qwen3":
+        w.add_key_length(config["head_dim"])
+        w.add_value_length(config["head_dim"])
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
     w.add_block_count(config["num_hidden_layers"])
@@ -225,7 +228,7 @@ def write_tiny_gguf(path: Path, model, config, tensor_type="F32", k_quant_tensor
         "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
         "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
         "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
+        "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     }
     expected = {}
     for k, v in tree_flatten(model.parameters()):
@@ -236,9 +239,9 @@ def write_tiny_gguf(path: Path, model, config, tensor_type="F32", k_quant_tensor
             parts = k.split(".")
             stem = ".".join(parts[3:-1])
             name = f"blk.{parts[2]}.{layer[stem]}.weight"
-            if stem == "self_attn.q_proj":
+            if stem == "self_attn.q_proj" and arch == "llama":
                 a = _permute(a, config["num_attention_heads"])
-            elif stem == "self_attn.k_proj":
+            elif stem == "self_attn.k_proj" and arch == "llama":
                 a = _permute(a, config["num_key_value_heads"])
         if name == k_quant_tensor:
             # random Q6_K blocks with a small scale: only dequantization is tested
@@ -293,6 +296,22 @@ def test_tiny_gguf_converts_with_qk_permutation_undone(tmp_path, tensor_type):
     assert mx.abs(ref - got).max().item() < tol
     assert tok.decode(tok.encode("hello the world")) == "hello the world"
     assert tok.chat_template is not None
+
+
+def test_tiny_qwen3_gguf_converts(tmp_path):
+    """qwen3: q/k norms, head_dim from key_length, rows not permuted, tied output."""
+    import mlx_lm
+
+    model, config = tiny_model("qwen3", vocab_size=300, seed=2)
+    g = tmp_path / "q3.gguf"
+    write_tiny_gguf(g, model, config, "F32", arch="qwen3")
+    out = tmp_path / "mlx"
+    r = run_cli("convert", "--gguf", g, "--mlx-path", out, "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    loaded, tok = mlx_lm.load(str(out))
+    assert loaded.model_type == "qwen3" if hasattr(loaded, "model_type") else True
+    x = mx.array(tok.encode("the theme in an"))[None]
+    assert mx.abs(model(x) - loaded(x)).max().item() < 1e-4
 
 
 def test_k_quant_gguf_goes_through_the_gguf_package(tmp_path):

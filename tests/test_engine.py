@@ -161,20 +161,6 @@ def test_tiny_architectures_greedy(arch, quant):
     assert rounds > 0 and accepted > 0
 
 
-def test_sliding_window_model_falls_back_when_its_cache_fills():
-    """Gemma 3's sliding-window layers use a rotating cache that can only be
-    rolled back until it wraps; then decoding goes on plainly, still lossless."""
-    model, config = tiny_model("gemma3_text", vocab_size=300, seed=2)
-    prompt = list(range(3, 13))
-    ref = greedy_tokens(model, prompt, 30)  # 10 + 30 tokens > window of 16
-    heads = fit_heads(model, [prompt + ref], num_heads=1)
-    stats = SpecStats()
-    got = spec_tokens(model, prompt, 30, heads, 3, stats=stats)
-    assert_lossless(model, prompt, got, ref, TIE_TOLERANCE[mx.float32])
-    assert stats.fallback and "sliding-window" in stats.fallback
-    assert stats.rounds > 0
-
-
 def _recomputed_depth_keys(model, heads, tokens, committed, depth, loop):
     """Depth caches from scratch, teacher-forced on the accepted tokens."""
     from mlx_lm.models.cache import KVCache
