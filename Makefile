@@ -83,7 +83,7 @@ test: setup $(VENV)/.gemma3
 	$(BIN)/python -m pytest -q tests
 
 # The growing data set and the shipped head (docs/TRAINING.md, docs/RESEARCH.md).
-# `make data` adds NEW answers of the prompt pool (data/prompts_pool.jsonl) to
+# `make data` adds NEW answers of the prompt pool (mlx_mtpd/data/prompts_pool.jsonl) to
 # the committed token data (data/tokens: ids only, a few MB), keeping the
 # backbone's outputs while generating (one pass per token: the new chunk's
 # training cache is written as it goes), then NEW_MULTI second turns that
@@ -116,7 +116,7 @@ CONTINUE_ARGS ?= --num-heads 1 --train-depth 2 --top-n 256 --steps 600 --batch-s
   --warmup 30 --eval-every 50 --patience 4 --features $(FEATURES)
 EVAL_ARGS ?= --data $(RUNS)/eval --num-prompts 16 --max-tokens 96 --num-draft 1,2,3 --loops last
 data: setup
-	$(BIN)/mlx_mtpd gen-data --prompts data/prompts_pool.jsonl --out $(RUNS)/gen --pack-into $(DATA) \
+	$(BIN)/mlx_mtpd gen-data --prompts mlx_mtpd/data/prompts_pool.jsonl --out $(RUNS)/gen --pack-into $(DATA) \
 	  --new $(NEW) --temps $(TEMPS) --batch-size $(GEN_BATCH) --max-tokens 256 --resume \
 	  --cache-into $(CACHE) --features $(CAPTURE_FEATURES) --top-n 256
 	$(BIN)/python scripts/make_pool.py --multi-turn $(DATA)

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "gen-data": "mlx_mtpd.training.gen_data",
     "train": "mlx_mtpd.training.train",
     "eval-heads": "mlx_mtpd.training.eval_heads",
+    "distill": "mlx_mtpd.training.distill",
     "bench": "mlx_mtpd.bench",
     "cache-prompt": "mlx_mtpd.cache_prompt",
     "doctor": "mlx_mtpd.doctor",

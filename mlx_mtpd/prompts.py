@@ -15,11 +15,13 @@ BENCH_PROMPTS = DATA_DIR / "prompts_bench.jsonl"  # held out from training
 EDITS_PROMPTS = DATA_DIR / "conversations_bench.jsonl"  # last answers that edit or repeat an earlier one
 CHAT_PROMPTS = DATA_DIR / "prompts_chat.jsonl"  # ordinary chat requests
 EVAL_PROMPTS = DATA_DIR / "prompts_eval.jsonl"  # held out, for eval-heads
-NAMED_PROMPTS = {"edits": EDITS_PROMPTS, "chat": CHAT_PROMPTS, "bench": BENCH_PROMPTS, "eval": EVAL_PROMPTS}
+POOL_PROMPTS = DATA_DIR / "prompts_pool.jsonl"  # the training pool (topics x templates; none of EVAL's topics)
+NAMED_PROMPTS = {"edits": EDITS_PROMPTS, "chat": CHAT_PROMPTS, "bench": BENCH_PROMPTS, "eval": EVAL_PROMPTS,
+                 "pool": POOL_PROMPTS}
 
 
 def resolve(name_or_path) -> Path:
-    """A shipped prompt file's name ('chat', 'edits', 'bench', 'eval') or a path."""
+    """A shipped prompt file's name ('chat', 'edits', 'bench', 'eval', 'pool') or a path."""
     return NAMED_PROMPTS.get(str(name_or_path), Path(name_or_path))
 
 

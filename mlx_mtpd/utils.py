@@ -89,9 +89,11 @@ def load(
 
 
 def load_head_set(path_or_default: Optional[str], heads: Optional[str], path: Path, model: nn.Module):
-    """The head set `load` picks: `heads`, else the model folder's own, else (the
-    default model) the one shipped with this package; None when there is none."""
-    if heads is None and path_or_default is None and (DEFAULT_HEADS / HEADS_CONFIG).exists():
+    """The head set `load` picks: `heads`, else the model folder's own (`distill`
+    writes one there), else (the default model) the one shipped with this package;
+    None when there is none."""
+    if heads is None and path_or_default is None and not (path / HEADS_CONFIG).exists() \
+            and (DEFAULT_HEADS / HEADS_CONFIG).exists():  # (a head set distilled into its folder comes first)
         heads = str(DEFAULT_HEADS)
     head_dir = Path(heads) if heads is not None else path
     if heads is None and not (head_dir / HEADS_CONFIG).exists():

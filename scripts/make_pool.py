@@ -1,4 +1,4 @@
-"""Writes the growing data set's prompt pool (`data/prompts_pool.jsonl`):
+"""Writes the growing data set's prompt pool (`mlx_mtpd/data/prompts_pool.jsonl`):
 thousands of training prompts, deterministic, none on a held-out topic.
 
 Topic x template questions and instructions, code in several languages,
@@ -184,6 +184,9 @@ def build_multi_turn(dataset: Path, tokenizer, pool, max_answer_tokens: int = 20
     return out
 
 
+POOL = Path(__file__).resolve().parents[1] / "mlx_mtpd" / "data" / "prompts_pool.jsonl"  # shipped (distill)
+
+
 def main():
     import argparse
 
@@ -197,7 +200,7 @@ def main():
         from mlx_mtpd.utils import load
 
         _, tokenizer, _ = load(None)
-        pool = [json.loads(x)["prompt"] for x in (root / "prompts_pool.jsonl").read_text().splitlines()]
+        pool = [json.loads(x)["prompt"] for x in POOL.read_text().splitlines()]
         convs = build_multi_turn(Path(args.multi_turn), tokenizer, pool)
         tmp = root / ".prompts_multiturn.jsonl.tmp"
         tmp.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
@@ -207,7 +210,7 @@ def main():
     pool = build_pool()
     bad = [p for p in pool for t in build_held_out() if t in p]
     assert not bad, bad[:3]
-    with open(root / "prompts_pool.jsonl", "w") as f:
+    with open(POOL, "w") as f:
         for p in pool:
             f.write(json.dumps({"prompt": p}) + "\n")
     print("pool", len(pool))

@@ -7,7 +7,7 @@ keeps them as it goes (`capture.py`, gen-data --cache-into).  Same prompts,
 same model, same batch size, one process, run back to back; wall time and CPU
 time (all threads) of each, and training tokens (answer tokens) per hour.
 
-    python scripts/one_pass_bench.py --prompts data/prompts_pool.jsonl --skip 2000 --num 128 \
+    python scripts/one_pass_bench.py --prompts mlx_mtpd/data/prompts_pool.jsonl --skip 2000 --num 128 \
         --features 2,15,27 --json bench/one-pass.json
 """
 
@@ -31,7 +31,7 @@ def _timed(fn):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", default="data/prompts_pool.jsonl")
+    ap.add_argument("--prompts", default="mlx_mtpd/data/prompts_pool.jsonl")
     ap.add_argument("--skip", type=int, default=2000, help="Start this far into the prompt file.")
     ap.add_argument("--num", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=256)

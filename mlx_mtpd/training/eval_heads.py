@@ -65,6 +65,24 @@ def decoding_acceptance(model, tokenizer, heads, prompts: List[str], *, max_toke
     return results
 
 
+def evaluate(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: List[int], loops: List[str],
+             trees=(None,), data: Optional[List[str]] = None, name: Optional[str] = None,
+             progress: bool = True) -> dict:
+    """eval-heads' results (the eval.json format): decoding acceptance for every
+    (D, loop, tree), teacher-forced agreement on `data` when given, and the best."""
+    out = {"heads": name, "num_heads": heads.num_heads, "prompts": len(prompts), "max_tokens": max_tokens}
+    if data:
+        out["teacher_forced_agreement"] = teacher_forced(
+            model, tokenizer, heads, data, depth=max(heads.num_heads, min(max(drafts), TF_MAX_DEPTH)))
+    out["decoding"] = decoding_acceptance(model, tokenizer, heads, prompts, max_tokens=max_tokens, drafts=drafts,
+                                          loops=loops, trees=trees, progress=progress)
+    best = max(out["decoding"].values(), key=lambda r: r["mean_accepted_length"])
+    out["best"] = {"num_draft": best["num_draft"], "loop": best["loop"], "tree": best.get("tree"),
+                   "mean_accepted_length": best["mean_accepted_length"],
+                   "AR_1": best["acceptance_rates"][0] if best["acceptance_rates"] else 0.0}
+    return out
+
+
 def plot(results: Dict[str, dict], agreement: Optional[List[float]], path: Path, title: str,
          num_heads: int) -> None:
     import matplotlib
@@ -157,19 +175,9 @@ def main(argv=None) -> None:
         prompts = [p for p in prompts if p][: args.num_prompts]
         if not prompts:
             raise MTPDError(f"{args.prompts} holds no prompt to answer (a 'messages' record needs a user turn)")
-        out = {"heads": str(args.heads), "num_heads": heads.num_heads, "prompts": len(prompts),
-               "max_tokens": args.max_tokens}
-        agreement = None
-        if args.data:
-            agreement = teacher_forced(model, tok, heads, args.data,
-                                       depth=max(heads.num_heads, min(max(drafts), TF_MAX_DEPTH)))
-            out["teacher_forced_agreement"] = agreement
-        out["decoding"] = decoding_acceptance(model, tok, heads, prompts, max_tokens=args.max_tokens,
-                                              drafts=drafts, loops=loops, trees=trees)
-        best = max(out["decoding"].values(), key=lambda r: r["mean_accepted_length"])
-        out["best"] = {"num_draft": best["num_draft"], "loop": best["loop"], "tree": best.get("tree"),
-                       "mean_accepted_length": best["mean_accepted_length"],
-                       "AR_1": best["acceptance_rates"][0] if best["acceptance_rates"] else 0.0}
+        out = evaluate(model, tok, heads, prompts, max_tokens=args.max_tokens, drafts=drafts, loops=loops,
+                       trees=trees, data=args.data, name=str(args.heads))
+        agreement, best = out.get("teacher_forced_agreement"), out["best"]
         for key, r in out["decoding"].items():
             ar = " ".join(f"{a:.2f}" for a in r["acceptance_rates"])
             print(f"{key:<18} tau {r['mean_accepted_length']:.2f}  AR_k {ar}")

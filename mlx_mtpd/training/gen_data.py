@@ -64,7 +64,7 @@ def generate_answers(model, tokenizer, jobs: List[dict], max_tokens: int, batch_
 
 def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, temps=(0.0, 0.7),
              seed=0, limit=None, system=None, resume=False, force=False, pack_into=None, new=None,
-             cache_into=None, features=None, top_n=256, seq_len=512) -> Path:
+             cache_into=None, features=None, top_n=256, seq_len=512, deadline=None, loaded=None) -> Path:
     """Answer the prompts into OUT/data.jsonl.  With `pack_into` (a token data
     set, `dataset.py`): skip what the data set already holds, answer at most
     `new` more, then add them to it as one chunk and remove the work file.
@@ -83,7 +83,7 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
     prompts = read_prompts(prompts_file)[: limit or None]
     if cache_into and not pack_into:
         raise MTPDError("--cache-into needs --pack-into (a cache belongs to a data set's chunk)")
-    model, tokenizer, _ = load(model_path)
+    model, tokenizer = loaded if loaded is not None else load(model_path)[:2]
     from . import capture
 
     capture_dir = out / "capture" if cache_into and capture.supported(model) else None
@@ -110,7 +110,7 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
     with open(target, "a") as f, tqdm(total=len(todo), desc="gen-data", unit="answer") as bar:
         for t in temps:
             group = [j for j in todo if j["temp"] == t]
-            if not group:
+            if not group or (deadline is not None and time.time() >= deadline):
                 continue
             if capture_dir is not None:
                 capture_dir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +125,9 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
                 n_tokens += len(rec["completion_tokens"])
                 bar.update(1)
                 bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - tic):.1f}")
+                if deadline is not None and time.time() >= deadline:
+                    answers.close()  # the answers under way are dropped
+                    break
     elapsed = time.perf_counter() - tic
     print(f"[mlx_mtpd] {len(todo)} answers, {n_tokens} tokens in {elapsed:.0f} s "
           f"({n_tokens / max(elapsed, 1e-9):.1f} tokens/s) -> {target}", file=sys.stderr)
@@ -140,11 +143,14 @@ def _captured(answers, folder: Path):
     """Store each answer's captured arrays (by job id) as it finishes; yield the records."""
     import numpy as np
 
-    for rec, arrays in answers:
-        tmp = folder / f".{rec['id']}.tmp.npz"
-        np.savez(tmp, **arrays)
-        tmp.rename(folder / f"{rec['id']}.npz")
-        yield rec
+    try:
+        for rec, arrays in answers:
+            tmp = folder / f".{rec['id']}.tmp.npz"
+            np.savez(tmp, **arrays)
+            tmp.rename(folder / f"{rec['id']}.npz")
+            yield rec
+    finally:
+        answers.close()
 
 
 class _Captures(dict):
@@ -179,10 +185,13 @@ def _write_chunk_cache(model, tokenizer, chunk: Path, cache_root: Path, capture_
 
 
 def _ids_in(path: Path) -> set:
-    return {rec["id"] for rec in _records(path) if isinstance(rec, dict) and "id" in rec} if path.exists() else set()
+    if not path.exists():
+        return set()
+    return {rec["id"] for rec in read_records(path) if isinstance(rec, dict) and "id" in rec}
 
 
-def _records(path: Path):
+def read_records(path: Path):
+    """The records of a gen-data work file (data.jsonl), skipping a line an interruption cut."""
     with open(path) as f:
         for line in f:
             try:
@@ -195,7 +204,8 @@ def _pack(work: Path, dataset: Path, model, tokenizer, prompts_file, seconds: fl
     from .dataset import pack
     from ..heads import Backbone
 
-    records = list(_records(work))
+    # by job id: an interrupted and resumed run packs the same chunk as one that was not
+    records = sorted(read_records(work), key=lambda r: str(r.get("id")))
     meta = {"prompts": Path(prompts_file).name, "seconds": round(seconds, 3),
             "cpu_seconds": round(cpu_seconds, 3), "generated_tokens_per_s":
             round(sum(len(r["completion_tokens"]) for r in records) / max(seconds, 1e-9), 2)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -232,6 +233,16 @@ def teacher_forced_agreement(heads: HeadSet, backbone: Backbone, cache: dict, cf
     return [a / max(n, 1) for a, n in agree]
 
 
+def _schedule(cfg: TrainConfig):
+    """Linear warm-up to the peak, then a cosine decay to 5% of it at the last step."""
+    warm = min(cfg.warmup, max(cfg.steps - 1, 0))
+    return optim.join_schedules(
+        [optim.linear_schedule(1e-7, cfg.learning_rate, max(warm, 1)),
+         optim.cosine_decay(cfg.learning_rate, max(cfg.steps - warm, 1), cfg.learning_rate * 0.05)],
+        [max(warm, 1)],
+    )
+
+
 class Trainer:
     def __init__(self, model, head_set: HeadSet, cfg: TrainConfig, out: Path, train_cache: dict,
                  eval_cache: Optional[dict] = None, group=None):
@@ -246,13 +257,7 @@ class Trainer:
                 head.freeze()
         if cfg.trainable and 0 not in cfg.trainable and "fuse" in head_set:
             head_set.fuse.freeze()  # depth 1's entry belongs to the first head
-        warm = min(cfg.warmup, max(cfg.steps - 1, 0))
-        sched = optim.join_schedules(
-            [optim.linear_schedule(1e-7, cfg.learning_rate, max(warm, 1)),
-             optim.cosine_decay(cfg.learning_rate, max(cfg.steps - warm, 1), cfg.learning_rate * 0.05)],
-            [max(warm, 1)],
-        )
-        self.optimizer = optim.AdamW(learning_rate=sched, weight_decay=cfg.weight_decay)
+        self.optimizer = optim.AdamW(learning_rate=_schedule(cfg), weight_decay=cfg.weight_decay)
         self.step, self.epoch, self.cursor = 0, 0, 0
         self.history: List[dict] = []
         self.best: Optional[dict] = None  # {"step", "score"} of the best held-out evaluation
@@ -297,6 +302,8 @@ class Trainer:
             state = {"step": self.step, "epoch": self.epoch, "cursor": self.cursor,
                      "config": asdict(self.cfg), "history": self.history, "best": self.best}
             (tmp / STATE_FILE).write_text(json.dumps(state))
+            if (path / BEST_DIR).is_dir():  # the best evaluated step so far: what a resumed run exports
+                shutil.copytree(path / BEST_DIR, tmp / BEST_DIR)
 
     def restore(self, path: Path) -> None:
         path = Path(path)
@@ -320,7 +327,38 @@ class Trainer:
                                                            self.cfg, max_sequences)}
 
     # -- the loop --------------------------------------------------------------
-    def train(self, progress: bool = True) -> List[dict]:
+    def plan_steps(self, deadline: float, evaluations: int = 8) -> int:
+        """Set --steps to what fits before `deadline` (time.time()), with about
+        `evaluations` held-out evaluations (and checkpoints) on the way: one training
+        step and one evaluation are timed first (a step's second run: the first
+        compiles), the warm-up scaled to the steps, the schedule rebuilt."""
+        probe = self._batches()
+        times = []
+        for _ in range(2):
+            batch = make_batch(next(probe), self.backbone, self.cfg.top_n, len(self.heads.heads))
+            tic = time.perf_counter()
+            loss, g = self.loss_and_grad(batch)
+            mx.eval(loss, g)
+            times.append(time.perf_counter() - tic)
+        step = times[-1] * self.cfg.grad_accum * 1.15  # the update, the bookkeeping
+        tic = time.perf_counter()
+        self.evaluate()
+        evaluation = time.perf_counter() - tic
+        left = deadline - time.time() - evaluation  # the last evaluation
+        evaluations = max(min(evaluations, int(0.25 * left / max(evaluation, 1e-6))), 1)
+        steps = max(int((left - evaluations * evaluation) / step), 1)
+        cfg = self.cfg
+        cfg.steps = steps
+        cfg.warmup = min(cfg.warmup, max(steps // 10, 1))
+        cfg.eval_every = cfg.save_every = max(steps // evaluations, 1)
+        self.optimizer = optim.AdamW(learning_rate=_schedule(cfg), weight_decay=cfg.weight_decay)
+        self.epoch = self.cursor = 0  # the timing batches are trained on like the others
+        print(f"[mlx_mtpd] {steps} training steps fit ({step:.2f} s a step, {evaluation:.1f} s an evaluation)",
+              file=sys.stderr)
+        return steps
+
+    def train(self, progress: bool = True, deadline: Optional[float] = None) -> List[dict]:
+        """Run to cfg.steps (or stop early: patience, or `deadline`, a time.time())."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -395,6 +433,13 @@ class Trainer:
                 if self.rank == 0:
                     print(f"[mlx_mtpd] no better held-out agreement in {cfg.patience} evaluations: "
                           f"stopping at step {self.step} (best: step {self.best['step']})", file=sys.stderr)
+                break
+            if deadline is not None and time.time() >= deadline:
+                if self.eval_cache is not None and "eval_agreement" not in rec and cfg.eval_every:
+                    rec.update(self.evaluate())  # the last steps count if they are the best
+                    self._track_best(rec)
+                if self.rank == 0:
+                    print(f"[mlx_mtpd] out of time: stopping at step {self.step}", file=sys.stderr)
                 break
         bar.close()
         self.save()
@@ -475,9 +520,8 @@ def build_heads(model, args) -> HeadSet:
     return init_heads(model, args.num_heads, draft_vocab=args.draft_vocab, features=features)
 
 
-def main(argv=None) -> None:
-    from ..errors import run_main
-
+def build_parser() -> argparse.ArgumentParser:
+    """train's options (`distill` builds its runs from the same parser)."""
     p = argparse.ArgumentParser(prog="mlx_mtpd train", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="MLX model folder (default: SmolLM2-135M-Instruct).")
     p.add_argument("--data", nargs="+", required=True,
@@ -529,11 +573,22 @@ def main(argv=None) -> None:
                         "from with --init-from).")
     p.add_argument("--resume", action="store_true", help="Continue from the checkpoint in --out.")
     p.add_argument("--force", action="store_true", help="Replace an existing --out.")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    from ..errors import run_main
+
+    args = build_parser().parse_args(argv)
     run_main("train", lambda: train_cli(args))
 
 
-def train_cli(args) -> None:
+def train_cli(args, deadline: Optional[float] = None, loaded=None) -> Optional[dict]:
+    """Run train's command line (`args` from build_parser).  With `deadline` (a
+    time.time() value), training stops there with the best heads so far, and a new
+    run's --steps 0 means: as many steps as fit before it (timed on the first ones).
+    `loaded`: the model and tokenizer, already loaded.  Returns {"best": the
+    exported step and its held-out agreement, "history", "steps"}."""
     from .data_cache import caches_for
     from ..utils import load
 
@@ -548,7 +603,7 @@ def train_cli(args) -> None:
     if args.resume and not (out / STATE_FILE).exists():
         raise MTPDError(f"nothing to resume in {out} (no {STATE_FILE})")
     mx.random.seed(args.seed)
-    model, tokenizer, _ = load(args.model)
+    model, tokenizer = loaded if loaded is not None else load(args.model)[:2]
     model.freeze()
     heads = load_heads(out, model) if args.resume else build_heads(model, args)
     backbone = Backbone(model, heads.features)
@@ -572,7 +627,7 @@ def train_cli(args) -> None:
     if args.resume:
         saved = json.loads((out / STATE_FILE).read_text())["config"]
         cfg = TrainConfig(**saved) if saved else cfg
-        cfg.steps = args.steps
+        cfg.steps = args.steps or cfg.steps  # 0: the steps the run planned
     cache_root = Path(args.cache_dir) if args.cache_dir else out.with_name(out.name + ".cache")
 
     def cache_for(name, paths):
@@ -586,7 +641,9 @@ def train_cli(args) -> None:
     trainer = Trainer(model, heads, cfg, out, train_cache, eval_cache, group)
     if args.resume:
         trainer.restore(out)
-    history = trainer.train()
+    elif deadline is not None and args.steps == 0:
+        trainer.plan_steps(deadline)
+    history = trainer.train(deadline=deadline)
     if rank == 0 and args.export:
         from ..heads import save_heads
 
@@ -612,3 +669,4 @@ def train_cli(args) -> None:
         print(f"[mlx_mtpd] step {last['step']}: loss {last['loss']:.4f}, agreement "
               f"{' '.join(f'{a:.3f}' for a in last['agreement'])}, {last['tokens_per_s']:.0f} tokens/s "
               f"-> {out}", file=sys.stderr)
+    return {"best": trainer.best, "history": history, "steps": cfg.steps}
