@@ -90,9 +90,11 @@ test: setup $(VENV)/.gemma3
 # repeat or edit an earlier greedy answer (data/prompts_multiturn.jsonl, made
 # from the data set); then the held-out answers and the Python documentation
 # text (teacher-labelled in training) if missing.
-# `make heads` continues the shipped head from its committed full-precision
-# checkpoint on all data so far, keeps the step with the best held-out
-# agreement, exports it (float16, shipped) and its checkpoint, and measures it.
+# `make heads` continues the shipped head from its full-precision checkpoint
+# (data/checkpoint, kept outside git; else the shipped head) on all data so far
+# with `mlx_mtpd distill --new 0` (data comes from `make data`), keeps the step
+# with the best held-out agreement, exports it (float16, shipped) and its
+# checkpoint, gives distill's verdict, and measures it with eval-heads.
 # `make heads-from-scratch` starts from a new head instead.
 RUNS ?= runs/smollm2
 DATA := data/tokens
@@ -110,10 +112,12 @@ TEXT := $(RUNS)/text/pydoc.txt
 TEXT_CHARS ?= 120000
 HEADS_ARGS ?= --num-heads 1 --train-depth 2 --top-n 256 --steps 400 --batch-size 8 --learning-rate 1e-3 \
   --warmup 30 --eval-every 50 --patience 3 --features $(FEATURES)
-# `make heads` continues a trained head: a lower peak, more steps, more patience
-# (recipe runs 4-7; run 7, the shipped head: `make heads NEW=640 TEMPS=0 NEW_MULTI=128 GEN_BATCH=128`)
-CONTINUE_ARGS ?= --num-heads 1 --train-depth 2 --top-n 256 --steps 600 --batch-size 8 --learning-rate 5e-4 \
-  --warmup 30 --eval-every 50 --patience 4 --features $(FEATURES)
+# `make heads` continues a trained head with `mlx_mtpd distill`'s recipe (the same code
+# as a user's `distill`: one head trained two deep, top 256, batch 8, peak 5e-4 after
+# 30 warm-up steps, patience 4, the best evaluated step exported; recipe runs 4-7 used
+# it with an evaluation every 50 steps; run 7, the shipped head: `make heads NEW=640
+# TEMPS=0 NEW_MULTI=128 GEN_BATCH=128`), on the data `make data` added
+STEPS ?= 600
 EVAL_ARGS ?= --data $(RUNS)/eval --num-prompts 16 --max-tokens 96 --num-draft 1,2,3 --loops last
 data: setup
 	$(BIN)/mlx_mtpd gen-data --prompts mlx_mtpd/data/prompts_pool.jsonl --out $(RUNS)/gen --pack-into $(DATA) \
@@ -128,9 +132,8 @@ data: setup
 	@test -f $(TEXT) || $(BIN)/python scripts/reference_text.py $(TEXT) --chars $(TEXT_CHARS)
 
 heads: data
-	$(BIN)/mlx_mtpd train --data $(DATA) $(TEXT) --eval-data $(RUNS)/eval --out $(RUNS)/mtpd \
-	  --cache-dir $(CACHE) --init-from $(INIT) $(CONTINUE_ARGS) --save-every 50 --force \
-	  --export $(SHIPPED) --export-checkpoint $(CHECKPOINT)
+	$(BIN)/mlx_mtpd distill --data $(DATA) --extra-data $(TEXT) --eval-data $(RUNS)/eval --work $(RUNS)/distill \
+	  --init-from $(INIT) --new 0 --steps $(STEPS) --out $(SHIPPED) --export-checkpoint $(CHECKPOINT)
 	$(BIN)/mlx_mtpd eval-heads --heads $(SHIPPED) $(EVAL_ARGS) \
 	  --json $(SHIPPED)/eval.json --plot $(SHIPPED)/acceptance.png
 

@@ -62,7 +62,7 @@ def test_distill_on_every_architecture(arch, tmp_path):
     assert json.loads((out / "distill.json").read_text())["verdict"] == report["verdict"]
     assert report["data"]["answers"] == 12 and report["recipe"]["steps"] == 8 and not report["kept"]
     assert report["before"] is None and report["after"]["bench"]["greedy"]["identical_outputs"] is True
-    assert report["verdict"].startswith(("pays:", "does not pay yet on this device:"))
+    assert report["verdict"].startswith(("pays:", "pays in greedy decoding", "does not pay yet on this device:"))
     model, tok, _ = load(str(model_dir))
     heads = load_heads(out, model)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Name three rivers."}], add_generation_prompt=True)
@@ -203,3 +203,23 @@ def test_upload_sends_the_head_set_with_a_model_card(tiny, tmp_path, monkeypatch
     assert {"mtp_heads.safetensors", "mtp_config.json", "distill.json", "README.md", "acceptance.png"} <= set(files)
     assert "# MTP-D heads for mlx" in card and report["verdict"] in card and "fingerprint" in card
     assert leftovers(tmp_path) == []
+
+
+def test_make_heads_form_trains_on_a_data_set_made_before(tiny, tmp_path):
+    """`make heads`' call: the data set, extra text and held-out answers made
+    before, no new answers (--new 0), a start (--init-from), the head written to a
+    shipped folder in float16 and its full-precision checkpoint beside."""
+    first = _distill("--model", tiny, "--out", tmp_path / "h1", "--work", tmp_path / "w1", *SMALL)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    args = ["--model", tiny, "--work", tmp_path / "w2", "--data", tmp_path / "w1" / "data", "--extra-data", text,
+            "--eval-data", tmp_path / "w1" / "eval", "--init-from", tmp_path / "w1" / "checkpoint-r1",
+            "--out", tmp_path / "shipped", "--export-checkpoint", tmp_path / "ckpt", *SMALL]
+    args[args.index("--new") + 1] = "0"
+    report = _distill(*args)
+    assert report["data"]["answers"] == first["data"]["answers"] == 12
+    assert not (tmp_path / "w2" / "eval").exists()  # the held-out answers given were used
+    dtypes = {str(v.dtype) for k, v in mx.load(str(tmp_path / "shipped" / "mtp_heads.safetensors")).items()
+              if k != "draft_vocab"}
+    assert dtypes == {"mlx.core.float16"}
+    assert (tmp_path / "ckpt" / "mtp_heads.safetensors").exists() != report["kept"]

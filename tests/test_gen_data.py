@@ -242,3 +242,50 @@ def test_multi_turn_prompts_follow_up_on_greedy_answers(tmp_path):
     assert [c[0]["content"] for c in convs] == [pool[0], code]
     assert convs[0][1] == {"role": "assistant", "content": "w10 w20"}
     assert convs[0][2]["content"] in FOLLOW_UPS and convs[1][2]["content"] in CODE_FOLLOW_UPS
+
+
+@pytest.mark.parametrize("capture", [True, False])
+def test_a_deadline_ends_the_answers_under_way_and_keeps_them(tmp_path, capture):
+    """gen-data with a deadline already past: it waits for `min_answers` finished
+    answers and starts no prompt after them; with none to wait for, the answers
+    under way end where they are (finish_reason "length", kept and packed, with
+    their training cache when capturing)."""
+    import mlx_lm
+
+    from mlx_mtpd.training.dataset import iter_records
+    from mlx_mtpd.training.gen_data import gen_data
+
+    model = tmp_path / "model"
+    write_hf_checkpoint(model, "qwen2" if capture else "gemma3_text", vocab_size=300, seed=6)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"a few words on {w}"}) + "\n"
+                               for w in ["sea", "moon", "tea", "cats", "rain", "snow"]))
+    m, tok = mlx_lm.load(str(model))
+
+    def answers(data, min_answers):
+        gen_data(None, prompts, tmp_path / "gen", max_tokens=24, batch_size=2, temps=(0.0,), pack_into=data,
+                 cache_into=tmp_path / "cache" if capture else None, deadline=0.0, min_answers=min_answers,
+                 loaded=(m, tok), resume=True)
+        return sorted(len(r["tokens"]) - r["prompt_len"] - r["stopped"] for r in iter_records(data))
+
+    assert answers(tmp_path / "d1", 3) == [24, 24, 24, 24]  # two waves of two: the second reached 3
+    if capture:
+        assert list((tmp_path / "cache" / "train").glob("chunk-0001.npz-*/index.json"))
+    # a stop that turns true after a few steps: the rows under way end there, none starts after
+    from mlx_mtpd.training import capture as cap
+    from mlx_mtpd.training.gen_data import generate_answers
+
+    checks = []
+
+    def stop():
+        checks.append(1)
+        return len(checks) > 5
+
+    jobs = [{"id": str(i), "temp": 0.0, "messages": [{"role": "user", "content": f"say {i}"}]} for i in range(6)]
+    if capture:
+        got = [rec for rec, arrays in cap.generate_captured(m, tok, jobs, max_tokens=24, batch_size=2, temp=0.0,
+                                                             seed=0, features=None, top_n=8, stop=stop)]
+    else:
+        got = list(generate_answers(m, tok, jobs, 24, 2, 0.0, 0, stop))
+    assert len(got) == 2 and all(r["finish_reason"] == "length" for r in got)
+    assert all(0 < len(r["completion_tokens"]) < 24 for r in got), [len(r["completion_tokens"]) for r in got]

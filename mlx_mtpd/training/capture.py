@@ -36,13 +36,15 @@ def _top_n(logits: mx.array, n: int) -> Tuple[mx.array, mx.array]:
 
 
 def generate_captured(model, tokenizer, jobs: List[dict], *, max_tokens: int, batch_size: int, temp: float,
-                      seed: int, features: Optional[List[int]], top_n: int
+                      seed: int, features: Optional[List[int]], top_n: int, stop=None
                       ) -> Iterator[Tuple[dict, Dict[str, np.ndarray]]]:
     """Yield (gen-data record, captured arrays) per finished answer.  The arrays
     cover the record's sequence (prompt + answer, + the end token if it stopped):
     `hidden` (L, W) float16, `top_ids` (L, N) int32, `top_logits` (L, N) float16.
     Continuous batching: finished rows leave the batch, and new prompts are
-    prefilled and join it once a quarter of it is free."""
+    prefilled and join it once a quarter of it is free.  When `stop()` turns
+    true, the answers under way end there (finish_reason "length": a prefix of
+    the answer is as good a training text) and no new prompt starts."""
     from mlx_lm.models.cache import BatchKVCache
     from mlx_lm.sample_utils import make_sampler
 
@@ -62,8 +64,8 @@ def generate_captured(model, tokenizer, jobs: List[dict], *, max_tokens: int, ba
         return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
     cache, y, live = None, None, []  # live: [job index, answer tokens, captured chunks] per batch row
-    while pending or live:
-        if pending and batch_size - len(live) >= min(refill, len(pending)):
+    while live or (pending and not (stop is not None and stop())):
+        if pending and batch_size - len(live) >= min(refill, len(pending)) and not (stop is not None and stop()):
             new = [pending.pop() for _ in range(min(batch_size - len(live), len(pending)))]
             width = max(len(prompts[i]) for i in new)
             pad = [width - len(prompts[i]) for i in new]
@@ -100,6 +102,10 @@ def generate_captured(model, tokenizer, jobs: List[dict], *, max_tokens: int, ba
             for c in cache:
                 c.filter(idx)
             y = y[idx]
+        if stop is not None and stop():
+            for row in live:
+                yield _finish(jobs[row[0]], prompts[row[0]], row[1], row[2], tokenizer, eos, top_n)
+            return
         logits, hidden = bb.forward_batch(y[:, None], cache)
         logits = logits[:, 0].astype(mx.float32)
         ids, vals = _top_n(logits, top_n)

@@ -102,6 +102,22 @@ def check_memory(model_path: Path, batch_size: int, max_tokens: int) -> Dict[str
     return est
 
 
+def device_name() -> str:
+    """The device in words: "CPU, x86_64, 2 cores" or the GPU's name."""
+    import platform
+
+    import mlx.core as mx
+
+    from ..files import on_gpu
+
+    if on_gpu():
+        try:
+            return str(mx.device_info().get("device_name") or "GPU")
+        except Exception:  # an MLX without device_info
+            return "GPU"
+    return f"CPU, {platform.machine()}, {os.cpu_count()} cores"
+
+
 def decode_speed(model, tokenizer, tokens: int = 24) -> float:
     """Plain mlx-lm decoding's tokens per second on this device (one short timed run)."""
     import mlx.core as mx
@@ -278,8 +294,11 @@ def _verdict(report: dict, out: Path) -> str:
         head = f"the head is in {out}/"
     if before and not report["kept"]:
         speeds += f"; before: {before['bench']['greedy']['speedup']:.2f}x greedy"
-    if g["speedup"] >= PAYS:
+    if g["speedup"] >= PAYS and t["speedup"] >= PAYS:
         return f"pays: {speeds}; {head}"
+    if g["speedup"] >= PAYS:
+        return (f"pays in greedy decoding, not yet at T = 0.7: {speeds} (`auto` drafts less where it does "
+                f"not pay); {report['curve']}; {head}")
     return f"does not pay yet on this device: {speeds}; {report['curve']}; {head}"
 
 
@@ -289,13 +308,15 @@ def _plots(report: dict, history: List[dict], folder: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [h for h in history if "eval_agreement" in h]
+    pts = [h for h in history if "eval_agreement" in h and h.get("tokens_seen", 0) > 0]
+    start = next((h["eval_agreement"] for h in history if h["step"] == 0 and "eval_agreement" in h), None)
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    for k in range(len(pts[0]["eval_agreement"]) if pts else 0):
+        line = ax.plot([h["tokens_seen"] for h in pts], [h["eval_agreement"][k] for h in pts], "o-",
+                       label=f"depth {k + 1}")
+        if start:
+            ax.axhline(start[k], ls="--", lw=1, color=line[0].get_color(), label=f"depth {k + 1}, the start")
     if pts:
-        depth = len(pts[0]["eval_agreement"])
-        for k in range(depth):
-            ax.plot([max(h.get("tokens_seen", 0), 1) for h in pts], [h["eval_agreement"][k] for h in pts], "o-",
-                    label=f"depth {k + 1}")
         ax.set_xscale("log")
     ax.set(xlabel="training tokens seen (answer tokens)", ylabel="held-out top-1 agreement", ylim=(0, 1),
            title=f"distill round {report['round']}: learning curve")
@@ -311,7 +332,8 @@ def _plots(report: dict, history: List[dict], folder: Path) -> None:
         if not part or (name == "before" and report["kept"]):
             continue
         rates = part["bench"]["greedy"]["acceptance_rates"]
-        a1.plot(range(1, len(rates) + 1), rates, style, label=name)
+        a1.plot(range(1, len(rates) + 1), rates, style,
+                label="the start, kept" if report["kept"] else name)
     a1.set(xlabel="draft position k", ylabel="acceptance rate AR_k (greedy bench)", ylim=(0, 1),
            title="acceptance by draft position")
     labels, values = [], []
@@ -319,7 +341,8 @@ def _plots(report: dict, history: List[dict], folder: Path) -> None:
         part = report.get(name)
         if part and not (name == "before" and report["kept"]):
             for temp in ("greedy", "temp"):
-                labels.append(f"{name}\n{'greedy' if temp == 'greedy' else 'T = 0.7'}")
+                who = "kept" if report["kept"] else name
+                labels.append(f"{who}\n{'greedy' if temp == 'greedy' else 'T = 0.7'}")
                 values.append(part["bench"][temp]["speedup"])
     a2.bar(range(len(values)), values, color="tab:blue")
     a2.axhline(1.0, color="k", lw=0.8)
@@ -391,9 +414,9 @@ def _budget(opts) -> Optional[float]:
 
 def distill(opts) -> dict:
     """The whole run (see the module's text); returns the report."""
-    import mlx.core as mx
 
     from .. import blas
+    from ..costs import EVAL_FILE
     from ..heads import Backbone, load_heads
     from ..prompts import POOL_PROMPTS, read_prompts
     from ..utils import load, resolve_model
@@ -469,6 +492,14 @@ def distill(opts) -> dict:
           f"{speed:.1f} tokens/s here; starting from {init_dir or 'new heads'}", file=sys.stderr)
     try:
         # 1. held-out answers
+        eval_dir = Path(opts.eval_data) if opts.eval_data else work / "eval"
+        if opts.eval_data and "eval" not in phases:  # answered before (make heads: runs/eval)
+            recs = _answers(eval_dir / "data.jsonl")
+            if not recs:
+                raise MTPDError(f"--eval-data {eval_dir} holds no gen-data answers (data.jsonl)")
+            toks = sum(len(r["completion_tokens"]) for r in recs)
+            phases["eval"] = {"answers": len(recs), "tokens": toks, "seconds": None,
+                              "tokens_per_s": 4 * speed, "mean_answer": toks / len(recs)}
         if "eval" not in phases:
             clock.phase("1/4 held-out", f"answering {len(held_out)} held-out prompts")
             _write_prompts(work / "held_out.jsonl", held_out)
@@ -498,7 +529,8 @@ def distill(opts) -> dict:
             gen_data(None, work / "train_prompts.jsonl", work / "gen", max_tokens=opts.max_tokens,
                      batch_size=opts.batch_size, temps=tuple(opts.temps), resume=True, pack_into=data_dir,
                      new=new, cache_into=work / "cache", features=features, top_n=RECIPE["top_n"],
-                     deadline=share if opts.new is None else clock.deadline(reserve), loaded=(model, tok))
+                     deadline=share if opts.new is None else clock.deadline(reserve), loaded=(model, tok),
+                     min_answers=0 if read_manifest(data_dir)["chunks"] else RECIPE["batch_size"])
             phases["data"] = {"new": new}
             state.save()
         # 3. training
@@ -507,7 +539,7 @@ def distill(opts) -> dict:
             clock.phase("3/4 train", f"MTP-D training from {init_dir or 'new heads'}")
             steps = opts.steps or 0
             every = max(steps // 8, 1) if steps else 50
-            args = ["--data", str(data_dir), "--eval-data", str(work / "eval"), "--out", str(tdir),
+            args = ["--data", str(data_dir), *opts.extra_data, "--eval-data", str(eval_dir), "--out", str(tdir),
                     "--cache-dir", str(work / "cache"), "--num-heads", str(RECIPE["num_heads"]),
                     "--train-depth", str(RECIPE["train_depth"]), "--top-n", str(RECIPE["top_n"]),
                     "--batch-size", str(RECIPE["batch_size"]), "--warmup", str(RECIPE["warmup"]),
@@ -530,7 +562,11 @@ def distill(opts) -> dict:
         tr = phases["train"]
         history = json.loads((tdir / STATE_FILE).read_text())["history"]
         kept = init is not None and tr["best_step"] in (0, None)
-        after_dir = start_dir if kept else work / f"heads-r{rnd}"
+        own_kept = kept and rnd == 1 and opts.out is None  # the model's own heads stay where they are
+        after_dir = start_dir if own_kept else work / f"heads-r{rnd}"
+        if kept and not own_kept and (start_dir / EVAL_FILE).exists():
+            # the export is the start (its best step was step 0), at the shipping precision: its evaluation too
+            shutil.copyfile(start_dir / EVAL_FILE, after_dir / EVAL_FILE)
         # 4. the verdict
         verdict = phases.setdefault("verdict", {})
         runs = 2 if init is not None and not kept else 1
@@ -545,7 +581,6 @@ def distill(opts) -> dict:
         clock.phase("4/4 verdict", f"acceptance and speed against plain mlx-lm on {len(prompts_b)} held-out prompts")
         after = load_heads(after_dir, model)
         if not kept and "eval" not in verdict:
-            from ..costs import EVAL_FILE
             from .eval_heads import evaluate
 
             ev_out = evaluate(model, tok, after, prompts_b, max_tokens=opts.bench_tokens,
@@ -569,7 +604,7 @@ def distill(opts) -> dict:
         step0 = next((h["eval_agreement"] for h in history if h["step"] == 0 and "eval_agreement" in h), None)
         chunks = read_manifest(data_dir)["chunks"]
         report = {
-            "model": str(model_path), "fingerprint": fp, "round": rnd, "device": str(mx.default_device()),
+            "model": str(model_path), "fingerprint": fp, "round": rnd, "device": device_name(),
             "blas": blas.describe(), "budget_s": budget, "spent_s": round(state.spent(), 1),
             "plain_tokens_per_s": round(speed, 2),
             "data": {"dataset": str(data_dir), "answers": sum(c.get("answers", 0) for c in chunks),
@@ -588,8 +623,14 @@ def distill(opts) -> dict:
         }
         report["verdict"] = _verdict(report, out)
         # the head, the report and the pictures, beside each other
-        if not (kept and rnd == 1 and opts.out is None):  # (kept where they are: the model's own)
+        if not own_kept:
             _copy_heads(after_dir, out)
+        if opts.export_checkpoint and not kept:  # full precision: what the next run continues from
+            from ..files import atomic_dir
+
+            with atomic_dir(Path(opts.export_checkpoint), force=True) as tmp:
+                for n in (HEADS_WEIGHTS, HEADS_CONFIG):
+                    shutil.copyfile(work / f"checkpoint-r{rnd}" / n, tmp / n)
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / REPORT, report)
         _plots(report, history, out)
@@ -694,6 +735,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default=None,
                    help="The resumable work folder (default: the cache folder's distill/<model>-<fingerprint>).")
     p.add_argument("--data", default=None, help="The growing token data set (default: WORK/data).")
+    p.add_argument("--extra-data", nargs="+", default=[],
+                   help="More training data as train's --data takes it (text, JSONL, gen-data folders).")
+    p.add_argument("--eval-data", default=None,
+                   help="Held-out answers made before (a gen-data folder) instead of answering them here.")
+    p.add_argument("--export-checkpoint", default=None,
+                   help="Also write the new head at full precision here (what a later --init-from continues).")
     p.add_argument("--init-from", default=None,
                    help="Start from this head set (default: the model's own heads, if any; later rounds: the last).")
     p.add_argument("--fresh", action="store_true", help="Forget the work folder and start over.")

@@ -24,8 +24,9 @@ OUTPUT_FILE = "data.jsonl"
 
 
 def generate_answers(model, tokenizer, jobs: List[dict], max_tokens: int, batch_size: int,
-                     temp: float, seed: int) -> Iterable[dict]:
-    """Yield finished records as the batch generator completes them."""
+                     temp: float, seed: int, stop=None) -> Iterable[dict]:
+    """Yield finished records as the batch generator completes them; when `stop()`
+    turns true, the answers under way end there (finish_reason "length")."""
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_sampler
@@ -45,6 +46,15 @@ def generate_answers(model, tokenizer, jobs: List[dict], max_tokens: int, batch_
         by_uid = {u: (j, p) for u, j, p in zip(uids, jobs, prompt_ids)}
         tokens = {u: [] for u in uids}
         while responses := gen.next_generated():
+            if stop is not None and stop():
+                for uid in list(tokens):
+                    job, pids = by_uid[uid]
+                    out = tokens.pop(uid)
+                    if out:
+                        yield {**job, "messages": job["messages"] + [
+                            {"role": "assistant", "content": tokenizer.decode(out)}],
+                            "prompt_tokens": list(pids), "completion_tokens": out, "finish_reason": "length"}
+                return
             for r in responses:
                 if r.finish_reason != "stop":
                     tokens[r.uid].append(r.token)
@@ -64,13 +74,17 @@ def generate_answers(model, tokenizer, jobs: List[dict], max_tokens: int, batch_
 
 def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, temps=(0.0, 0.7),
              seed=0, limit=None, system=None, resume=False, force=False, pack_into=None, new=None,
-             cache_into=None, features=None, top_n=256, seq_len=512, deadline=None, loaded=None) -> Path:
+             cache_into=None, features=None, top_n=256, seq_len=512, deadline=None, min_answers=0,
+             loaded=None) -> Path:
     """Answer the prompts into OUT/data.jsonl.  With `pack_into` (a token data
     set, `dataset.py`): skip what the data set already holds, answer at most
     `new` more, then add them to it as one chunk and remove the work file.
     With `cache_into` (the trainer's --cache-dir) as well: keep the backbone's
     outputs while generating (`capture.py`) and write the new chunk's training
-    cache from them, so its tokens never take a second backbone pass."""
+    cache from them, so its tokens never take a second backbone pass.
+    `deadline` (a time.time()): stop there once `min_answers` are done, the
+    answers under way ending where they are (kept and packed: a prefix of an
+    answer is as good a training text); `loaded`: the model and tokenizer."""
     from tqdm import tqdm
 
     from .dataset import answered, job_id
@@ -107,27 +121,30 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
     if pack_into and new is not None:  # answers kept from an interrupted run count toward --new
         todo = todo[: max(new - len(in_work), 0)]
     n_tokens, tic, cpu0 = 0, time.perf_counter(), time.process_time()
+    n_done = len(in_work)
+
+    def stop() -> bool:
+        return deadline is not None and time.time() >= deadline and n_done >= min_answers
+
     with open(target, "a") as f, tqdm(total=len(todo), desc="gen-data", unit="answer") as bar:
         for t in temps:
             group = [j for j in todo if j["temp"] == t]
-            if not group or (deadline is not None and time.time() >= deadline):
+            if not group or stop():
                 continue
             if capture_dir is not None:
                 capture_dir.mkdir(parents=True, exist_ok=True)
                 answers = _captured(capture.generate_captured(
                     model, tokenizer, group, max_tokens=max_tokens, batch_size=batch_size, temp=t, seed=seed,
-                    features=features, top_n=top_n), capture_dir)
+                    features=features, top_n=top_n, stop=stop), capture_dir)
             else:
-                answers = generate_answers(model, tokenizer, group, max_tokens, batch_size, t, seed)
+                answers = generate_answers(model, tokenizer, group, max_tokens, batch_size, t, seed, stop)
             for rec in answers:
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 n_tokens += len(rec["completion_tokens"])
+                n_done += 1
                 bar.update(1)
                 bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - tic):.1f}")
-                if deadline is not None and time.time() >= deadline:
-                    answers.close()  # the answers under way are dropped
-                    break
     elapsed = time.perf_counter() - tic
     print(f"[mlx_mtpd] {len(todo)} answers, {n_tokens} tokens in {elapsed:.0f} s "
           f"({n_tokens / max(elapsed, 1e-9):.1f} tokens/s) -> {target}", file=sys.stderr)
