@@ -3,11 +3,17 @@
 Endpoints as `mlx_lm.server`: POST /v1/chat/completions and /v1/completions
 (streaming with server-sent events, or not), GET /v1/models and /health.  The
 acceptance statistics of each answer are in its `usage.mtp`.  One model, one
-worker: requests are served one at a time in arrival order, so the caches are
-never shared by two generations; the worker keeps the caches of the last
-request, so a client that resends a conversation with one more turn pays only
-for the new tokens.  A client that disconnects mid-stream stops its generation.
-Binds 127.0.0.1 unless told otherwise.
+worker thread.  A request alone is served by the speculative loop (heads,
+lookup), keeping its caches for the next turn of the conversation.  When more
+requests come, they decode together in a running batch (mlx-lm's
+BatchGenerator, `batching.py`): the answer under way moves into it (its
+prompt and the tokens already sent are prefilled; it goes on exactly as it
+would have), requests join and leave between steps, and recent
+conversations' caches are kept, so a client resending its conversation pays
+only for the new tokens even when others came in between.  Requests beyond
+--max-batch wait in arrival order; beyond --max-queue they get 429 with
+Retry-After.  A client that disconnects stops its generation.  Binds
+127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -124,85 +130,217 @@ class Job:
         self.kind, self.req = kind, req
         self.events: "queue.Queue" = queue.Queue()
         self.cancelled = threading.Event()
+        self.arrived = time.perf_counter()
+
+
+class TextSink:
+    """One answer's text as its client sees it: a stop string ends it, and the end
+    of the text is held back while it could still become one."""
+
+    def __init__(self, job: Job):
+        self.job, self.text, self.sent = job, "", 0
+        self.stops = job.req["stop"]
+        self.hold = max((len(x) for x in self.stops), default=1) - 1
+        self.finish: Optional[str] = None
+
+    def add(self, piece: str, final: bool = False) -> bool:
+        """Append a piece of text; True when a stop string ended the answer."""
+        self.text += piece
+        hit = min((i for i in (self.text.find(x) for x in self.stops) if i >= 0), default=-1)
+        if hit >= 0:
+            self.text, self.finish = self.text[:hit], "stop"
+            self._send(len(self.text))
+            return True
+        self._send(len(self.text) if final else len(self.text) - self.hold)
+        return False
+
+    def _send(self, upto: int) -> None:
+        if upto > self.sent:
+            self.job.events.put(("text", self.text[self.sent:upto]))
+            self.sent = upto
+
+    def close(self, finish: str, usage: Dict[str, Any]) -> None:
+        self._send(len(self.text))
+        self.job.events.put(("done", self.text, self.finish or finish, usage))
+
+
+def _mtp_usage(st, tps: float, batched: int = 0) -> Dict[str, Any]:
+    return {
+        "mean_accepted_length": st.mean_accepted_length if st else 1.0,
+        "acceptance_rates": st.acceptance_rates if st else [],
+        "acceptance_by_position": st.cumulative_acceptance if st else [],
+        "backbone_forwards": ((st.forwards + 1) if st else 0) + batched,
+        "steps_by_source": dict(st.sources) | ({"batch": batched} if batched else {}) if st
+        else ({"batch": batched} if batched else {}),
+        "num_draft": st.num_draft if st else 0,
+        "generation_tps": tps,
+    }
 
 
 class Worker:
     """The one thread that touches the model (the main thread, where MLX's
-    streams and the model live): jobs in arrival order."""
+    streams and the model live).  Jobs in arrival order: one alone through the
+    speculative loop, several together in the running batch (`max_batch` at a
+    time; 0: one at a time, no batch)."""
 
-    def __init__(self, session):
+    def __init__(self, session, max_batch: int = 8, max_queue: int = 64, cache_size: int = 10,
+                 cache_bytes: int = 1 << 30):
+        from .batching import batchable
+
         self.session = session
         self.jobs: "queue.Queue[Job]" = queue.Queue()
         self.served = 0
+        self.max_queue = max_queue
+        self.max_batch = max_batch if max_batch > 1 and session.cluster is None and \
+            batchable(session.model, session.kv) else 0
+        self.cache_size, self.cache_bytes = cache_size, cache_bytes
+        self.batch = None  # made on first need
+        self.waiting: "list[Job]" = []  # taken from the queue, waiting for room in the batch or for it to drain
+        self.busy = False  # a request under way (alone or in the batch)
+
+    def queued(self) -> int:
+        return self.jobs.qsize() + len(self.waiting)
+
+    def running(self) -> int:
+        return len(self.batch) if self.batch is not None else int(self.busy)
+
+    def _batches(self, job: Job) -> bool:
+        """Whether `job` may decode in the batch (a seeded request is served alone:
+        its random numbers are its own)."""
+        return self.max_batch > 0 and job.req["seed"] is None
+
+    def _next(self, block: bool) -> Optional[Job]:
+        if self.waiting:
+            return self.waiting.pop(0)
+        try:
+            job = self.jobs.get(block=block)
+        except queue.Empty:
+            return None
+        return None if job.cancelled.is_set() else job
 
     def run(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job.cancelled.is_set():
+            if self.batch is not None and len(self.batch):
+                self._admit()
+                try:
+                    self.batch.step(self._row_done)
+                except Exception as e:  # every request in the batch learns what broke; serving goes on
+                    err = f"{type(e).__name__}: {e}"
+                    self.batch.fail(lambda row, _, err=err: row.job.events.put(("error", 500, err)))
                 continue
-            try:
-                self._serve(job)
-            except BadRequest as e:
-                job.events.put(("error", e.status, str(e)))
-            except MTPDError as e:
-                job.events.put(("error", 400, str(e)))
-            except Exception as e:  # keep serving; the client learns what broke
-                job.events.put(("error", 500, f"{type(e).__name__}: {e}"))
-                from .distributed import is_link_error
+            job = self._next(block=True)
+            if job is None:
+                continue
+            others = self.jobs.qsize() + len(self.waiting)
+            if self._batches(job) and others:
+                self._guard(job, lambda j: self._join(j, self._encode(j)))
+            else:
+                self._guard(job, self._serve)
 
-                if is_link_error(e):  # another rank is gone: so is this server
-                    raise
-            finally:
-                self.served += 1
+    def _guard(self, job: Job, fn) -> None:
+        self.busy = True
+        try:
+            fn(job)
+        except BadRequest as e:
+            job.events.put(("error", e.status, str(e)))
+        except MTPDError as e:
+            job.events.put(("error", 400, str(e)))
+        except Exception as e:  # keep serving; the client learns what broke
+            job.events.put(("error", 500, f"{type(e).__name__}: {e}"))
+            from .distributed import is_link_error
 
-    def _serve(self, job: Job) -> None:
+            if is_link_error(e):  # another rank is gone: so is this server
+                raise
+        finally:
+            self.busy = False
+
+    def _admit(self) -> None:
+        """Queued requests join the batch while it has room, in arrival order; a
+        request that cannot batch waits until the batch has drained."""
+        while not self.batch.full():
+            job = self._next(block=False)
+            if job is None:
+                return
+            if not self._batches(job):
+                self.waiting.insert(0, job)
+                return
+            self._guard(job, lambda j: self._join(j, self._encode(j)))
+
+    def _encode(self, job: Job):
         s, req = self.session, job.req
-        tok = s.tokenizer
-        if job.kind == "chat":
-            ids = s.encode_messages(req["messages"])
-        else:
-            ids = tok.encode(req["prompt"])
+        ids = s.encode_messages(req["messages"]) if job.kind == "chat" else s.tokenizer.encode(req["prompt"])
         if s.max_context is not None and len(ids) >= s.max_context:
             raise BadRequest(f"the prompt is {len(ids)} tokens and the context holds {s.max_context}: shorten it")
-        stops = req["stop"]
-        hold = max((len(x) for x in stops), default=1) - 1
-        text, sent = "", 0
-        finish, last = None, None
-        for r in s.stream(ids, max_tokens=req["max_tokens"], should_stop=job.cancelled.is_set, seed=req["seed"],
+        return ids
+
+    def _join(self, job: Job, ids, sink: Optional[TextSink] = None, answer=(), first=None) -> None:
+        from .batching import Batch
+
+        s, req = self.session, job.req
+        if self.batch is None:
+            self.batch = Batch(s.model, s.tokenizer, self.max_batch, self.cache_size, self.cache_bytes)
+        max_tokens = req["max_tokens"]
+        if s.max_context is not None:
+            max_tokens = min(max_tokens, s.max_context - len(ids))
+        self.batch.add(job, sink or TextSink(job), ids, max_tokens, req, answer,
+                       extra={"first": first, "tic": time.perf_counter()})
+
+    def _row_done(self, row, finish: str) -> None:
+        self.served += 1
+        if finish == "interrupted":
+            return
+        first = row.extra.get("first")  # the part decoded alone before the hand-over
+        st = first["stats"] if first else None
+        batched = row.generated - (first["tokens"] if first else 0)
+        seconds = time.perf_counter() - row.extra["tic"] + (first["seconds"] if first else 0.0)
+        usage = {
+            "prompt_tokens": row.prompt_tokens,
+            "completion_tokens": row.generated,
+            "total_tokens": row.prompt_tokens + row.generated,
+            "prompt_tokens_cached": first["cached"] if first else row.cached,
+            "mtp": _mtp_usage(st, row.generated / max(seconds, 1e-9), batched),
+        }
+        row.sink.close("stop" if finish == "stop" else finish, usage)
+
+    def _serve(self, job: Job) -> None:
+        """A request alone, through the speculative loop; when others arrive and it
+        may batch, it moves into the batch with what it has answered so far."""
+        s, req = self.session, job.req
+        ids = self._encode(job)
+        sink = TextSink(job)
+        batches = self._batches(job)
+
+        def stop() -> bool:
+            return job.cancelled.is_set() or (batches and self.jobs.qsize() > 0)
+
+        finish, last, answer = None, None, []
+        tic = time.perf_counter()
+        for r in s.stream(ids, max_tokens=req["max_tokens"], should_stop=stop, seed=req["seed"],
                           temp=req["temp"], top_p=req["top_p"], top_k=req["top_k"], min_p=req["min_p"]):
             last = r
-            text += r.text
-            hit = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
-            if hit >= 0:
-                text, finish = text[:hit], "stop"
-                job.events.put(("text", text[sent:]))
-                sent = len(text)
+            answer.append(r.token)
+            if sink.add(r.text, final=r.finish_reason is not None):
+                finish = "stop"
                 break
-            safe = len(text) - hold if r.finish_reason is None else len(text)
-            if safe > sent:
-                job.events.put(("text", text[sent:safe]))
-                sent = safe
-        if sent < len(text):
-            job.events.put(("text", text[sent:]))
+        if finish is None and last is not None and last.finish_reason == "interrupted" and not job.cancelled.is_set():
+            if last.token not in s.tokenizer.eos_token_ids and len(answer) < req["max_tokens"]:
+                cached = s.turns[-1].prompt_tokens - s.turns[-1].new_prompt_tokens if s.turns else 0
+                self._join(job, ids, sink, answer, first={
+                    "stats": last.stats, "tokens": len(answer), "seconds": time.perf_counter() - tic,
+                    "cached": cached})
+                return
+        self.served += 1
         if finish is None:
             finish = last.finish_reason if last is not None and last.finish_reason != "interrupted" else "stop"
-        st = last.stats if last is not None else None
         usage = {
             "prompt_tokens": len(ids),
             "completion_tokens": last.generation_tokens if last is not None else 0,
             "total_tokens": len(ids) + (last.generation_tokens if last is not None else 0),
             "prompt_tokens_cached": s.turns[-1].prompt_tokens - s.turns[-1].new_prompt_tokens if s.turns else 0,
-            "mtp": {
-                "mean_accepted_length": st.mean_accepted_length if st else 1.0,
-                "acceptance_rates": st.acceptance_rates if st else [],
-                "acceptance_by_position": st.cumulative_acceptance if st else [],
-                "backbone_forwards": (st.forwards + 1) if st else 0,
-                "steps_by_source": dict(st.sources) if st else {},
-                "num_draft": st.num_draft if st else 0,
-                "generation_tps": last.generation_tps if last is not None else 0.0,
-            },
+            "mtp": _mtp_usage(last.stats if last is not None else None,
+                              last.generation_tps if last is not None else 0.0),
         }
-        job.events.put(("done", text, finish, usage))
+        sink.close(finish, usage)
 
 
 def make_handler(worker: Worker, model_id: str):
@@ -228,7 +366,12 @@ def make_handler(worker: Worker, model_id: str):
 
         def do_GET(self):
             if self.path in ("/health", "/v1/health"):
-                self._json(200, {"status": "ok", "queued": worker.jobs.qsize(), "served": worker.served})
+                kept = worker.batch.cache if worker.batch is not None else None
+                self._json(200, {"status": "ok", "queued": worker.queued(), "running": worker.running(),
+                                 "max_batch": worker.max_batch or 1, "max_queue": worker.max_queue,
+                                 "kept_caches": len(kept) if kept is not None else 0,
+                                 "kept_cache_bytes": kept.nbytes if kept is not None else 0,
+                                 "served": worker.served})
             elif self.path == "/v1/models":
                 self._json(200, {"object": "list", "data": [
                     {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "mlx_mtpd"}]})
@@ -259,6 +402,18 @@ def make_handler(worker: Worker, model_id: str):
                 req = parse_request(body, kind, worker.session.max_context)
             except BadRequest as e:
                 return self._error(e.status, str(e))
+            if worker.queued() >= worker.max_queue:
+                wait = max(1, round(worker.queued() / max(worker.max_batch, 1) * 2))
+                self.send_response(429)
+                data = json.dumps({"error": {"message": f"the server is full ({worker.queued()} requests wait): "
+                                                        f"retry in {wait} s", "type": "rate_limit_error",
+                                             "code": 429}}).encode()
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Retry-After", str(wait))
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
             job = Job(kind, req)
             worker.jobs.put(job)
             if req["stream"]:
@@ -360,6 +515,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=None, help="Context size in tokens (default: the model's).")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     p.add_argument("--quiet", action="store_true", help="No request log lines.")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="Requests decoded together at most (default 8; 1: one at a time); more wait in arrival order.")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="Requests waiting at most (default 64); more get 429 with Retry-After.")
+    p.add_argument("--prompt-cache-size", type=int, default=10,
+                   help="Recent conversations whose caches the batch keeps for their next turn (default 10).")
+    p.add_argument("--prompt-cache-bytes", type=int, default=1 << 30,
+                   help="At most this many bytes of kept caches (default 1 GiB; the oldest go first).")
     p.add_argument("--draft-memory", action="store_true",
                    help="Draft also from earlier requests' answers (off: clients never draft from "
                         "each other's conversations; turn on for one user or trusted clients).")
@@ -369,9 +532,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def serve(session, host: str, port: int, model_id: str, quiet: bool = False):
+def serve(session, host: str, port: int, model_id: str, quiet: bool = False, max_batch: int = 8,
+          max_queue: int = 64, cache_size: int = 10, cache_bytes: int = 1 << 30):
     """Start the HTTP threads; the caller runs `worker.run()` on its own thread."""
-    worker = Worker(session)
+    worker = Worker(session, max_batch, max_queue, cache_size, cache_bytes)
     httpd = ThreadingHTTPServer((host, port), make_handler(worker, model_id))
     httpd.daemon_threads = True
     httpd.quiet = quiet
@@ -399,6 +563,8 @@ def main(argv=None) -> None:
         tree = parse_tree(args.tree)
         if not 0 <= args.port < 65536:
             raise MTPDError(f"--port must be in 0..65535 (got {args.port})")
+        if args.max_batch < 1 or args.max_queue < 1 or args.prompt_cache_size < 0:
+            raise MTPDError("--max-batch and --max-queue must be at least 1, --prompt-cache-size at least 0")
         cluster = distributed.setup(args)
         distributed.seed_all(cluster, None)  # one random state on every rank
         model, tokenizer, heads = distributed.load_for(args, cluster)
@@ -410,14 +576,16 @@ def main(argv=None) -> None:
             return
         model_id = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
         try:
-            httpd, worker = serve(session, args.host, args.port, model_id, args.quiet)
+            httpd, worker = serve(session, args.host, args.port, model_id, args.quiet, args.max_batch,
+                                  args.max_queue, args.prompt_cache_size, args.prompt_cache_bytes)
         except OSError as e:
             raise MTPDError(f"cannot listen on {args.host}:{args.port} ({e.strerror}): pick another --port") from None
         host, port = httpd.server_address[:2]
         heads_note = f"{heads.num_heads} MTP head(s)" if heads is not None else "no MTP heads"
         if cluster is not None:
             heads_note += f", {cluster.size} ranks ({distributed.describe(model)} parallel)"
-        print(f"mlx_mtpd server: {model_id}, {heads_note}, drafting {session.draft}, "
+        batch_note = f"up to {worker.max_batch} requests together" if worker.max_batch else "one request at a time"
+        print(f"mlx_mtpd server: {model_id}, {heads_note}, drafting {session.draft}, {batch_note}, "
               f"listening on http://{host}:{port}", file=sys.stderr, flush=True)
         try:
             worker.run()

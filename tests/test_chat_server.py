@@ -332,3 +332,75 @@ def test_server_concurrent_clients_and_disconnect(server):
     assert time.time() - tic < 60
     _, after = request(server, "GET", "/health")
     assert json.loads(after)["served"] == served_before + 2
+
+
+def _start_server(*args):
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_mtpd", "server", "--port", "0", "--quiet", *map(str, args)],
+                            cwd=str(ROOT), env=dict(os.environ), stderr=subprocess.PIPE, text=True)
+    lines = []
+    while True:
+        line = proc.stderr.readline()
+        lines.append(line)
+        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+        if m:
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, int(m.group(1)), "".join(lines)
+        assert proc.poll() is None, "".join(lines)
+
+
+def _ask_all(port, bodies):
+    """POST every body at once (a thread each); returns [(status, headers, json)] in order."""
+    out = [None] * len(bodies)
+
+    def ask(i):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(bodies[i]).encode(),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        out[i] = (resp.status, dict(resp.getheaders()), json.loads(resp.read() or b"null"))
+        conn.close()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)  # in this order
+    for t in threads:
+        t.join(timeout=900)
+    return out
+
+
+def test_server_batch_bounds_and_prefix_reuse_across_clients(smol_path):
+    """--max-batch 2 --max-queue 2: six requests at once: two decode together, two
+    wait, two get 429 with Retry-After; no 5xx; /health shows the batch.  Then two
+    clients' second turns, sent while a third request decodes: both continue from
+    their own first turn's cache, though the other client came in between."""
+    proc, port, banner = _start_server("--max-batch", "2", "--max-queue", "2")
+    try:
+        assert "up to 2 requests together" in banner
+        qs = ["Name a red fruit.", "Name a blue bird.", "Name a green vegetable.", "Name a yellow flower.",
+              "Name a white animal.", "Name a black stone."]
+        got = _ask_all(port, [chat_body(q, max_tokens=40) for q in qs])
+        statuses = [g[0] for g in got]
+        assert statuses.count(429) >= 1 and statuses.count(200) >= 3 and set(statuses) <= {200, 429}, statuses
+        assert all(int(h["Retry-After"]) >= 1 for st, h, _ in got if st == 429)
+        _, health = request(port, "GET", "/health")
+        health = json.loads(health)
+        assert health["max_batch"] == 2 and health["max_queue"] == 2 and health["queued"] == 0
+        # two conversations, a second turn each, while a long third request keeps the batch busy
+        convs = []
+        firsts = _ask_all(port, [chat_body(q, max_tokens=30) for q in ("Tell me about owls.", "Tell me about tea.")])
+        for (st, _, res), q in zip(firsts, ("Tell me about owls.", "Tell me about tea.")):
+            assert st == 200
+            convs.append([{"role": "user", "content": q},
+                          {"role": "assistant", "content": res["choices"][0]["message"]["content"]},
+                          {"role": "user", "content": "And in one more sentence?"}])
+        bodies = [chat_body("Count slowly from one to forty in words.", max_tokens=120)]
+        bodies += [{"model": "x", "messages": m, "max_tokens": 20} for m in convs]
+        got = _ask_all(port, bodies)
+        assert all(g[0] == 200 for g in got), got
+        for _, _, res in got[1:]:
+            usage = res["usage"]
+            assert usage["prompt_tokens_cached"] >= 0.6 * usage["prompt_tokens"], usage
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -519,3 +519,14 @@ def test_fused_heads_start_as_the_plain_head_train_and_export_the_best(tiny_ckpt
 
     r = _train(tiny_ckpt, tmp_path / "bad", "--steps", 1, "--features", "1")  # 2 layers: only layer 0
     assert r.returncode == 1 and "features [1]" in r.stderr and r.stderr.count("\n") <= 2, r.stderr
+
+
+def test_hidden_states_beyond_float16_are_cached_finite():
+    """Gemma's residual stream reaches 10^5: the cache keeps such a state in bfloat16
+    (float16 would store inf, and training would meet NaN); others stay float16."""
+    from mlx_mtpd.training.data_cache import half
+
+    big = half(mx.array([[1.5e5, -3.0, 0.25]]))
+    assert big.dtype == mx.bfloat16 and bool(mx.isfinite(big).all())
+    assert abs(big[0, 0].item() - 1.5e5) / 1.5e5 < 0.01
+    assert half(mx.array([[60000.0, 1.0]])).dtype == mx.float16

@@ -40,7 +40,8 @@ def generate_captured(model, tokenizer, jobs: List[dict], *, max_tokens: int, ba
                       ) -> Iterator[Tuple[dict, Dict[str, np.ndarray]]]:
     """Yield (gen-data record, captured arrays) per finished answer.  The arrays
     cover the record's sequence (prompt + answer, + the end token if it stopped):
-    `hidden` (L, W) float16, `top_ids` (L, N) int32, `top_logits` (L, N) float16.
+    `hidden` (L, W) float16 (float32 where a value is beyond its range), `top_ids` (L, N)
+    int32, `top_logits` (L, N) float16.
     Continuous batching: finished rows leave the batch, and new prompts are
     prefilled and join it once a quarter of it is free.  When `stop()` turns
     true, the answers under way end there (finish_reason "length": a prefix of
@@ -76,7 +77,7 @@ def generate_captured(model, tokenizer, jobs: List[dict], *, max_tokens: int, ba
             y_new = sample(logits[:, -1])
             mx.eval(y_new, ids, vals, hidden)
             for r, (p, i) in enumerate(zip(pad, new)):
-                live.append([i, [], [(np.array(hidden[r, p:].astype(mx.float16)), np.array(ids[r, p:]),
+                live.append([i, [], [(_half(hidden[r, p:]), np.array(ids[r, p:]),
                                       np.array(vals[r, p:]))]])
             if cache is None:
                 cache, y = fresh, y_new
@@ -111,9 +112,16 @@ def generate_captured(model, tokenizer, jobs: List[dict], *, max_tokens: int, ba
         ids, vals = _top_n(logits, top_n)
         y = sample(logits)
         mx.eval(y, ids, vals, hidden)
-        h, i_np, v_np = np.array(hidden[:, 0].astype(mx.float16)), np.array(ids), np.array(vals)
+        h, i_np, v_np = _half(hidden[:, 0]), np.array(ids), np.array(vals)
         for slot, row in enumerate(live):
             row[2].append((h[slot : slot + 1], i_np[slot : slot + 1], v_np[slot : slot + 1]))
+
+
+def _half(x: mx.array) -> np.ndarray:
+    """float16, or float32 where a value is beyond float16's range (numpy has no bfloat16)."""
+    from .data_cache import HALF_MAX
+
+    return np.array(x.astype(mx.float16 if mx.abs(x).max().item() < HALF_MAX else mx.float32))
 
 
 def _finish(job, prompt, answer, chunks, tokenizer, eos, top_n):

@@ -2,7 +2,7 @@
 outputs on them cached to disk.
 
 The backbone runs once per sequence, without gradients.  What is cached per
-token is its hidden state (float16, what depth 1 takes) and the teacher's top-N
+token is its hidden state (float16, or bfloat16 beyond its range; what depth 1 takes) and the teacher's top-N
 token ids and logits (what the MTP-D loss needs); nothing of the size of the
 vocabulary.  Shards are streamed back, so memory stays bounded for any dataset.
 """
@@ -24,6 +24,8 @@ from ..files import atomic_dir
 
 CACHE_INDEX = "index.json"
 MAX_CACHED_TOP_N = 1024  # above this the teacher is recomputed from the hidden state
+HALF_MAX = 65000.0  # float16's largest finite value is 65504
+LOGITS_BUDGET = 1 << 27  # logits a cache-preparing forward holds at most (512 MB in float32)
 
 
 class TokenSeq(list):
@@ -135,6 +137,12 @@ def _add_sequence(ids, prompt_len, seq_len, seqs, counts, key=None) -> None:
         counts["records"] += 1
 
 
+def half(x: mx.array) -> mx.array:
+    """16 bits a value: float16, or bfloat16 where a value is beyond float16's range
+    (Gemma's residual stream reaches 10^5: float16 would store inf)."""
+    return x.astype(mx.float16) if mx.abs(x).max().item() < HALF_MAX else x.astype(mx.bfloat16)
+
+
 def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_size: int = 4,
                   shard_size: int = 64, force: bool = False, desc: str = "backbone",
                   signature: Optional[dict] = None, features: Optional[List[int]] = None,
@@ -174,7 +182,7 @@ def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_
             key = f"{n_seq:07d}"
             shard[f"{key}.tokens"] = mx.array(seq, dtype=mx.int32)
             shard[f"{key}.prompt_len"] = mx.array([getattr(seq, "prompt_len", 0)], dtype=mx.int32)
-            shard[f"{key}.hidden"] = hidden.astype(mx.float16)
+            shard[f"{key}.hidden"] = half(hidden)
             if cache_top_n:
                 shard[f"{key}.top_ids"] = ids.astype(mx.int32)
                 shard[f"{key}.top_logits"] = vals.astype(mx.float16)
@@ -193,8 +201,11 @@ def prepare_cache(model, seqs: List[List[int]], out: Path, top_n: int, *, batch_
                 ids, vals = mx.take_along_axis(ids, keep, -1), mx.take_along_axis(vals, keep, -1)
             add(seqs[i], mx.array(c["hidden"][:n]), ids, vals)
             bar.update(n)
-        for b in range(0, len(order), batch_size):
-            idx = order[b : b + batch_size]
+        b = 0
+        while b < len(order):  # fewer sequences a forward where the logits would be large (big vocabularies)
+            longest = len(seqs[order[min(b + batch_size, len(order)) - 1]])  # `order` is by length
+            idx = order[b : b + max(1, min(batch_size, LOGITS_BUDGET // max(longest * vocab, 1)))]
+            b += len(idx)
             L = max(len(seqs[i]) for i in idx)
             toks = np.zeros((len(idx), L), np.int32)
             for r, i in enumerate(idx):

@@ -521,11 +521,20 @@ def distill(opts) -> dict:
             if opts.new is not None:
                 new = opts.new
             else:  # its share of the time; the deadline stops it, the estimate only bounds it
-                seconds = 0.45 * max(clock.left() - reserve, 0)
+                seconds = 0.45 * max(clock.left() - reserve, 0)  # (at most: see `part` below)
                 new = max(int(2 * seconds * ev["tokens_per_s"] / answer_len), 8)
-            clock.phase("2/4 data", f"answering up to {new} prompts of the pool (the backbone's outputs kept)")
+            from . import capture
+
+            kept_outputs = "the backbone's outputs kept" if capture.supported(model) else \
+                "its training cache takes one more pass: this model's caches are not plain KV caches"
+            source = "the pool" if pool else str(opts.prompts)
+            clock.phase("2/4 data", f"answering up to {new} prompts of {source} ({kept_outputs})")
             _write_prompts(work / "train_prompts.jsonl", train_prompts)
-            share = None if budget is None else time.time() + 0.45 * max(clock.left() - reserve, 0)
+
+            # a model whose caches are not plain KV caches is generated without capture: its
+            # training cache then takes one more backbone pass, about as long again
+            part = 0.45 if capture.supported(model) else 0.25
+            share = None if budget is None else time.time() + part * max(clock.left() - reserve, 0)
             gen_data(None, work / "train_prompts.jsonl", work / "gen", max_tokens=opts.max_tokens,
                      batch_size=opts.batch_size, temps=tuple(opts.temps), resume=True, pack_into=data_dir,
                      new=new, cache_into=work / "cache", features=features, top_n=RECIPE["top_n"],

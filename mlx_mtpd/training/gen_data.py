@@ -146,7 +146,9 @@ def gen_data(model_path, prompts_file, out, *, max_tokens=256, batch_size=16, te
                 bar.update(1)
                 bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - tic):.1f}")
     elapsed = time.perf_counter() - tic
-    print(f"[mlx_mtpd] {len(todo)} answers, {n_tokens} tokens in {elapsed:.0f} s "
+    made = n_done - len(in_work)
+    print(f"[mlx_mtpd] {made} answers{f' (of {len(todo)}: the deadline came)' if made < len(todo) else ''}, "
+          f"{n_tokens} tokens in {elapsed:.0f} s "
           f"({n_tokens / max(elapsed, 1e-9):.1f} tokens/s) -> {target}", file=sys.stderr)
     if pack_into:
         entry = _pack(target, Path(pack_into), model, tokenizer, prompts_file, elapsed, time.process_time() - cpu0)

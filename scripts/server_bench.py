@@ -1,0 +1,199 @@
+"""Several clients at once: `mlx_mtpd server` against `mlx_lm.server`, same requests, one run.
+
+    python scripts/server_bench.py --clients 1,2,4,8,16 --json bench/server.json --plot bench/server.png \
+        --readme docs/BENCHMARKS.md
+
+For each server in turn (never both at once: they would share the CPU): start
+it on the default model (OpenBLAS bound first for both, as this project does),
+warm it up, then for each number of clients C send C streams of chat requests
+at once (the chat benchmark's prompts, greedy, answers ending at their
+end-of-sequence token), each client `--requests` of them one after another.
+Reported per C: aggregate completion tokens per second over the level's wall
+time, time to first token and latency p50 / p95, and how many answers equal
+the other server's to the same request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def start(cmd, pattern, env=None):
+    proc = subprocess.Popen(cmd, cwd=str(ROOT), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, **(env or {})))
+    lines = []
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        m = re.search(pattern, line)
+        if m:
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, int(m.group(1))
+        if proc.poll() is not None:
+            break
+    raise SystemExit("server did not start:\n" + "".join(lines[-20:]))
+
+
+def ask(port, prompt, max_tokens):
+    """One streamed chat request: (text, completion tokens, ttft s, latency s, status)."""
+    body = {"model": "default_model", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    tic = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1800)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        resp.read()
+        return "", 0, None, time.perf_counter() - tic, resp.status
+    text, tokens, ttft = "", None, None
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        ev = json.loads(line[6:])
+        if ev.get("usage"):
+            tokens = ev["usage"]["completion_tokens"]
+        for c in ev.get("choices") or []:
+            piece = (c.get("delta") or {}).get("content") or ""
+            if piece and ttft is None:
+                ttft = time.perf_counter() - tic
+            text += piece
+    conn.close()
+    return text, tokens, ttft, time.perf_counter() - tic, 200
+
+
+def level(port, prompts, clients, per_client, max_tokens):
+    results = [[] for _ in range(clients)]
+
+    def client(i):
+        for k in range(per_client):
+            p = prompts[(i * per_client + k) % len(prompts)]
+            results[i].append((p, *ask(port, p, max_tokens)))
+
+    tic = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - tic
+    flat = [r for rs in results for r in rs]
+    ok = [r for r in flat if r[5] == 200]
+    tokens = sum(r[2] or 0 for r in ok)
+    lat = sorted(r[4] for r in ok)
+    ttft = sorted(r[3] for r in ok if r[3] is not None)
+
+    def pct(xs, q):
+        return xs[min(int(q * len(xs)), len(xs) - 1)] if xs else None
+
+    return {"clients": clients, "requests": len(flat), "errors": len(flat) - len(ok), "wall_s": wall,
+            "tokens": tokens, "tokens_per_s": tokens / wall, "ttft_p50": pct(ttft, 0.5),
+            "ttft_p95": pct(ttft, 0.95), "latency_p50": statistics.median(lat) if lat else None,
+            "latency_p95": pct(lat, 0.95), "answers": {r[0]: r[1] for r in ok}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", default="1,2,4,8,16")
+    ap.add_argument("--requests", type=int, default=2, help="Requests per client, one after another.")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-batch", type=int, default=8, help="Both servers' batch bound.")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None)
+    ap.add_argument("--readme", default=None, help="Write the table between markers in this file.")
+    args = ap.parse_args()
+    from mlx_mtpd.prompts import CHAT_PROMPTS, read_prompts
+    from mlx_mtpd.utils import default_model_path
+
+    model = str(default_model_path())
+    prompts = [p for p in read_prompts(CHAT_PROMPTS) if isinstance(p, str)]
+    levels = [int(x) for x in args.clients.split(",")]
+    py = sys.executable
+    servers = {
+        "mlx_lm.server": ([py, "-c", "import mlx_mtpd, sys; from mlx_lm.server import main; sys.argv[0] = "
+                           "'mlx_lm.server'; main()", "--model", model, "--port", "0",
+                           "--decode-concurrency", str(args.max_batch), "--prompt-concurrency",
+                           str(min(args.max_batch, 8))], r"http://[\d.]+:(\d+)"),
+        "mlx_mtpd server": ([py, "-m", "mlx_mtpd", "server", "--port", "0", "--quiet", "--max-batch",
+                             str(args.max_batch), "--max-queue", "256"], r"listening on http://[\d.]+:(\d+)"),
+    }
+    out = {"max_tokens": args.max_tokens, "requests_per_client": args.requests, "max_batch": args.max_batch,
+           "servers": {}}
+    for name, (cmd, pattern) in servers.items():
+        proc, port = start(cmd, pattern)
+        try:
+            ask(port, prompts[0], 8)  # warm-up
+            out["servers"][name] = []
+            for c in levels:
+                r = level(port, prompts, c, args.requests, args.max_tokens)
+                out["servers"][name].append(r)
+                print(f"{name:>16} C={c:<3} {r['tokens_per_s']:6.1f} tok/s  ttft p50 {r['ttft_p50']:.2f} s  "
+                      f"latency p50 {r['latency_p50']:.1f} s p95 {r['latency_p95']:.1f} s  errors {r['errors']}",
+                      flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    base, ours = out["servers"]["mlx_lm.server"], out["servers"]["mlx_mtpd server"]
+    for a, b in zip(base, ours):
+        same = sum(b["answers"].get(p) == t for p, t in a["answers"].items())
+        b["ratio"] = b["tokens_per_s"] / a["tokens_per_s"]
+        b["equal_answers"] = f"{same}/{len(a['answers'])}"
+    rows = ["| clients | mlx_lm.server tok/s | mlx_mtpd server tok/s | ratio | TTFT p50 (lm / mtpd) | "
+            "latency p50 / p95, mlx_mtpd | answers equal |", "|---|---|---|---|---|---|---|"]
+    for a, b in zip(base, ours):
+        rows.append(f"| {b['clients']} | {a['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} | {b['ratio']:.2f}x | "
+                    f"{a['ttft_p50']:.2f} / {b['ttft_p50']:.2f} s | {b['latency_p50']:.1f} / "
+                    f"{b['latency_p95']:.1f} s | {b['equal_answers']} |")
+    table = "\n".join(rows)
+    print(table)
+    for rs in out["servers"].values():
+        for r in rs:
+            r.pop("answers")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for name, rs in out["servers"].items():
+            a1.plot([r["clients"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
+            a2.plot([r["clients"] for r in rs], [r["latency_p50"] for r in rs], "o-", label=name)
+        a1.set(xlabel="concurrent clients", ylabel="aggregate tokens/s", xscale="log", title="throughput")
+        a2.set(xlabel="concurrent clients", ylabel="latency p50 (s)", xscale="log", title="latency")
+        for a in (a1, a2):
+            a.grid(alpha=0.3)
+            a.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+    if args.readme:  # between <!-- bench:server:begin --> and <!-- bench:server:end -->
+        path, begin, end = Path(args.readme), "<!-- bench:server:begin -->", "<!-- bench:server:end -->"
+        text = path.read_text()
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        cmd = "python scripts/server_bench.py " + " ".join(sys.argv[1:])
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(f"{head}{begin}\n`{cmd}`, greedy, {args.max_tokens} tokens at most:\n\n{table}\n{end}{tail}")
+        tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()
