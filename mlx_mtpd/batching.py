@@ -70,7 +70,10 @@ class Batch:
         return len(self.rows)
 
     def full(self) -> bool:
-        return len(self.rows) >= self.max_batch
+        """Room for no more: `max_batch` decoding and as many again waiting inside the
+        generator, which prefills them as rows free (so a freed row is refilled in the
+        same step, as mlx_lm.server does; they keep their arrival order)."""
+        return len(self.rows) >= 2 * self.max_batch
 
     def add(self, job, sink, ids: List[int], max_tokens: int, sampling: Dict[str, Any], answer: List[int] = (),
             extra: Optional[Dict[str, Any]] = None) -> Row:

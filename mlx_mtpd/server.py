@@ -199,10 +199,14 @@ class Worker:
         self.busy = False  # a request under way (alone or in the batch)
 
     def queued(self) -> int:
-        return self.jobs.qsize() + len(self.waiting)
+        """Requests waiting: in the queue, and in the batch beyond --max-batch (the
+        generator holds them, prefilled as rows free)."""
+        extra = max(len(self.batch) - self.max_batch, 0) if self.batch is not None else 0
+        return self.jobs.qsize() + len(self.waiting) + extra
 
     def running(self) -> int:
-        return len(self.batch) if self.batch is not None else int(self.busy)
+        return min(len(self.batch), self.max_batch) if self.batch is not None and len(self.batch) \
+            else int(self.busy)
 
     def _batches(self, job: Job) -> bool:
         """Whether `job` may decode in the batch (a seeded request is served alone:

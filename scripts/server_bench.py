@@ -31,6 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def start(cmd, pattern, env=None):
     proc = subprocess.Popen(cmd, cwd=str(ROOT), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, **(env or {})))
@@ -42,7 +50,14 @@ def start(cmd, pattern, env=None):
         m = re.search(pattern, line)
         if m:
             threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, int(m.group(1))
+            port = int(m.group(1))
+            for _ in range(100):  # mlx_lm.server says so just before it listens
+                try:
+                    http.client.HTTPConnection("127.0.0.1", port, timeout=5).request("GET", "/health")
+                    return proc, port
+                except OSError:
+                    time.sleep(0.1)
+            return proc, port
         if proc.poll() is not None:
             break
     raise SystemExit("server did not start:\n" + "".join(lines[-20:]))
@@ -77,8 +92,24 @@ def ask(port, prompt, max_tokens):
     return text, tokens, ttft, time.perf_counter() - tic, 200
 
 
-def level(port, prompts, clients, per_client, max_tokens):
+def rss_mb(pid) -> float:
+    """The server process's resident memory (MB), from ps (Linux and macOS)."""
+    try:
+        return int(subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True).stdout) / 1024
+    except ValueError:
+        return 0.0
+
+
+def level(port, prompts, clients, per_client, max_tokens, pid):
     results = [[] for _ in range(clients)]
+    peak, running = [0.0], [True]
+
+    def watch():
+        while running[0]:
+            peak[0] = max(peak[0], rss_mb(pid))
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
 
     def client(i):
         for k in range(per_client):
@@ -92,6 +123,7 @@ def level(port, prompts, clients, per_client, max_tokens):
     for t in threads:
         t.join()
     wall = time.perf_counter() - tic
+    running[0] = False
     flat = [r for rs in results for r in rs]
     ok = [r for r in flat if r[5] == 200]
     tokens = sum(r[2] or 0 for r in ok)
@@ -104,7 +136,7 @@ def level(port, prompts, clients, per_client, max_tokens):
     return {"clients": clients, "requests": len(flat), "errors": len(flat) - len(ok), "wall_s": wall,
             "tokens": tokens, "tokens_per_s": tokens / wall, "ttft_p50": pct(ttft, 0.5),
             "ttft_p95": pct(ttft, 0.95), "latency_p50": statistics.median(lat) if lat else None,
-            "latency_p95": pct(lat, 0.95), "answers": {r[0]: r[1] for r in ok}}
+            "latency_p95": pct(lat, 0.95), "peak_rss_mb": peak[0], "answers": {r[0]: r[1] for r in ok}}
 
 
 def main():
@@ -124,11 +156,12 @@ def main():
     prompts = [p for p in read_prompts(CHAT_PROMPTS) if isinstance(p, str)]
     levels = [int(x) for x in args.clients.split(",")]
     py = sys.executable
+    lm_port = free_port()
     servers = {
         "mlx_lm.server": ([py, "-c", "import mlx_mtpd, sys; from mlx_lm.server import main; sys.argv[0] = "
-                           "'mlx_lm.server'; main()", "--model", model, "--port", "0",
+                           "'mlx_lm.server'; main()", "--model", model, "--port", str(lm_port),
                            "--decode-concurrency", str(args.max_batch), "--prompt-concurrency",
-                           str(min(args.max_batch, 8))], r"http://[\d.]+:(\d+)"),
+                           str(min(args.max_batch, 8))], r"Starting httpd at [\d.]+ on port (\d+)"),
         "mlx_mtpd server": ([py, "-m", "mlx_mtpd", "server", "--port", "0", "--quiet", "--max-batch",
                              str(args.max_batch), "--max-queue", "256"], r"listening on http://[\d.]+:(\d+)"),
     }
@@ -140,10 +173,11 @@ def main():
             ask(port, prompts[0], 8)  # warm-up
             out["servers"][name] = []
             for c in levels:
-                r = level(port, prompts, c, args.requests, args.max_tokens)
+                r = level(port, prompts, c, args.requests, args.max_tokens, proc.pid)
                 out["servers"][name].append(r)
                 print(f"{name:>16} C={c:<3} {r['tokens_per_s']:6.1f} tok/s  ttft p50 {r['ttft_p50']:.2f} s  "
-                      f"latency p50 {r['latency_p50']:.1f} s p95 {r['latency_p95']:.1f} s  errors {r['errors']}",
+                      f"latency p50 {r['latency_p50']:.1f} s p95 {r['latency_p95']:.1f} s  errors {r['errors']}  "
+                      f"peak RSS {r['peak_rss_mb']:.0f} MB",
                       flush=True)
         finally:
             proc.terminate()
@@ -154,11 +188,13 @@ def main():
         b["ratio"] = b["tokens_per_s"] / a["tokens_per_s"]
         b["equal_answers"] = f"{same}/{len(a['answers'])}"
     rows = ["| clients | mlx_lm.server tok/s | mlx_mtpd server tok/s | ratio | TTFT p50 (lm / mtpd) | "
-            "latency p50 / p95, mlx_mtpd | answers equal |", "|---|---|---|---|---|---|---|"]
+            "latency p50 / p95 (lm / mtpd) | errors | peak RSS (lm / mtpd) | answers equal |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for a, b in zip(base, ours):
         rows.append(f"| {b['clients']} | {a['tokens_per_s']:.1f} | {b['tokens_per_s']:.1f} | {b['ratio']:.2f}x | "
-                    f"{a['ttft_p50']:.2f} / {b['ttft_p50']:.2f} s | {b['latency_p50']:.1f} / "
-                    f"{b['latency_p95']:.1f} s | {b['equal_answers']} |")
+                    f"{a['ttft_p50']:.2f} / {b['ttft_p50']:.2f} s | {a['latency_p50']:.1f} / {a['latency_p95']:.1f}, "
+                    f"{b['latency_p50']:.1f} / {b['latency_p95']:.1f} s | {a['errors']} / {b['errors']} | "
+                    f"{a['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f} MB | {b['equal_answers']} |")
     table = "\n".join(rows)
     print(table)
     for rs in out["servers"].values():

@@ -514,6 +514,15 @@ def distill(opts) -> dict:
                               "mean_answer": toks / max(len(recs), 1)}
             state.save()
         ev = phases["eval"]
+        if "cache_tokens_per_s" not in ev:  # the held-out cache training needs, made now: its speed is known
+            from .data_cache import caches_for
+
+            tic = time.perf_counter()
+            cache = caches_for(model, tok, [str(eval_dir)], work / "cache" / "eval", seq_len=512,
+                               top_n=min(RECIPE["top_n"], fp["vocab_size"]), features=features,
+                               backbone=Backbone(model, features), name="eval")
+            ev["cache_tokens_per_s"] = cache["tokens"] / max(time.perf_counter() - tic, 1e-9)
+            state.save()
         answer_len = max(ev["mean_answer"], 8.0)
         reserve = verdict_cost(n_bench) * (min(opts.bench_tokens, answer_len) / bench_len)
         # 2. data
@@ -532,8 +541,9 @@ def distill(opts) -> dict:
             _write_prompts(work / "train_prompts.jsonl", train_prompts)
 
             # a model whose caches are not plain KV caches is generated without capture: its
-            # training cache then takes one more backbone pass, about as long again
-            part = 0.45 if capture.supported(model) else 0.25
+            # training cache then takes one more backbone pass, at the speed the held-out one took
+            g, c = ev["tokens_per_s"], ev["cache_tokens_per_s"]
+            part = 0.45 if capture.supported(model) else 0.45 * c / (c + g)
             share = None if budget is None else time.time() + part * max(clock.left() - reserve, 0)
             gen_data(None, work / "train_prompts.jsonl", work / "gen", max_tokens=opts.max_tokens,
                      batch_size=opts.batch_size, temps=tuple(opts.temps), resume=True, pack_into=data_dir,
