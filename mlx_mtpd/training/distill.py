@@ -302,6 +302,17 @@ def _verdict(report: dict, out: Path) -> str:
     return f"does not pay yet on this device: {speeds}; {report['curve']}; {head}"
 
 
+def _save_png(fig, path: Path) -> None:
+    """Write a figure under a temporary name, then rename it into place."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def _plots(report: dict, history: List[dict], folder: Path) -> None:
     import matplotlib
 
@@ -322,10 +333,7 @@ def _plots(report: dict, history: List[dict], folder: Path) -> None:
            title=f"distill round {report['round']}: learning curve")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / f".{CURVE_PNG}.tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(folder / f".{CURVE_PNG}.tmp.png", folder / CURVE_PNG)
+    _save_png(fig, folder / CURVE_PNG)
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for name, part, style in (("before", report.get("before"), "s--"), ("after", report["after"], "o-")):
@@ -351,10 +359,7 @@ def _plots(report: dict, history: List[dict], folder: Path) -> None:
     for a in (a1, a2):
         a.grid(alpha=0.3)
     a1.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / f".{ACCEPTANCE_PNG}.tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(folder / f".{ACCEPTANCE_PNG}.tmp.png", folder / ACCEPTANCE_PNG)
+    _save_png(fig, folder / ACCEPTANCE_PNG)
 
 
 def _copy_heads(src: Path, dest: Path) -> None:
