@@ -35,6 +35,45 @@ def batchable(model, kv=None) -> bool:
     return all(hasattr(c, "merge") for c in make_prompt_cache(model))
 
 
+def kept_caches(size: int = 10, nbytes: int = 1 << 62):
+    """Recent conversations' caches (mlx-lm's LRUPromptCache: bounded in count and bytes)."""
+    from mlx_lm.models.cache import LRUPromptCache
+
+    return LRUPromptCache(max_size=size, max_bytes=nbytes)
+
+
+def plain_caches(caches) -> bool:
+    """Whether these are mlx-lm's plain KV caches, which the kept caches and the batch share."""
+    from mlx_lm.models.cache import KVCache
+
+    return bool(caches) and all(type(c) is KVCache for c in caches)
+
+
+def keep(kept, tokens: List[int], caches) -> None:
+    """A copy of `caches` (holding `tokens`) among the kept ones: the owner goes on
+    changing its own."""
+    import copy
+
+    if tokens and plain_caches(caches):
+        kept.insert_cache(CACHE_KEY, list(tokens), copy.deepcopy(list(caches)))
+
+
+def nearest(kept, ids: List[int]):
+    """(caches, n): the kept caches holding the longest prefix of `ids` (at most all
+    but its last token, so a forward remains), or (None, 0)."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+    cache, rest = kept.fetch_nearest_cache(CACHE_KEY, list(ids))
+    if cache is None:
+        return None, 0
+    if not rest:  # the whole sequence is cached: feed its last token again
+        if not can_trim_prompt_cache(cache):
+            return None, 0
+        trim_prompt_cache(cache, 1)
+        rest = ids[-1:]
+    return cache, len(ids) - len(rest)
+
+
 @dataclass
 class Row:
     """One request in the batch."""
@@ -53,16 +92,14 @@ class Batch:
     has), `step` until it is empty; every finished or cancelled request calls
     `done(row, finish_reason)`."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, cache_size: int = 10,
-                 cache_bytes: int = 1 << 62):
+    def __init__(self, model, tokenizer, max_batch: int = 8, cache=None):
         from mlx_lm.generate import BatchGenerator
-        from mlx_lm.models.cache import LRUPromptCache
 
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         eos = list(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
         self.gen = BatchGenerator(model, stop_tokens=[[t] for t in eos], completion_batch_size=max_batch,
                                   prefill_batch_size=min(max_batch, 8))
-        self.cache = LRUPromptCache(max_size=cache_size, max_bytes=cache_bytes)
+        self.cache = cache if cache is not None else kept_caches()  # shared with the server's other path
         self.rows: Dict[int, Row] = {}
         self.steps = 0
 
@@ -80,18 +117,11 @@ class Batch:
         """Join the batch with the conversation `ids` and the `answer` tokens it
         already has (sent to the client before the hand-over): both are the
         prompt here, and at most `max_tokens` - len(answer) more follow."""
-        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
         from mlx_lm.sample_utils import make_sampler
 
         seq = list(ids) + list(answer)
-        cache, rest = self.cache.fetch_nearest_cache(CACHE_KEY, seq)
-        if cache is not None and not rest:  # the whole sequence is cached: feed its last token again
-            if can_trim_prompt_cache(cache):
-                trim_prompt_cache(cache, 1)
-                rest = seq[-1:]
-            else:
-                cache, rest = None, seq
-        cached = len(seq) - len(rest)
+        cache, cached = nearest(self.cache, seq)
+        rest = seq[cached:]
         sampler = make_sampler(temp=sampling.get("temp", 0.0), top_p=sampling.get("top_p", 0.0),
                                min_p=sampling.get("min_p", 0.0), top_k=sampling.get("top_k", 0))
         (uid,) = self.gen.insert([rest], max_tokens=[max(max_tokens - len(answer), 1)],

@@ -306,7 +306,7 @@ class DraftState:
         self.tree_reason, self.rope_owners = (tree_drafts.tree_support_and_ropes(self.model, self.cache)
                                               if self.max_depth else ("no heads", None))
         self.length = 0  # tokens in the backbone cache
-        self.unknown = 0  # leading positions whose tokens are unknown (a prompt cache file's)
+        self.unknown = 0  # leading positions the heads never saw (an adopted prompt cache's)
         self.depths = DepthCaches(self.max_depth)
         self.tokens: List[int] = []
         self.index = SuffixIndex()
@@ -314,13 +314,15 @@ class DraftState:
         self.hist_pos: List[int] = []  # first position of each chunk
         self.hist_base = 0  # the first position with a hidden state
 
-    def adopt(self, caches: List) -> int:
-        """Start from a prompt cache (mlx-lm's file, `mlx_lm.cache_prompt`):
-        the backbone's caches hold n positions whose tokens are not stored.
-        They stand as UNKNOWN tokens (never matched by the suffix index), and
-        the heads start after them (their own caches hold no entry for them:
-        the heads draft from what follows, the backbone verifies as always).
-        Returns n; a prompt given to the loop is then `[UNKNOWN] * n + ids`."""
+    def adopt(self, caches: List, tokens: Optional[List[int]] = None) -> int:
+        """Start from a prompt cache (mlx-lm's file, `mlx_lm.cache_prompt`, or
+        the server's kept caches of another conversation): the backbone's
+        caches hold n positions.  Their `tokens`, when known, are the context
+        (the suffix index matches them); otherwise they stand as UNKNOWN tokens
+        (never matched) and a prompt given to the loop is `[UNKNOWN] * n + ids`.
+        Either way the heads start after them (their own caches hold no entry
+        for them: the heads draft from what follows, the backbone verifies as
+        always), and a later rewind keeps them or starts afresh.  Returns n."""
         from mlx_lm.models.cache import make_prompt_cache
 
         from mlx_lm.models.cache import RotatingKVCache
@@ -334,8 +336,10 @@ class DraftState:
         self.cache = windowed(list(caches))
         self.restorable = [c for c in self.cache if _restorable(c)]
         n = max(c.offset for c in self.cache)
+        if tokens is not None and len(tokens) != n:
+            raise ValueError(f"{len(tokens)} tokens for caches of {n} positions")
         self.length = self.unknown = n
-        self.set_tokens([UNKNOWN] * n)
+        self.set_tokens(list(tokens) if tokens is not None else [UNKNOWN] * n)
         self.hist_base = n
         self.depths = DepthCaches(self.max_depth, base=n)
         return n

@@ -193,7 +193,13 @@ class Worker:
         self.max_queue = max_queue
         self.max_batch = max_batch if max_batch > 1 and session.cluster is None and \
             batchable(session.model, session.kv) else 0
-        self.cache_size, self.cache_bytes = cache_size, cache_bytes
+        # Recent conversations' caches, shared by both paths: an answer served alone
+        # leaves a copy, a batch row leaves its own, and either path starts from the
+        # longest kept prefix (none under a cluster: every rank would need the same).
+        from .batching import kept_caches, plain_caches
+
+        self.kept = kept_caches(cache_size, cache_bytes) if session.cluster is None and cache_size > 0 and \
+            plain_caches(session.state.cache) else None
         self.batch = None  # made on first need
         self.waiting: "list[Job]" = []  # taken from the queue, waiting for room in the batch or for it to drain
         self.busy = False  # a request under way (alone or in the batch)
@@ -282,7 +288,7 @@ class Worker:
 
         s, req = self.session, job.req
         if self.batch is None:
-            self.batch = Batch(s.model, s.tokenizer, self.max_batch, self.cache_size, self.cache_bytes)
+            self.batch = Batch(s.model, s.tokenizer, self.max_batch, self.kept)
         max_tokens = req["max_tokens"]
         if s.max_context is not None:
             max_tokens = min(max_tokens, s.max_context - len(ids))
@@ -306,6 +312,28 @@ class Worker:
         }
         row.sink.close("stop" if finish == "stop" else finish, usage)
 
+    def _resume(self, ids) -> None:
+        """Before an answer served alone: when the kept caches hold a longer prefix of
+        `ids` than the session's own (another conversation came between), start from
+        them (the heads catch up from there)."""
+        st = self.session.state
+        if self.kept is None:
+            return
+        from .batching import nearest
+
+        cache, n = nearest(self.kept, ids)
+        if cache is not None and n > st.common_prefix(ids):
+            st.adopt(cache, ids[:n])
+
+    def _keep(self) -> None:
+        """After an answer served alone (or moved into the batch): a copy of the
+        session's caches joins the kept ones, for this conversation's next turn."""
+        st = self.session.state
+        if self.kept is not None:
+            from .batching import keep
+
+            keep(self.kept, st.tokens[:st.length], st.cache)
+
     def _serve(self, job: Job) -> None:
         """A request alone, through the speculative loop; when others arrive and it
         may batch, it moves into the batch with what it has answered so far."""
@@ -319,6 +347,7 @@ class Worker:
 
         finish, last, answer = None, None, []
         tic = time.perf_counter()
+        self._resume(ids)
         for r in s.stream(ids, max_tokens=req["max_tokens"], should_stop=stop, seed=req["seed"],
                           temp=req["temp"], top_p=req["top_p"], top_k=req["top_k"], min_p=req["min_p"]):
             last = r
@@ -327,6 +356,7 @@ class Worker:
                 finish = "stop"
                 break
         if finish is None and last is not None and last.finish_reason == "interrupted" and not job.cancelled.is_set():
+            self._keep()
             if last.token not in s.tokenizer.eos_token_ids and len(answer) < req["max_tokens"]:
                 cached = s.turns[-1].prompt_tokens - s.turns[-1].new_prompt_tokens if s.turns else 0
                 self._join(job, ids, sink, answer, first={
@@ -334,6 +364,7 @@ class Worker:
                     "cached": cached})
                 return
         self.served += 1
+        self._keep()
         if finish is None:
             finish = last.finish_reason if last is not None and last.finish_reason != "interrupted" else "stop"
         usage = {
@@ -370,7 +401,7 @@ def make_handler(worker: Worker, model_id: str):
 
         def do_GET(self):
             if self.path in ("/health", "/v1/health"):
-                kept = worker.batch.cache if worker.batch is not None else None
+                kept = worker.kept
                 self._json(200, {"status": "ok", "queued": worker.queued(), "running": worker.running(),
                                  "max_batch": worker.max_batch or 1, "max_queue": worker.max_queue,
                                  "kept_caches": len(kept) if kept is not None else 0,

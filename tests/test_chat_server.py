@@ -401,6 +401,19 @@ def test_server_batch_bounds_and_prefix_reuse_across_clients(smol_path):
         for _, _, res in got[1:]:
             usage = res["usage"]
             assert usage["prompt_tokens_cached"] >= 0.6 * usage["prompt_tokens"], usage
+        # one request at a time (each served alone by the speculative loop): A, B, then A's
+        # second turn starts from A's kept caches (B came between)
+        a = [{"role": "user", "content": "Describe a lighthouse."}]
+        _, res = request(port, "POST", "/v1/chat/completions", {"messages": a, "max_tokens": 24})
+        first = json.loads(res)
+        request(port, "POST", "/v1/chat/completions", chat_body("Describe a windmill."))
+        a += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+              {"role": "user", "content": "Who works there?"}]
+        _, res = request(port, "POST", "/v1/chat/completions", {"messages": a, "max_tokens": 24})
+        second = json.loads(res)
+        assert second["usage"]["prompt_tokens_cached"] >= first["usage"]["prompt_tokens"], second["usage"]
+        _, health = request(port, "GET", "/health")
+        assert json.loads(health)["kept_caches"] >= 2
     finally:
         proc.terminate()
         proc.wait(timeout=30)
