@@ -164,17 +164,26 @@ class TextSink:
         self.job.events.put(("done", self.text, self.finish or finish, usage))
 
 
-def _mtp_usage(st, tps: float, batched: int = 0) -> Dict[str, Any]:
-    return {
+def _mtp_usage(st, tps: float, batched: int = 0, in_batch: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+    """`batched`: tokens decoded in the running batch; `in_batch`: its drafting steps there
+    (steps, drafted, accepted tokens), when it drafted."""
+    in_batch = in_batch or {}
+    forwards = batched - in_batch.get("accepted", 0)  # a batch step: one token, or a draft's accepted ones and one
+    steps = {k: v for k, v in (("batch", forwards - in_batch.get("steps", 0)),
+                               ("batch-lookup", in_batch.get("steps", 0))) if v}
+    usage = {
         "mean_accepted_length": st.mean_accepted_length if st else 1.0,
         "acceptance_rates": st.acceptance_rates if st else [],
         "acceptance_by_position": st.cumulative_acceptance if st else [],
-        "backbone_forwards": ((st.forwards + 1) if st else 0) + batched,
-        "steps_by_source": dict(st.sources) | ({"batch": batched} if batched else {}) if st
-        else ({"batch": batched} if batched else {}),
+        "backbone_forwards": ((st.forwards + 1) if st else 0) + forwards,
+        "steps_by_source": (dict(st.sources) if st else {}) | steps,
         "num_draft": st.num_draft if st else 0,
         "generation_tps": tps,
     }
+    if in_batch:
+        usage["batch_lookup"] = {"steps": in_batch["steps"], "drafted": in_batch["drafted"],
+                                 "accepted": in_batch["accepted"]}
+    return usage
 
 
 class Worker:
@@ -288,7 +297,9 @@ class Worker:
 
         s, req = self.session, job.req
         if self.batch is None:
-            self.batch = Batch(s.model, s.tokenizer, self.max_batch, self.kept)
+            # rows draft from their own conversations unless drafting is off or heads only
+            draft = s.num_draft not in (0, "0") and s.planner.uses_lookup
+            self.batch = Batch(s.model, s.tokenizer, self.max_batch, self.kept, draft=draft)
         max_tokens = req["max_tokens"]
         if s.max_context is not None:
             max_tokens = min(max_tokens, s.max_context - len(ids))
@@ -308,7 +319,7 @@ class Worker:
             "completion_tokens": row.generated,
             "total_tokens": row.prompt_tokens + row.generated,
             "prompt_tokens_cached": first["cached"] if first else row.cached,
-            "mtp": _mtp_usage(st, row.generated / max(seconds, 1e-9), batched),
+            "mtp": _mtp_usage(st, row.generated / max(seconds, 1e-9), batched, row.extra.get("lookup")),
         }
         row.sink.close("stop" if finish == "stop" else finish, usage)
 

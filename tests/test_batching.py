@@ -1,0 +1,210 @@
+"""Drafting inside the server's running batch (mlx_mtpd.batching): rows of different
+draft lengths verified in one forward, each row's rejections rolled back on its own;
+greedy output equal to the plain batch's and to each request decoded alone, sampled
+output distributed as the backbone's."""
+
+from __future__ import annotations
+
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import greedy_tokens, tiny_model
+from mlx_mtpd.batching import Batch, BatchDrafter
+
+
+class Job:
+    def __init__(self):
+        self.cancelled = threading.Event()
+        self.prompt, self.i = None, None
+
+
+class Sink:
+    def __init__(self):
+        self.text = ""
+
+    def add(self, piece, final=False):
+        self.text += piece
+        return False
+
+
+class Detok:
+    def __init__(self):
+        self.tokens = []
+
+    def add_token(self, t):
+        self.tokens.append(int(t))
+
+    def finalize(self):
+        pass
+
+    @property
+    def last_segment(self):
+        return ""
+
+
+class TokenTokenizer:
+    """What the batch needs of a tokenizer, keeping each row's token ids."""
+
+    eos_token_ids = [10_000]  # never produced: rows end at max_tokens
+
+    @property
+    def detokenizer(self):
+        return Detok()
+
+
+def free_verification(drafter: BatchDrafter):
+    """Every verification costs one plain step: a row drafts whenever its text proposes."""
+    drafter._cost = lambda b, n: 1.0
+
+
+def decode(model, prompts, max_tokens, draft, temp=0.0, force=None, oracle=None, max_batch=8, seed=0):
+    """Each prompt's tokens from one batch; the drafter's step counts.  `force`: these
+    drafts at every step; `oracle`: each prompt's true continuation, drafted with
+    random lengths (0-6) and, one time in three, a wrong token somewhere (so rows
+    accept different prefixes, some all of it, some none)."""
+    batch = Batch(model, TokenTokenizer(), max_batch=max_batch, draft=draft)
+    rng = np.random.default_rng(seed)
+    if draft:
+        free_verification(batch.drafter)
+        if force is not None or oracle is not None:
+            batch.drafter.worth_a_look = lambda uids: True
+
+            def plan(uids, ys):
+                if force is not None:
+                    return [list(force) for _ in uids]
+                out = []
+                for uid, y in zip(uids, ys):
+                    job = batch.rows[uid].job
+                    pos = len(batch.drafter.rows[uid]["index"]) - len(job.prompt)
+                    ref = oracle[job.i]
+                    assert ref[pos] == y
+                    d = list(ref[pos + 1: pos + 1 + int(rng.integers(0, 7))])
+                    if d and rng.random() < 1 / 3:
+                        d[int(rng.integers(0, len(d)))] = int(rng.integers(0, 100))
+                    out.append(d)
+                return out if any(out) else None
+
+            batch.drafter.plan = plan
+    rows = []
+    for i, p in enumerate(prompts):
+        job = Job()
+        job.prompt, job.i = p, i
+        n = max_tokens[i] if isinstance(max_tokens, list) else max_tokens
+        rows.append(batch.add(job, Sink(), p, n, {"temp": temp}))
+    while len(batch):
+        batch.step(lambda row, reason: None)
+    return [r.detokenizer.tokens for r in rows], (batch.drafter.steps if draft else None)
+
+
+# repeats, so the rows' own text proposes drafts (of different lengths, at different steps)
+PROMPTS = [
+    [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6],
+    [20, 21, 22, 23, 24, 25, 26, 20, 21, 22],
+    [40, 41, 42, 43],
+    [11, 12, 13, 11, 12, 13, 11, 12, 13, 11, 12, 13, 11],
+    [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 60, 61],
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
+def test_batch_drafting_greedy_equals_plain_batch_and_alone(arch):
+    """Drafts of the true continuation, of random lengths, some with a wrong token:
+    every row's output equals the plain batch's and its decoding alone."""
+    model, _ = tiny_model(arch, vocab_size=128, seed=3)
+    alone = [greedy_tokens(model, p, 40) for p in PROMPTS]
+    plain, _ = decode(model, PROMPTS, 40, draft=False)
+    drafted, steps = decode(model, PROMPTS, 40, draft=True, oracle=alone)
+    assert steps["lookup"] >= 5, steps  # the rows drafted, and often
+    assert plain == alone
+    assert drafted == alone
+
+
+def test_batch_drafting_rows_join_and_finish_mid_draft():
+    """Three rows at a time, six requests of different lengths: rows that end inside
+    an accepted draft (max_tokens) leave with exactly their tokens, and the rows
+    that take their places go on from the rolled-back batch caches."""
+    model, _ = tiny_model("llama", vocab_size=128, seed=4)
+    prompts = PROMPTS + PROMPTS[:1]
+    lengths = [7, 33, 12, 25, 40, 9]
+    alone = [greedy_tokens(model, p, 40) for p in prompts]
+    tokens, steps = decode(model, prompts, lengths, draft=True, oracle=alone, max_batch=3, seed=1)
+    assert steps["lookup"] >= 5
+    assert tokens == [ref[:n] for ref, n in zip(alone, lengths)]
+
+
+def test_batch_drafting_samples_the_backbone_distribution():
+    """T = 1 with forced two-token drafts at every step (accepted and rejected):
+    N = 1200 answers of 3 tokens (150 batches of 8 rows); each position's marginal
+    matches the enumerated one (chi-square)."""
+    from test_engine import _chi2_pvalue, _exact_marginals
+
+    model, _ = tiny_model("llama", vocab_size=24, seed=5)
+    prompt = [3, 9, 4, 17, 3, 9]
+    marg = _exact_marginals(model, prompt, lambda x: x - mx.logsumexp(x, axis=-1, keepdims=True))
+    force = [int(np.argmax(marg[1])), int(np.argmax(marg[2]))]  # often right, often wrong
+    counts = [np.zeros(24) for _ in range(3)]
+    mx.random.seed(11)
+    for _ in range(150):
+        outs, steps = decode(model, [prompt] * 8, 3, draft=True, temp=1.0, force=force)
+        assert steps["lookup"] >= 1
+        for toks in outs:
+            for i, t in enumerate(toks):
+                counts[i][t] += 1
+    for i in range(3):
+        assert counts[i].sum() == 1200
+        assert _chi2_pvalue(counts[i], marg[i]) > 1e-3, (i, counts[i], marg[i])
+
+
+def test_planner_drafts_only_when_it_pays():
+    """The batch planner weighs the drafts' expected tokens against a verification's
+    cost at this batch size: no proposal, or a costly verification, decodes plainly."""
+    d = BatchDrafter()
+    d.add(1, [5, 6, 7, 8, 5, 6, 7], {"temp": 0.0})
+    d.add(2, [1, 2, 3, 4], {"temp": 0.0})
+    assert d.plan([2], [9]) is None  # nothing to propose
+    d.plain_cost[2] = 0.1
+    for n in range(2, 10):  # verifying n tokens a row costs little more than a plain step
+        d.draft_cost[(2, n)] = 0.1 + 0.002 * n
+    drafts = d.plan([1, 2], [8, 9])
+    assert drafts is not None and drafts[1] == [] and drafts[0]
+    assert drafts[0] == [5, 6, 7, 8, 5, 6, 7, 8][:len(drafts[0])]
+    for n in range(2, 10):  # ... or several plain steps: plain decoding
+        d.draft_cost[(2, n)] = 0.1 * n
+    assert d.plan([1, 2], [8, 9]) is None
+
+
+EDIT_REQUESTS = [
+    "Repeat the following paragraph exactly: Our store opens at nine in the morning and closes at six "
+    "in the evening. On Saturdays we open at ten. We are closed on Sundays and public holidays.",
+    "Here is my code:\ndef add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n"
+    "Rewrite it with type hints.",
+    "Copy the list: apples, oranges, pears, bananas, grapes, cherries, plums, peaches, mangoes.",
+    "What is the capital of France?",
+]
+
+
+def test_smollm_batch_drafts_from_each_conversation(smol):
+    """The default model, four requests in one batch, drafting from their own text
+    (the batch planner's own choice, on verification costs made free so that it
+    drafts wherever the text proposes): the answers equal the plain batch's and
+    each request decoded alone by mlx-lm; the rows that repeat their prompt accept
+    long drafts."""
+    model, tok = smol
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in EDIT_REQUESTS]
+    alone = [greedy_tokens(model, p, 48) for p in prompts]
+    plain, _ = decode(model, prompts, 48, draft=False)
+    batch = Batch(model, TokenTokenizer(), max_batch=8, draft=True)
+    free_verification(batch.drafter)
+    rows = [batch.add(Job(), Sink(), p, 48, {"temp": 0.0}) for p in prompts]
+    ended = []
+    while len(batch):
+        batch.step(lambda row, reason: ended.append(row))
+    drafted = [r.detokenizer.tokens for r in rows]
+    assert plain == alone
+    assert drafted == alone
+    accepted = {id(r): r.extra.get("lookup", {}).get("accepted", 0) for r in ended}
+    assert sum(accepted[id(r)] for r in rows[:3]) >= 30, [r.extra for r in rows]
