@@ -68,11 +68,30 @@ def keep(kept, tokens: List[int], caches) -> None:
         kept.insert_cache(CACHE_KEY, list(tokens), copy.deepcopy(list(caches)))
 
 
-def nearest(kept, ids: List[int]):
-    """(caches, n): the kept caches holding the longest prefix of `ids` (at most all
-    but its last token, so a forward remains), or (None, 0)."""
+def _reach(kept, ids: List[int]) -> Optional[int]:
+    """How many tokens of `ids` the kept caches would give, found without copying
+    them (None where this mlx-lm's LRUPromptCache does not tell)."""
+    search = getattr(getattr(kept, "_trie", None), "search", None)
+    if search is None:
+        return None
+    r = search(CACHE_KEY, list(ids))
+    if r.exact is not None:
+        return len(ids) - 1
+    short = len(r.shorter) if r.shorter is not None else 0
+    if r.longer is not None and r.common_prefix > short:
+        return min(len(ids) - 1, r.common_prefix)
+    return short
+
+
+def nearest(kept, ids: List[int], beyond: int = 0):
+    """(caches, n): a copy of the kept caches holding the longest prefix of `ids`
+    (at most all but its last token, so a forward remains), or (None, 0) when
+    none holds more than `beyond` tokens."""
     from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
+    reach = _reach(kept, ids)
+    if reach is not None and reach <= beyond:
+        return None, 0
     cache, rest = kept.fetch_nearest_cache(CACHE_KEY, list(ids))
     if cache is None:
         return None, 0
@@ -81,7 +100,8 @@ def nearest(kept, ids: List[int]):
             return None, 0
         trim_prompt_cache(cache, 1)
         rest = ids[-1:]
-    return cache, len(ids) - len(rest)
+    n = len(ids) - len(rest)
+    return (cache, n) if n > beyond else (None, 0)
 
 
 @dataclass

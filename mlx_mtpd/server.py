@@ -332,8 +332,8 @@ class Worker:
             return
         from .batching import nearest
 
-        cache, n = nearest(self.kept, ids)
-        if cache is not None and n > st.common_prefix(ids):
+        cache, n = nearest(self.kept, ids, beyond=st.common_prefix(ids))
+        if cache is not None:
             st.adopt(cache, ids[:n])
 
     def _keep(self) -> None:

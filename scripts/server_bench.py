@@ -65,7 +65,9 @@ def start(cmd, pattern, env=None):
 
 def ask(port, prompt, max_tokens):
     """One streamed chat request: (text, completion tokens, ttft s, latency s, status)."""
-    body = {"model": "default_model", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+    from mlx_mtpd.prompts import chat_messages
+
+    body = {"model": "default_model", "messages": chat_messages(prompt), "max_tokens": max_tokens,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     tic = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1800)
@@ -136,7 +138,7 @@ def level(port, prompts, clients, per_client, max_tokens, pid):
     return {"clients": clients, "requests": len(flat), "errors": len(flat) - len(ok), "wall_s": wall,
             "tokens": tokens, "tokens_per_s": tokens / wall, "ttft_p50": pct(ttft, 0.5),
             "ttft_p95": pct(ttft, 0.95), "latency_p50": statistics.median(lat) if lat else None,
-            "latency_p95": pct(lat, 0.95), "peak_rss_mb": peak[0], "answers": {r[0]: r[1] for r in ok}}
+            "latency_p95": pct(lat, 0.95), "peak_rss_mb": peak[0], "answers": {json.dumps(r[0]): r[1] for r in ok}}
 
 
 def main():
@@ -145,15 +147,20 @@ def main():
     ap.add_argument("--requests", type=int, default=2, help="Requests per client, one after another.")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--max-batch", type=int, default=8, help="Both servers' batch bound.")
+    ap.add_argument("--prompts", default="chat",
+                    help="'chat' (ordinary requests), 'edits' (conversations whose last answer edits or repeats "
+                         "an earlier one) or a prompt file.")
+    ap.add_argument("--server-args", default="", help="More arguments for mlx_mtpd server (one string).")
+    ap.add_argument("--marker", default="server", help="The README markers' name: bench:NAME:begin/end.")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--readme", default=None, help="Write the table between markers in this file.")
     args = ap.parse_args()
-    from mlx_mtpd.prompts import CHAT_PROMPTS, read_prompts
+    from mlx_mtpd.prompts import read_prompts, resolve
     from mlx_mtpd.utils import default_model_path
 
     model = str(default_model_path())
-    prompts = [p for p in read_prompts(CHAT_PROMPTS) if isinstance(p, str)]
+    prompts = read_prompts(resolve(args.prompts))
     levels = [int(x) for x in args.clients.split(",")]
     py = sys.executable
     lm_port = free_port()
@@ -163,7 +170,8 @@ def main():
                            "--decode-concurrency", str(args.max_batch), "--prompt-concurrency",
                            str(min(args.max_batch, 8))], r"Starting httpd at [\d.]+ on port (\d+)"),
         "mlx_mtpd server": ([py, "-m", "mlx_mtpd", "server", "--port", "0", "--quiet", "--max-batch",
-                             str(args.max_batch), "--max-queue", "256"], r"listening on http://[\d.]+:(\d+)"),
+                             str(args.max_batch), "--max-queue", "256", *args.server_args.split()],
+                            r"listening on http://[\d.]+:(\d+)"),
     }
     out = {"max_tokens": args.max_tokens, "requests_per_client": args.requests, "max_batch": args.max_batch,
            "servers": {}}
@@ -220,8 +228,8 @@ def main():
             a.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
-    if args.readme:  # between <!-- bench:server:begin --> and <!-- bench:server:end -->
-        path, begin, end = Path(args.readme), "<!-- bench:server:begin -->", "<!-- bench:server:end -->"
+    if args.readme:  # between <!-- bench:MARKER:begin --> and <!-- bench:MARKER:end -->
+        path, begin, end = Path(args.readme), f"<!-- bench:{args.marker}:begin -->", f"<!-- bench:{args.marker}:end -->"
         text = path.read_text()
         head, rest = text.split(begin, 1)
         tail = rest.split(end, 1)[1]
