@@ -261,8 +261,19 @@ class BatchDrafter:
             row["match"] = row["index"].match_length()
 
     def worth_a_look(self, uids: List[int]) -> bool:
-        """Whether any row's text ends in a repeat (else no row can draft: plain, pipelined)."""
-        return any(self.rows[u]["match"] >= 2 for u in uids if u in self.rows)
+        """Whether a draft could pay this step: some row's text ends in a repeat, and
+        drafting from every such match as far as it could go would beat plain decoding
+        at this batch size (else plain, pipelined: no synchronization to ask)."""
+        matches = [self.rows[u]["match"] if u in self.rows else 0 for u in uids]
+        if not any(m >= 2 for m in matches):
+            return False
+        b = len(uids)
+        plain_rate = b / self._cost(b, 1) * MARGIN
+        for d in range(1, self.max_draft + 1):  # the next token may extend each match by one
+            expected = sum(self.acceptance.expected("lookup", d, m + 1) if m >= 2 else 1.0 for m in matches)
+            if expected / self._cost(b, d + 1) > plain_rate:
+                return True
+        return False
 
     def _cost(self, b: int, n: int) -> float:
         plain = self.plain_cost.get(b)

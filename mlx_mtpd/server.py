@@ -389,6 +389,13 @@ class Worker:
         sink.close(finish, usage)
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    # Connections waiting to be accepted: socketserver's default of 5 resets clients
+    # when many connect at once while the worker holds the interpreter.
+    request_queue_size = 256
+    daemon_threads = True
+
+
 def make_handler(worker: Worker, model_id: str):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -582,8 +589,7 @@ def serve(session, host: str, port: int, model_id: str, quiet: bool = False, max
           max_queue: int = 64, cache_size: int = 10, cache_bytes: int = 1 << 30):
     """Start the HTTP threads; the caller runs `worker.run()` on its own thread."""
     worker = Worker(session, max_batch, max_queue, cache_size, cache_bytes)
-    httpd = ThreadingHTTPServer((host, port), make_handler(worker, model_id))
-    httpd.daemon_threads = True
+    httpd = _HTTPServer((host, port), make_handler(worker, model_id))
     httpd.quiet = quiet
     threading.Thread(target=httpd.serve_forever, daemon=True, name="mlx_mtpd-http").start()
     return httpd, worker

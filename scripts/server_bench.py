@@ -154,7 +154,8 @@ def main():
     ap.add_argument("--marker", default="server", help="The README markers' name: bench:NAME:begin/end.")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
-    ap.add_argument("--readme", default=None, help="Write the table between markers in this file.")
+    ap.add_argument("--readme", action="append", default=[],
+                    help="Write the table between markers in this file (again for more files).")
     args = ap.parse_args()
     from mlx_mtpd.prompts import read_prompts, resolve
     from mlx_mtpd.utils import default_model_path
@@ -228,8 +229,8 @@ def main():
             a.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
-    if args.readme:  # between <!-- bench:MARKER:begin --> and <!-- bench:MARKER:end -->
-        path, begin, end = Path(args.readme), f"<!-- bench:{args.marker}:begin -->", f"<!-- bench:{args.marker}:end -->"
+    for readme in args.readme:  # between <!-- bench:MARKER:begin --> and <!-- bench:MARKER:end -->
+        path, begin, end = Path(readme), f"<!-- bench:{args.marker}:begin -->", f"<!-- bench:{args.marker}:end -->"
         text = path.read_text()
         head, rest = text.split(begin, 1)
         tail = rest.split(end, 1)[1]
