@@ -3,14 +3,17 @@
     python scripts/server_bench.py --clients 1,2,4,8,16 --json bench/server.json --plot bench/server.png \
         --readme docs/BENCHMARKS.md
 
-For each server in turn (never both at once: they would share the CPU): start
-it on the default model (OpenBLAS bound first for both, as this project does),
-warm it up, then for each number of clients C send C streams of chat requests
-at once (the chat benchmark's prompts, greedy, answers ending at their
-end-of-sequence token), each client `--requests` of them one after another.
-Reported per C: aggregate completion tokens per second over the level's wall
-time, time to first token and latency p50 / p95, and how many answers equal
-the other server's to the same request.
+Both servers are started on the default model (OpenBLAS bound first for both,
+as this project does) and warmed up; only one is asked at a time (they would
+share the CPU). For each number of clients C, C streams of requests are sent
+at once (the chat benchmark's prompts by default, greedy, answers ending at
+their end-of-sequence token), each client `--requests` of them one after
+another, to one server and then the other, `--rounds` times with the order
+alternating, so that the machine's drift between runs falls on both. Reported
+per C, pooled over the rounds: aggregate completion tokens per second over the
+level's wall time (and each round's), time to first token and latency p50 /
+p95, errors, the peak resident memory, and how many answers equal the other
+server's to the same request.
 """
 
 from __future__ import annotations
@@ -138,7 +141,28 @@ def level(port, prompts, clients, per_client, max_tokens, pid):
     return {"clients": clients, "requests": len(flat), "errors": len(flat) - len(ok), "wall_s": wall,
             "tokens": tokens, "tokens_per_s": tokens / wall, "ttft_p50": pct(ttft, 0.5),
             "ttft_p95": pct(ttft, 0.95), "latency_p50": statistics.median(lat) if lat else None,
-            "latency_p95": pct(lat, 0.95), "peak_rss_mb": peak[0], "answers": {json.dumps(r[0]): r[1] for r in ok}}
+            "latency_p95": pct(lat, 0.95), "peak_rss_mb": peak[0], "answers": {json.dumps(r[0]): r[1] for r in ok},
+            "raw": {"lat": lat, "ttft": ttft}}
+
+
+def pooled(runs):
+    """One level's rounds as one: tokens over wall time summed, percentiles over every request."""
+    lat = sorted(x for r in runs for x in r["raw"]["lat"])
+    ttft = sorted(x for r in runs for x in r["raw"]["ttft"])
+
+    def pct(xs, q):
+        return xs[min(int(q * len(xs)), len(xs) - 1)] if xs else None
+
+    answers = {}
+    for r in runs:
+        answers.update(r["answers"])
+    wall, tokens = sum(r["wall_s"] for r in runs), sum(r["tokens"] for r in runs)
+    return {"clients": runs[0]["clients"], "rounds": len(runs), "requests": sum(r["requests"] for r in runs),
+            "errors": sum(r["errors"] for r in runs), "wall_s": wall, "tokens": tokens,
+            "tokens_per_s": tokens / wall, "tokens_per_s_by_round": [r["tokens_per_s"] for r in runs],
+            "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
+            "latency_p50": statistics.median(lat) if lat else None, "latency_p95": pct(lat, 0.95),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "answers": answers}
 
 
 def main():
@@ -152,6 +176,9 @@ def main():
                          "an earlier one) or a prompt file.")
     ap.add_argument("--server-args", default="", help="More arguments for mlx_mtpd server (one string).")
     ap.add_argument("--marker", default="server", help="The README markers' name: bench:NAME:begin/end.")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="Runs of each level per server, alternating which server goes first (both stay up, "
+                         "only one is asked at a time): the machine's drift falls on both.")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--readme", action="append", default=[],
@@ -175,20 +202,27 @@ def main():
                             r"listening on http://[\d.]+:(\d+)"),
     }
     out = {"max_tokens": args.max_tokens, "requests_per_client": args.requests, "max_batch": args.max_batch,
-           "servers": {}}
-    for name, (cmd, pattern) in servers.items():
-        proc, port = start(cmd, pattern)
-        try:
-            ask(port, prompts[0], 8)  # warm-up
-            out["servers"][name] = []
-            for c in levels:
-                r = level(port, prompts, c, args.requests, args.max_tokens, proc.pid)
-                out["servers"][name].append(r)
-                print(f"{name:>16} C={c:<3} {r['tokens_per_s']:6.1f} tok/s  ttft p50 {r['ttft_p50']:.2f} s  "
-                      f"latency p50 {r['latency_p50']:.1f} s p95 {r['latency_p95']:.1f} s  errors {r['errors']}  "
-                      f"peak RSS {r['peak_rss_mb']:.0f} MB",
-                      flush=True)
-        finally:
+           "rounds": args.rounds, "prompts": str(args.prompts), "servers": {name: [] for name in servers}}
+    running = {}
+    try:
+        for name, (cmd, pattern) in servers.items():
+            running[name] = start(cmd, pattern)
+            ask(running[name][1], prompts[0], 8)  # warm-up
+        for c in levels:
+            runs = {name: [] for name in servers}
+            for r in range(args.rounds):
+                for name in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+                    proc, port = running[name]
+                    runs[name].append(level(port, prompts, c, args.requests, args.max_tokens, proc.pid))
+            for name in servers:
+                p = pooled(runs[name])
+                out["servers"][name].append(p)
+                print(f"{name:>16} C={c:<3} {p['tokens_per_s']:6.1f} tok/s (rounds: "
+                      f"{', '.join(f'{x:.1f}' for x in p['tokens_per_s_by_round'])})  ttft p50 {p['ttft_p50']:.2f} s  "
+                      f"latency p50 {p['latency_p50']:.1f} s p95 {p['latency_p95']:.1f} s  errors {p['errors']}  "
+                      f"peak RSS {p['peak_rss_mb']:.0f} MB", flush=True)
+    finally:
+        for proc, _ in running.values():
             proc.terminate()
             proc.wait(timeout=60)
     base, ours = out["servers"]["mlx_lm.server"], out["servers"]["mlx_mtpd server"]
@@ -236,7 +270,9 @@ def main():
         tail = rest.split(end, 1)[1]
         cmd = "python scripts/server_bench.py " + " ".join(sys.argv[1:])
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(f"{head}{begin}\n`{cmd}`, greedy, {args.max_tokens} tokens at most:\n\n{table}\n{end}{tail}")
+        how = (f"greedy, {args.max_tokens} tokens at most, {args.rounds} rounds per level alternating the servers "
+               "(figures pooled over them)")
+        tmp.write_text(f"{head}{begin}\n`{cmd}`, {how}:\n\n{table}\n{end}{tail}")
         tmp.replace(path)
 
 
