@@ -31,6 +31,7 @@ from typing import Any, Dict, Optional
 from .errors import MTPDError
 
 MAX_BODY = 16 * 1024 * 1024
+MIN_ADOPT = 48  # a new conversation's state starts from a kept cache only when it holds this many tokens
 
 # Fields a client may send.  OpenAI's that change the answer but are not
 # implemented are accepted only at their neutral value.
@@ -209,6 +210,11 @@ class Worker:
 
         self.kept = kept_caches(cache_size, cache_bytes) if session.cluster is None and cache_size > 0 and \
             plain_caches(session.state.cache) else None
+        # The speculative loop's states of other conversations served alone (heads
+        # and all: a conversation that comes back goes on with its heads' context),
+        # most recent last, bounded like the kept caches.
+        self.states: list = []
+        self.cache_size, self.cache_bytes = cache_size, cache_bytes
         self.batch = None  # made on first need
         self.waiting: "list[Job]" = []  # taken from the queue, waiting for room in the batch or for it to drain
         self.busy = False  # a request under way (alone or in the batch)
@@ -324,17 +330,45 @@ class Worker:
         row.sink.close("stop" if finish == "stop" else finish, usage)
 
     def _resume(self, ids) -> None:
-        """Before an answer served alone: when the kept caches hold a longer prefix of
-        `ids` than the session's own (another conversation came between), start from
-        them (the heads catch up from there)."""
-        st = self.session.state
-        if self.kept is None:
+        """Before an answer served alone: go on from the state that holds the longest
+        prefix of `ids`.  The session's state serves a turn that extends its
+        conversation; another conversation's request takes a kept state of its own
+        (or a new one), and the session's joins the kept ones.  When the kept
+        caches (left by the batch) hold still more of `ids`, the state starts
+        from them (the heads start after them)."""
+        s = self.session
+        if s.cluster is not None or self.cache_size <= 0:
             return
-        from .batching import nearest
+        st = s.state
+        own = st.common_prefix(ids)
+        if own < st.length:  # another conversation: keep this one's state
+            best = max(self.states, key=lambda x: x.common_prefix(ids), default=None)
+            if best is not None and best.common_prefix(ids) > own:
+                self.states.remove(best)
+            else:
+                best = s.new_state()
+            self.states.append(st)
+            s.state = st = best
+            self._bound_states()
+        if self.kept is not None:
+            from .batching import nearest
 
-        cache, n = nearest(self.kept, ids, beyond=st.common_prefix(ids))
-        if cache is not None:
-            st.adopt(cache, ids[:n])
+            # a new state prefills a short shared prefix (a system prompt) itself: its
+            # heads then see it
+            cache, n = nearest(self.kept, ids, beyond=st.common_prefix(ids) or MIN_ADOPT - 1)
+            if cache is not None:
+                st.adopt(cache, ids[:n])
+
+    def _bound_states(self) -> None:
+        """At most --prompt-cache-size kept states and --prompt-cache-bytes of them."""
+        def nbytes(st):
+            caches = list(st.cache) + list(st.depths.caches)
+            return sum(getattr(c, "nbytes", 0) for c in caches) + sum(h.nbytes for h in st.hist) + \
+                sum(t.nbytes for t in st.depths.tail if t is not None)
+
+        while self.states and (len(self.states) > self.cache_size or
+                               sum(nbytes(x) for x in self.states) > self.cache_bytes):
+            self.states.pop(0)
 
     def _keep(self) -> None:
         """After an answer served alone (or moved into the batch): a copy of the

@@ -80,12 +80,21 @@ class Session:
             from .costs import seed_planner
 
             seed_planner(self.planner, self.model, self.tokenizer, self.heads)
-        depth = self.planner.num_draft if self.planner.uses_heads else 0
-        self.state = DraftState(self.model, self.heads if depth else None, depth, self.loop, self.kv)
+        self.state = self.new_state()
         if self.memory and self.planner.uses_lookup:
             self.state.memory = AnswerMemory()
         self.max_context = self.max_context or context_length(self.model)
         self.total = SpecStats()
+
+    def new_state(self) -> DraftState:
+        """An empty state for another conversation (the server keeps several); it
+        shares the answer memory of the current one, if any."""
+        depth = self.planner.num_draft if self.planner.uses_heads else 0
+        st = DraftState(self.model, self.heads if depth else None, depth, self.loop, self.kv)
+        current = getattr(self, "state", None)
+        if current is not None:
+            st.memory = current.memory
+        return st
 
     def reset(self) -> None:
         """Forget the cached conversation (what the planner measured stays)."""

@@ -456,3 +456,35 @@ def test_server_serves_queued_requests_in_arrival_order(smol_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_worker_keeps_each_conversation_state_served_alone(smol_path):
+    """In process: conversations A, B, then A's next turn, each served alone: A's
+    turn goes on with the very state (heads' caches and all) that served A, and
+    B's state is kept in turn; its usage shows A's whole previous prompt cached."""
+    import mlx_mtpd
+    from mlx_mtpd.server import Job, Worker, parse_request
+    from mlx_mtpd.session import Session
+
+    model, tok, heads = mlx_mtpd.load(str(smol_path))
+    worker = Worker(Session(model, tok, heads), max_batch=8)
+
+    def serve(messages):
+        job = Job("chat", parse_request({"messages": messages, "max_tokens": 24}, "chat", None))
+        worker._serve(job)
+        while True:
+            ev = job.events.get(timeout=1)
+            if ev[0] == "done":
+                return ev[1], ev[3]
+            assert ev[0] == "text", ev
+
+    a = [{"role": "user", "content": "Describe a lighthouse."}]
+    text_a, usage_a = serve(a)
+    state_a = worker.session.state
+    serve([{"role": "user", "content": "Describe a windmill."}])
+    state_b = worker.session.state
+    assert state_b is not state_a and worker.states == [state_a]
+    a += [{"role": "assistant", "content": text_a}, {"role": "user", "content": "Who works there?"}]
+    _, usage = serve(a)
+    assert worker.session.state is state_a and worker.states == [state_b]
+    assert usage["prompt_tokens_cached"] >= usage_a["prompt_tokens"], usage
