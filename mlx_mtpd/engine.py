@@ -269,6 +269,7 @@ class DraftState:
     """
 
     memory: Optional[AnswerMemory] = None
+    prompt_len = 0  # the last prompt served from this state (the server tells conversations apart by it)
 
     def __init__(self, model: nn.Module, head_set: Optional[HeadSet], max_depth: int, loop: Optional[str] = None,
                  kv: Optional[KVOptions] = None):

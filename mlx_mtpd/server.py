@@ -341,7 +341,9 @@ class Worker:
             return
         st = s.state
         own = st.common_prefix(ids)
-        if own < st.length:  # another conversation: keep this one's state
+        # the same conversation: a next turn, or its last request again (another answer)
+        same = own >= min(st.length, st.prompt_len - 1)
+        if not same:  # another conversation: keep this one's state
             best = max(self.states, key=lambda x: x.common_prefix(ids), default=None)
             if best is not None and best.common_prefix(ids) > own:
                 self.states.remove(best)
@@ -358,6 +360,7 @@ class Worker:
             cache, n = nearest(self.kept, ids, beyond=st.common_prefix(ids) or MIN_ADOPT - 1)
             if cache is not None:
                 st.adopt(cache, ids[:n])
+        st.prompt_len = len(ids)
 
     def _bound_states(self) -> None:
         """At most --prompt-cache-size kept states and --prompt-cache-bytes of them."""

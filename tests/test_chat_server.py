@@ -479,8 +479,11 @@ def test_worker_keeps_each_conversation_state_served_alone(smol_path):
             assert ev[0] == "text", ev
 
     a = [{"role": "user", "content": "Describe a lighthouse."}]
-    text_a, usage_a = serve(a)
+    serve(a)
     state_a = worker.session.state
+    text_a, usage_a = serve(a)  # the same request again (another answer): the same state, rewound
+    assert worker.session.state is state_a and worker.states == []
+    assert usage_a["prompt_tokens_cached"] == usage_a["prompt_tokens"] - 1
     serve([{"role": "user", "content": "Describe a windmill."}])
     state_b = worker.session.state
     assert state_b is not state_a and worker.states == [state_a]
