@@ -420,16 +420,16 @@ def test_server_batch_bounds_and_prefix_reuse_across_clients(smol_path):
 
 
 def test_server_serves_queued_requests_in_arrival_order(smol_path):
-    """--max-batch 2: eight streamed requests arriving one after another; none gets a
+    """--max-batch 2: six streamed requests arriving one after another; none gets a
     5xx, and no request starts (its first token) before one that arrived earlier
     (first come, first served: the ones beyond the bound wait their turn)."""
     proc, port, _ = _start_server("--max-batch", "2", "--max-queue", "16")
-    firsts, statuses = [None] * 8, [None] * 8
+    firsts, statuses = [None] * 6, [None] * 6
     t0 = time.perf_counter()
 
     def ask(i):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        body = chat_body(f"Write a sentence about the number {i + 1}.", max_tokens=16, stream=True)
+        body = chat_body(f"Write a sentence about the number {i + 1}.", max_tokens=12, stream=True)
         conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(),
                      headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -442,16 +442,15 @@ def test_server_serves_queued_requests_in_arrival_order(smol_path):
 
     try:
         threads = []
-        for i in range(8):
+        for i in range(6):
             threads.append(threading.Thread(target=ask, args=(i,)))
             threads[-1].start()
             time.sleep(0.15)  # arrival order
         for t in threads:
             t.join(timeout=600)
-        assert statuses == [200] * 8, statuses
+        assert statuses == [200] * 6, statuses
         # a later arrival may share an earlier one's step (prefilled together), never come first
-        print("first tokens at", [round(x, 2) for x in firsts])
-        for i in range(1, 8):
+        for i in range(1, 6):
             assert firsts[i - 1] <= firsts[i] + 0.1, firsts
     finally:
         proc.terminate()
