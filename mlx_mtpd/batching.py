@@ -132,6 +132,7 @@ class Batch:
         self.cache = cache if cache is not None else kept_caches()  # shared with the server's other path
         self.rows: Dict[int, Row] = {}
         self.steps = 0
+        self.samplers: Dict[tuple, Any] = {}
         # each row drafts from its own conversation where it pays (see the module's text)
         self.drafter = BatchDrafter() if draft else None
         if draft:
@@ -156,8 +157,11 @@ class Batch:
         seq = list(ids) + list(answer)
         cache, cached = nearest(self.cache, seq)
         rest = seq[cached:]
-        sampler = make_sampler(temp=sampling.get("temp", 0.0), top_p=sampling.get("top_p", 0.0),
-                               min_p=sampling.get("min_p", 0.0), top_k=sampling.get("top_k", 0))
+        params = tuple(sampling.get(k, 0) or 0 for k in ("temp", "top_p", "min_p", "top_k"))
+        sampler = self.samplers.get(params)
+        if sampler is None:  # one sampler per setting: rows that share it are sampled in one call
+            sampler = self.samplers[params] = make_sampler(temp=params[0], top_p=params[1], min_p=params[2],
+                                                           top_k=params[3])
         (uid,) = self.gen.insert([rest], max_tokens=[max(max_tokens - len(answer), 1)],
                                  caches=[cache] if cache is not None else None,
                                  all_tokens=[seq[:cached]], samplers=[sampler])
