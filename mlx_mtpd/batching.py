@@ -282,8 +282,7 @@ class BatchDrafter:
     def _cost(self, b: int, n: int) -> float:
         plain = self.plain_cost.get(b)
         if plain is None:
-            known = [v for k, v in self.plain_cost.items()]
-            plain = min(known) if known else 0.1
+            plain = min(self.plain_cost.values(), default=0.1)
         if n == 1:
             return plain
         got = self.draft_cost.get((b, n))
@@ -322,7 +321,6 @@ class BatchDrafter:
     def observed_plain(self, b: int, seconds: float) -> None:
         old = self.plain_cost.get(b)
         self.plain_cost[b] = seconds if old is None else 0.8 * old + 0.2 * seconds
-        self.steps["plain"] += 1
 
     def observed_draft(self, b: int, n: int, seconds: float, rows) -> None:
         """rows: (uid, drafted, accepted, match) of this step."""
@@ -349,16 +347,16 @@ def drafting_generation(model, sampler, drafter: BatchDrafter):
             if not self.uids:
                 return []
             if self._draftable() and drafter.worth_a_look(self.uids):
-                tic = time.perf_counter()
                 mx.eval(self._next_tokens)
                 ys = self._next_tokens.tolist()
                 drafts = drafter.plan(self.uids, ys)
                 if drafts is not None:
-                    return self._draft_step(ys, drafts, time.perf_counter() - tic)
+                    return self._draft_step(ys, drafts)
                 self._after_draft = True  # the forward below starts after a synchronization
             tic = time.perf_counter()
             out = super().next()
             seconds = time.perf_counter() - tic
+            drafter.steps["plain"] += 1
             if not getattr(self, "_after_draft", False):  # a pipelined step's wall time
                 drafter.observed_plain(len(out), seconds)
             self._after_draft = False
@@ -371,36 +369,21 @@ def drafting_generation(model, sampler, drafter: BatchDrafter):
 
             return all(type(c) is BatchKVCache for c in self.prompt_cache) and not any(self.logits_processors)
 
-        def _draft_step(self, ys: List[int], drafts: List[List[int]], waited: float):
-            from .engine import accept_sampled
+        def _draft_step(self, ys: List[int], drafts: List[List[int]]):
+            from .engine import accept_verbatim
 
             tic = time.perf_counter()
             b = len(self.uids)
             n = 1 + max(len(d) for d in drafts)
             rows = [[y] + d + [0] * (n - 1 - len(d)) for y, d in zip(ys, drafts)]
             logits = self.model(mx.array(rows), cache=self.prompt_cache).astype(mx.float32)
-            target = mx.argmax(logits, axis=-1)  # (b, n)
-            counts, nexts = [], []
+            counts, nexts = [], []  # per row: drafts accepted, the token after each accepted prefix
             for i, (uid, d) in enumerate(zip(self.uids, drafts)):
                 row = drafter.rows.get(uid)
-                transform = row["transform"] if row is not None else None
-                k = len(d)
-                if transform is None:
-                    if k:
-                        ok = (mx.array(d) == target[i, :k]).astype(mx.int32)
-                        a = mx.cumprod(ok).sum()
-                    else:
-                        a = mx.array(0)
-                    counts.append(a)
-                    nexts.append(target[i])
-                else:
-                    logp = transform(logits[i, : k + 1])
-                    q = mx.zeros((k, logp.shape[-1])) if k else None
-                    if k:
-                        q[mx.arange(k), mx.array(d)] = 1.0
-                    a, tokens = accept_sampled(mx.array(d, dtype=mx.int32), q, logp)
-                    counts.append(a)
-                    nexts.append(tokens)
+                a, tokens = accept_verbatim(mx.array(d, mx.uint32), logits[i, : len(d) + 1],
+                                            row["transform"] if row is not None else None)
+                counts.append(a)
+                nexts.append(tokens)
             mx.eval(counts, nexts)
             accepted = [int(a) for a in counts]
             lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -427,9 +410,7 @@ def drafting_generation(model, sampler, drafter: BatchDrafter):
             for c in self.prompt_cache:
                 c.prepare(right_padding=[n - k for k in kept])
                 c.finalize()
-            nxt = []
-            for i, tokens in enumerate(nexts):
-                nxt.append(int(tokens[accepted[i]].item()) if tokens.ndim else int(tokens.item()))
+            nxt = [int(tokens[a].item()) for tokens, a in zip(nexts, accepted)]
             result = []
             for (i, out, finish), uid in zip(responses, list(self.uids)):
                 self.tokens[i].extend(out)

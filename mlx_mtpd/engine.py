@@ -256,6 +256,17 @@ def accept_sampled(drafts: mx.array, draft_q: mx.array, logp: mx.array):
     return mx.cumprod(ok).sum(), mx.concatenate([fix, bonus])
 
 
+def accept_verbatim(drafts: mx.array, logits: mx.array, transform):
+    """Acceptance of drafts proposed without a distribution (the suffix index's):
+    greedy, or speculative sampling with q one-hot at each draft.  Returns what
+    accept_greedy / accept_sampled return (lazily)."""
+    if transform is None:
+        return accept_greedy(drafts, logits)
+    nd = drafts.size
+    q = mx.zeros((nd, logits.shape[-1])).at[mx.arange(nd), drafts].add(1.0)
+    return accept_sampled(drafts, q, transform(logits))
+
+
 class DraftState:
     """Every cache the loop keeps: the backbone's, one per depth, the backbone's
     hidden states of every cached position (2.3 KB a token for SmolLM2, so a
@@ -852,13 +863,10 @@ def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None,
     saved = [_snapshot(c) for c in st.restorable] if st.restorable and nd else None
 
     logits, hidden = st.forward(verify_in)
-    if transform is None:
-        a_arr, fixes = accept_greedy(draft_arr, logits)
+    if transform is None or lookup:  # greedy, or a deterministic proposal
+        a_arr, fixes = accept_verbatim(draft_arr, logits, transform)
     else:
-        if lookup:  # a deterministic proposal: q is one-hot at the draft
-            q = mx.zeros((nd, logits.shape[-1])).at[mx.arange(nd), draft_arr].add(1.0)
-        else:
-            q = mx.stack(qs) if qs else mx.zeros((0, logits.shape[-1]))
+        q = mx.stack(qs) if qs else mx.zeros((0, logits.shape[-1]))
         a_arr, fixes = accept_sampled(draft_arr, q, transform(logits))
     if cluster is not None:  # rank 0's acceptance and tokens, in this step's graph
         a_arr, fixes = cluster.tensor(a_arr), cluster.tensor(fixes)

@@ -404,8 +404,8 @@ class Worker:
                 finish = "stop"
                 break
         if finish is None and last is not None and last.finish_reason == "interrupted" and not job.cancelled.is_set():
-            self._keep()
             if last.token not in s.tokenizer.eos_token_ids and len(answer) < req["max_tokens"]:
+                self._keep()
                 cached = s.turns[-1].prompt_tokens - s.turns[-1].new_prompt_tokens if s.turns else 0
                 self._join(job, ids, sink, answer, first={
                     "stats": last.stats, "tokens": len(answer), "seconds": time.perf_counter() - tic,
