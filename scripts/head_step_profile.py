@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from mlx_mtpd.bench import CHAT_PROMPTS, _plain, _run
 from mlx_mtpd.engine import SpecStats, mtp_generate_step
-from mlx_mtpd.training.gen_data import _messages, read_prompts
+from mlx_mtpd.prompts import chat_messages as _messages, read_prompts
 from mlx_mtpd.utils import load
 
 

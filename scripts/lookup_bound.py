@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from mlx_mtpd.bench import EDITS_PROMPTS, _plain, _run
 from mlx_mtpd.engine import DraftPlanner, SpecStats, mtp_generate_step
-from mlx_mtpd.training.gen_data import _messages, read_prompts
+from mlx_mtpd.prompts import chat_messages as _messages, read_prompts
 from mlx_mtpd.suffix import MAX_LOOKUP_DRAFT, SuffixIndex
 from mlx_mtpd.utils import load
 

@@ -43,7 +43,8 @@ def main(argv=None):
 
     from mlx_mtpd.training.capture import generate_captured
     from mlx_mtpd.training.data_cache import TokenSeq, prepare_cache
-    from mlx_mtpd.training.gen_data import _messages, generate_answers, read_prompts
+    from mlx_mtpd.prompts import chat_messages as _messages, read_prompts
+    from mlx_mtpd.training.gen_data import generate_answers
     from mlx_mtpd.heads import parse_features
     from mlx_mtpd.utils import load
 
