@@ -118,7 +118,7 @@ HEADS_ARGS ?= --num-heads 1 --train-depth 2 --top-n 256 --steps 400 --batch-size
 # it with an evaluation every 50 steps; run 7, the shipped head: `make heads NEW=640
 # TEMPS=0 NEW_MULTI=128 GEN_BATCH=128`), on the data `make data` added
 STEPS ?= 600
-EVAL_ARGS ?= --data $(RUNS)/eval --num-prompts 16 --max-tokens 96 --num-draft 1,2,3 --loops last
+EVAL_ARGS ?= --data $(RUNS)/eval --num-prompts 16 --max-tokens 96 --num-draft 1,2,3 --loops last --temp 0,0.7
 data: setup
 	$(BIN)/mlx_mtpd gen-data --prompts mlx_mtpd/data/prompts_pool.jsonl --out $(RUNS)/gen --pack-into $(DATA) \
 	  --new $(NEW) --temps $(TEMPS) --batch-size $(GEN_BATCH) --max-tokens 256 --resume \

@@ -230,7 +230,8 @@ def measure_costs(model: nn.Module, prompt: List[int], head_set=None, *, repeats
 
 def head_acceptance(head_dir: Optional[Path], loop: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """A head set's measured acceptance by draft position from its eval.json:
-    {"acceptance": [AR_1, ...], "source": "decoding" | "teacher-forced"}, or None.
+    {"acceptance": [AR_1, ...], "source": "decoding" | "teacher-forced", "by_temp":
+    {temperature: [AR_1, ...]} (sampled decoding, eval-heads --temp)}, or None.
 
     Decoding acceptance (eval-heads) is preferred: the entry with the most draft
     positions (at the head set's loop policy); else the trainer's teacher-forced
@@ -243,8 +244,16 @@ def head_acceptance(head_dir: Optional[Path], loop: Optional[str] = None) -> Opt
     except (OSError, ValueError):
         return None
     best, ranks, tried = None, None, 0
+    by_temp: Dict[float, List[float]] = {}
     for entry in (rec.get("decoding") or {}).values():
         if not isinstance(entry, dict):
+            continue
+        temp = float(entry.get("temp") or 0.0)
+        if temp > 0:  # sampled (eval-heads --temp): the prior of generations near that temperature
+            rates = entry.get("acceptance_rates")
+            if (rates and not entry.get("tree") and (loop is None or entry.get("loop") in (None, loop))
+                    and len(rates) > len(by_temp.get(temp, []))):
+                by_temp[temp] = [float(x) for x in rates]
             continue
         if entry.get("tree"):  # a tree's acceptance by rank (its acceptance by position counts alternatives)
             table = entry.get("rank_acceptance")
@@ -263,7 +272,7 @@ def head_acceptance(head_dir: Optional[Path], loop: Optional[str] = None) -> Opt
                 if x is None:
                     row[k] = 0.5 * row[k - 1] if k else 0.2
     if best:
-        return {"acceptance": [float(x) for x in best], "source": "decoding", "ranks": ranks}
+        return {"acceptance": [float(x) for x in best], "source": "decoding", "ranks": ranks, "by_temp": by_temp}
     tf = rec.get("teacher_forced_agreement")
     if tf:
         return {"acceptance": [float(x) for x in tf], "source": "teacher-forced"}
@@ -283,7 +292,7 @@ def seed_planner(planner, model: nn.Module, tokenizer, head_set=None, *, measure
         if found is not None:
             weight = MEASURED_PRIOR_WEIGHT if found["source"] == "decoding" else 2.0
             planner.seed(acceptance=found["acceptance"], weight=weight,
-                         ranks=found.get("ranks"))
+                         ranks=found.get("ranks"), by_temp=found.get("by_temp"))
     costs = step_costs(model, tokenizer, head_set if planner.uses_heads else None, measure=measure, quiet=quiet)
     if costs is not None:
         planner.seed(costs=costs)

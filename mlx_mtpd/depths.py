@@ -44,6 +44,11 @@ class DepthCaches:
         backbone's `length` (a depth's first use catches up the whole context)."""
         return length - min(self.committed[1 : depths + 1]) if depths else 0
 
+    def lags(self, length: int) -> List[int]:
+        """How far each depth 1..D lags the backbone's `length`: the positions a
+        step drafting with it first catches up."""
+        return [length - c for c in self.committed[1 : self.depth + 1]]
+
     def arrays(self, depths: int) -> List[mx.array]:
         """Everything depths 1..`depths` hold: what to evaluate after catching up."""
         out = [x for c in self.caches[:depths] if c.keys is not None for x in c.state]

@@ -548,6 +548,7 @@ def mtp_generate_step(
     `state` made with other options is replaced.
     """
     planner = _planner_for(planner, num_draft, draft, tree, head_set is not None, cluster is not None)
+    planner.set_temp(temp)  # the head set's acceptance measured nearest this temperature
     prompt_list = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
     if len(prompt_list) == 0:
         raise MTPDError("the prompt is empty: give at least one token")
@@ -731,7 +732,7 @@ def _draft_step(st: DraftState, planner: DraftPlanner, kind: str, arg, transform
     from_draft)]."""
     tic = time.perf_counter()
     heads = kind == "heads"
-    behind = st.depths.behind(arg, st.length) if heads else 0
+    lags = st.depths.lags(st.length) if heads else None
     widths = planner.widths if heads and cluster is None and st.tree_reason is None else None
     if widths and not st.tree_room(1 + sum(widths)):  # a sliding window without room for the tree
         widths = None
@@ -743,8 +744,13 @@ def _draft_step(st: DraftState, planner: DraftPlanner, kind: str, arg, transform
     seconds = time.perf_counter() - tic
     stats.record(d, a, widths, a_chain, rank)
     stats.step_time += seconds
-    # A long catch-up (after plain bursts or a new turn) is not a typical step's cost.
-    typical = seconds if behind <= d + 2 else None
+    # A long catch-up (after plain bursts or a new turn) is not a typical step's
+    # cost: it is measured apart, per position caught up (the planner adds it).
+    catching_up = heads and planner.catch_up_work(d, lags) > 0
+    typical = None if catching_up else seconds
+    if catching_up:
+        usual = planner.tree_cost(d, 1 + sum(widths)) if widths else planner.step_cost("heads", d)
+        planner.observe_catch_up(d, lags, seconds, usual)
     if widths:
         planner.observe("heads", d, a_chain, None)
         planner.observe_tree(d, widths, a_chain, rank, typical)

@@ -60,6 +60,13 @@ RETIME_ADVANTAGE = 1.5  # while drafting beats plain by this much, plain decodin
 # the better ones were rejected, and its weight.
 RANK_PRIOR = (0.2, 0.1, 0.06)
 RANK_PRIOR_WEIGHT = 2.0
+# Catching the heads up after plain decoding (every depth over every position it
+# missed: a head layer's forward each) before it is measured, per position and
+# depth, as a fraction of a plain token (this CPU: 0.004-0.006).
+CATCH_UP_PRIOR = 0.005
+# Sampled drafts are accepted less often than greedy ones: a head set measured
+# only greedily is a weaker prior when sampling (the weight of its acceptance).
+GREEDY_PRIOR_WEIGHT_WHEN_SAMPLING = 2.0
 
 
 def match_bucket(match: int) -> int:
@@ -155,6 +162,10 @@ class DraftPlanner:
         self.stop_match: Optional[int] = None  # a plain burst ends at a match this long (None: never)
         self.head_prior: List[float] = []  # AR_j measured beforehand (the head set's evaluation)
         self.head_prior_weight = 1.0
+        # the evaluation's AR_j by sampling temperature (0.0: greedy), and the weight of a measured one
+        self.head_priors: Dict[float, List[float]] = {}
+        self.measured_weight = MEASURED_PRIOR_WEIGHT
+        self.temp = 0.0
         # Trees: None (chains), "auto" (the shape chosen per step) or fixed widths per depth.
         self.tree = tree
         self.rank_counts: List[List[List[float]]] = []  # [position][rank - 2] -> [accepted, reached], decayed
@@ -162,7 +173,8 @@ class DraftPlanner:
         self.widths: Optional[Tuple[int, ...]] = None  # the tree of the heads step just planned
 
     def seed(self, acceptance: Optional[List[float]] = None, costs: Optional[dict] = None,
-             weight: float = MEASURED_PRIOR_WEIGHT, ranks: Optional[List[List[float]]] = None) -> "DraftPlanner":
+             weight: float = MEASURED_PRIOR_WEIGHT, ranks: Optional[List[List[float]]] = None,
+             by_temp: Optional[Dict[float, List[float]]] = None) -> "DraftPlanner":
         """Start from what is already known instead of from nothing.
 
         `acceptance`: AR_j by draft position measured beforehand (the head set's
@@ -172,12 +184,19 @@ class DraftPlanner:
         Later measurements correct both (the prior is outweighed as counts
         accumulate; costs are moving averages started from these).  `ranks`:
         [position][rank - 2], a tree candidate's acceptance when the better ones
-        at its depth were rejected."""
+        at its depth were rejected.  `by_temp`: AR_j measured at sampling
+        temperatures ({temperature: [AR_1, ...]}); each generation's prior is the
+        one measured nearest its temperature (:meth:`set_temp`)."""
         if ranks:
             self.rank_prior = [[min(max(float(x), 0.0), 0.99) for x in row] for row in ranks]
         if acceptance:
-            self.head_prior = [min(max(float(a), 0.0), 0.99) for a in acceptance]
-            self.head_prior_weight = weight
+            self.head_priors[0.0] = [min(max(float(a), 0.0), 0.99) for a in acceptance]
+            self.measured_weight = weight
+        for t, rates in (by_temp or {}).items():
+            if rates:
+                self.head_priors[float(t)] = [min(max(float(a), 0.0), 0.99) for a in rates]
+        if acceptance or by_temp:
+            self.set_temp(self.temp)
         if costs and costs.get("plain"):
             self.cost[("plain", 0)] = float(costs["plain"])
             for kind in ("heads", "lookup"):
@@ -188,6 +207,44 @@ class DraftPlanner:
             self._curves.clear()
             self.clock.plain_seen = max(self.clock.plain_seen, 1)  # warm-up is over: the first burst is timed
         return self
+
+    def set_temp(self, temp: float) -> None:
+        """The acceptance prior for generations at this temperature: the head
+        set's measured at the nearest temperature.  Sampling when only greedy
+        decoding was measured keeps it at a small weight (sampled drafts are accepted less
+        often: at T = 0.7 the shipped head's AR_1 is about two thirds of greedy)."""
+        self.temp = float(temp)
+        if not self.head_priors:
+            return
+        nearest = min(self.head_priors, key=lambda t: (abs(t - self.temp), t))
+        self.head_prior = self.head_priors[nearest]
+        sampled_from_greedy = self.temp > 0 and not any(t > 0 for t in self.head_priors)
+        self.head_prior_weight = (min(GREEDY_PRIOR_WEIGHT_WHEN_SAMPLING, self.measured_weight)
+                                  if sampled_from_greedy else self.measured_weight)
+
+    @staticmethod
+    def catch_up_work(d: int, lags: Optional[List[int]]) -> int:
+        """Positions depths 1..d catch up before a step beyond what a step that
+        follows another catches up (up to d + 2 each): the lags (DepthCaches.lags)
+        left by plain decoding, or by steps that drafted fewer depths."""
+        return sum(max(lag - d - 2, 0) for lag in lags[:d]) if lags else 0
+
+    def catch_up_cost(self, d: int, lags: Optional[List[int]]) -> float:
+        """Seconds a d-token heads step spends first catching its depths up."""
+        t0 = self.cost.get(("plain", 0))
+        work = self.catch_up_work(d, lags)
+        if not t0 or not work:
+            return 0.0
+        return work * self.cost.get(("catchup", 0), CATCH_UP_PRIOR * t0)
+
+    def observe_catch_up(self, d: int, lags: Optional[List[int]], seconds: float, step: Optional[float]) -> None:
+        """A d-token heads step with these lags before it took `seconds`, against
+        `step` for one that catches nothing up: the cost per position and depth."""
+        work = self.catch_up_work(d, lags)
+        if step is None or work < 8 or self.cost.get(("plain", 0)) is None:
+            return
+        per = max(seconds - step, 0.0) / work
+        self._ema(("catchup", 0), min(per, 0.2 * self.cost[("plain", 0)]))
 
     def prefill_depth(self) -> int:
         """How many head depths to catch up inside the prefill: those the first
@@ -321,15 +378,16 @@ class DraftPlanner:
         slope = 1.2 * max((hi - lo) / 6, 0.02 * self.cost[("plain", 0)])
         return scale * (base + (size - d - 1) * slope)
 
-    def best_tree(self, d: int, profile: List[float], table: List[List[float]]):
+    def best_tree(self, d: int, profile: List[float], table: List[List[float]], extra: float = 0.0):
         """(tokens per second, widths or None) of the best tree over a d-token
         chain.  Alternatives are added best first: the next one at depth j
         (rank w_j + 1) adds reach_j (1 - AR_j) prod_{r<=w_j}(1 - b_{j,r}) b_{j,w_j+1}
         expected tokens, so each tree size has its best shape; the size is then
-        chosen by tokens per second against its measured cost."""
+        chosen by tokens per second against its measured cost (plus `extra`
+        seconds: the heads' catch-up)."""
         from .tree import MAX_TREE_SIZE, MAX_WIDTH
 
-        base = self.step_cost("heads", d)
+        base = self.step_cost("heads", d) + extra
         widths = [1] * d
         reach, r = [], 1.0
         for ar in profile:
@@ -347,20 +405,22 @@ class DraftPlanner:
             widths[j] += 1
             e += gain
             cost = self.tree_cost(d, 1 + d + n)  # None: a size not measured
-            if cost and e / cost > best:
-                best, best_widths = e / cost, tuple(widths)
+            if cost and e / (cost + extra) > best:
+                best, best_widths = e / (cost + extra), tuple(widths)
         return best, best_widths
 
-    def _best_heads(self, cap: int, trees: bool) -> Tuple[float, int, Optional[Tuple[int, ...]]]:
-        """(tokens per second, d, widths) of the best head draft up to `cap` tokens."""
+    def _best_heads(self, cap: int, trees: bool,
+                    lags: Optional[List[int]] = None) -> Tuple[float, int, Optional[Tuple[int, ...]]]:
+        """(tokens per second, d, widths) of the best head draft up to `cap` tokens,
+        the depths lagging by `lags` (see catch_up_cost)."""
         if not trees or self.tree != "auto":
-            rate, d = self._best_length("heads", cap)
+            rate, d = self._best_length("heads", cap, lags=lags)
             return rate, d, None
         profile = self.profile("heads", cap)
         table = self.rank_table(cap)
         best = (0.0, 0, None)
         for d in range(1, cap + 1):
-            rate, widths = self.best_tree(d, profile[:d], table)
+            rate, widths = self.best_tree(d, profile[:d], table, self.catch_up_cost(d, lags))
             if rate > best[0]:
                 best = (rate, d, widths)
         return best
@@ -467,13 +527,15 @@ class DraftPlanner:
         if tokens >= 2 and self.clock.plain_seen > 1:  # the first burst after loading pays for warm-up
             self._ema(("plain", 0), seconds / tokens)
 
-    def _best_length(self, kind: str, cap: int, match: int = 0) -> Tuple[float, int]:
-        """(tokens per second, d) of the best draft length up to `cap`."""
+    def _best_length(self, kind: str, cap: int, match: int = 0,
+                     lags: Optional[List[int]] = None) -> Tuple[float, int]:
+        """(tokens per second, d) of the best draft length up to `cap` (for heads
+        lagging by `lags`, their catch-up counted in the step's cost)."""
         best, best_d, e, p = 0.0, 0, 1.0, 1.0
         for d, ar in enumerate(self.profile(kind, cap, match), 1):
             p *= ar
             e += p
-            rate = e / self.step_cost(kind, d)
+            rate = e / (self.step_cost(kind, d) + (self.catch_up_cost(d, lags) if kind == "heads" else 0.0))
             if rate > best:
                 best, best_d = rate, d
         return best, best_d
@@ -521,7 +583,9 @@ class DraftPlanner:
         options = []  # (rate, kind, arg)
         widths = None
         if heads_ok:
-            rate, d, widths = self._best_heads(min(cap, st.max_depth), trees)
+            # what the depths missed (plain decoding, shorter drafts) is caught up first
+            lags = st.depths.lags(st.length) if hasattr(st, "depths") else None
+            rate, d, widths = self._best_heads(min(cap, st.max_depth), trees, lags)
             options.append((rate, "heads", d))
         lookup_option = None
         if lookup.tokens:

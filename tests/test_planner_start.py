@@ -139,7 +139,7 @@ def test_head_acceptance_prefers_decoding_then_teacher_forced(tmp_path):
         "D=3,loop=last": {"loop": "last", "acceptance_rates": [0.43, 0.4, 0.35]},
         "D=4,loop=cycle": {"loop": "cycle", "acceptance_rates": [0.43, 0.4, 0.35, 0.3]}}}))
     assert costs.head_acceptance(tmp_path, "last") == {"acceptance": [0.43, 0.4, 0.35], "source": "decoding",
-                                                       "ranks": None}
+                                                       "ranks": None, "by_temp": {}}
     # a tree's row gives acceptance by rank (ranks never tried: half the rank before), not by position
     rec = json.loads((tmp_path / "eval.json").read_text())
     rec["decoding"]["D=2,loop=last,tree=3-2"] = {"loop": "last", "tree": [3, 2], "tree_steps": 40,
@@ -176,6 +176,79 @@ def test_a_seeded_planner_drafts_from_its_first_step_and_its_measurements_correc
     assert seeded.step_cost("heads", d) > 0.19
     assert seeded.plan(St(), 100)[0] == "plain"
     assert seeded.prefill_depth() == 0
+
+
+def test_sampling_starts_from_the_acceptance_measured_at_its_temperature(tmp_path):
+    """eval-heads --temp 0.7 --save adds sampled rows beside the greedy ones; a
+    generation's prior is the one measured nearest its temperature, and sampling
+    with only a greedy measurement trusts it less (sampled drafts are accepted
+    less often)."""
+    from mlx_mtpd.planner import GREEDY_PRIOR_WEIGHT_WHEN_SAMPLING, MEASURED_PRIOR_WEIGHT
+    from mlx_mtpd.training.eval_heads import merged_evaluation
+
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"teacher_forced_agreement": [0.6], "best": {"num_draft": 2}, "decoding": {
+        "D=2,loop=last": {"loop": "last", "acceptance_rates": [0.45, 0.4]}}}))
+    sampled = {"best": {"num_draft": 1}, "decoding": {
+        "D=2,loop=last,temp=0.7": {"loop": "last", "temp": 0.7, "acceptance_rates": [0.3, 0.25]}}}
+    merged = merged_evaluation(path, sampled)
+    assert set(merged["decoding"]) == {"D=2,loop=last", "D=2,loop=last,temp=0.7"}
+    assert merged["teacher_forced_agreement"] == [0.6] and merged["best"] == {"num_draft": 2}
+    path.write_text(json.dumps(merged))
+    found = costs.head_acceptance(tmp_path, "last")
+    assert found["acceptance"] == [0.45, 0.4] and found["by_temp"] == {0.7: [0.3, 0.25]}
+
+    planner = DraftPlanner("auto", "heads", max_draft=2).seed(acceptance=found["acceptance"],
+                                                               by_temp=found["by_temp"])
+    for temp, prior in ((0.0, 0.45), (0.7, 0.3), (1.0, 0.3), (0.2, 0.45)):
+        planner.set_temp(temp)
+        assert planner.acceptance("heads", 1) == pytest.approx(prior)
+        assert planner.head_prior_weight == MEASURED_PRIOR_WEIGHT
+    greedy_only = DraftPlanner("auto", "heads", max_draft=2).seed(acceptance=[0.45, 0.4])
+    greedy_only.set_temp(0.7)
+    assert greedy_only.head_prior_weight == GREEDY_PRIOR_WEIGHT_WHEN_SAMPLING
+    greedy_only.set_temp(0.0)
+    assert greedy_only.head_prior_weight == MEASURED_PRIOR_WEIGHT
+
+
+def test_the_heads_catch_up_after_plain_decoding_is_priced_and_measured():
+    """After plain decoding the first heads step first catches every depth up on
+    the tokens it missed: the planner adds that to the step's cost (so a draft
+    that barely pays waits, and a shorter draft catches up fewer depths), and
+    learns its cost per position from such steps."""
+    from mlx_mtpd.depths import DepthCaches
+
+    class St:
+        max_depth, index, memory, length = 3, None, None, 200
+
+        def __init__(self, lags):
+            self.depths = DepthCaches(3)
+            self.depths.committed[1:4] = [self.length - x for x in lags]
+
+        def can_verify(self, d):
+            return True
+
+    def seeded():
+        return DraftPlanner("auto", "heads", max_draft=3, tree=None).seed(
+            acceptance=[0.6, 0.5, 0.3], costs={"plain": 0.1, "heads": {"1": 0.11, "2": 0.125, "3": 0.145}})
+
+    planner = seeded()
+    kind, d, _ = planner.plan(St([1, 2, 3]), 100)
+    assert (kind, d) == ("heads", 2)
+    assert planner.catch_up_work(2, [1, 2, 3]) == 0
+    assert planner.catch_up_work(2, [40, 60, 60]) == (40 - 4) + (60 - 4)
+    # 150 positions behind, every depth (a long plain stretch): catching even one depth up
+    # (~0.07 s at the prior) costs more than the draft gains
+    kind, _, _ = planner.plan(St([150, 150, 150]), 100)
+    assert kind == "plain"
+    # depth 1 up to date, the deeper ones far behind (only one-token drafts lately): a one-token draft
+    kind, d, _ = planner.plan(St([1, 90, 90]), 100)
+    assert (kind, d) == ("heads", 1)
+    # measured: a step that caught 2 x 36 positions up took 0.125 + 72 x 2 ms
+    planner.observe_catch_up(2, [40, 40, 40], 0.125 + 72 * 0.002, 0.125)
+    planner.observe_catch_up(2, [3, 4, 4], 0.5, 0.125)  # nothing caught up: not a measurement
+    assert planner.cost[("catchup", 0)] == pytest.approx(0.002)
+    assert planner.catch_up_cost(2, [40, 40, 40]) == pytest.approx(72 * 0.002)
 
 
 def test_shipped_head_set_has_its_evaluation():

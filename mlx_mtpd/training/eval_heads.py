@@ -9,6 +9,7 @@ acceptance by draft position.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -32,9 +33,11 @@ def conversation_prompt(prompt):
 
 def decoding_acceptance(model, tokenizer, heads, prompts: List[str], *, max_tokens: int,
                         drafts: List[int], loops: List[str], progress: bool = True,
-                        trees=(None,)) -> Dict[str, dict]:
-    """Aggregate SpecStats over `prompts` for every (D, loop, tree); loop only
-    matters for D > K; `trees`: None (chains) and/or widths (mlx_mtpd.tree)."""
+                        trees=(None,), temps=(0.0,)) -> Dict[str, dict]:
+    """Aggregate SpecStats over `prompts` for every (D, loop, tree, temperature);
+    loop only matters for D > K; `trees`: None (chains) and/or widths
+    (mlx_mtpd.tree), greedy only; `temps`: sampling temperatures (0: greedy;
+    sampled answers are seeded per prompt, so a rerun repeats them)."""
     from ..tree import widths_for
 
     from tqdm import tqdm
@@ -43,43 +46,68 @@ def decoding_acceptance(model, tokenizer, heads, prompts: List[str], *, max_toke
     from ..prompts import chat_messages
 
     ids = [mx.array(tokenizer.apply_chat_template(chat_messages(p), add_generation_prompt=True)) for p in prompts]
-    configs = [(d, lp, tr) for tr in trees for d in drafts for lp in (loops if d > heads.num_heads else loops[:1])]
+    configs = [(d, lp, tr, t) for t in temps for tr in (trees if t == 0 else [None]) for d in drafts
+               for lp in (loops if d > heads.num_heads else loops[:1])]
     results = {}
     bar = tqdm(total=len(configs) * len(ids), desc="decode", unit="run", disable=not progress)
-    for d, lp, tr in configs:
+    for d, lp, tr, temp in configs:
         widths = widths_for(tr, d)
         if tr is not None and widths is None:
             continue  # a tree that adds nothing at this D: the chain's row
         total = SpecStats()
-        for p in ids:
+        for i, p in enumerate(ids):
             st = SpecStats()
+            mx.random.seed(i)
             for _ in mtp_generate_step(p, model, heads, num_draft=d, loop=lp, max_tokens=max_tokens, stats=st,
-                                       tree=widths):
+                                       tree=widths, temp=temp):
                 pass
             total.add(st)
             bar.update(1)
-        name = f"D={d},loop={lp}" + (f",tree={'-'.join(map(str, widths))}" if widths else "")
+        name = (f"D={d},loop={lp}" + (f",tree={'-'.join(map(str, widths))}" if widths else "")
+                + (f",temp={temp:g}" if temp else ""))
         results[name] = {"num_draft": d, "loop": lp, "tree": list(widths) if widths else None,
-                         **total.as_dict()}
+                         **({"temp": temp} if temp else {}), **total.as_dict()}
     bar.close()
     return results
 
 
 def evaluate(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: List[int], loops: List[str],
              trees=(None,), data: Optional[List[str]] = None, name: Optional[str] = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, temps=(0.0,)) -> dict:
     """eval-heads' results (the eval.json format): decoding acceptance for every
-    (D, loop, tree), teacher-forced agreement on `data` when given, and the best."""
+    (D, loop, tree, temperature), teacher-forced agreement on `data` when given,
+    and the best (greedy when measured)."""
     out = {"heads": name, "num_heads": heads.num_heads, "prompts": len(prompts), "max_tokens": max_tokens}
     if data:
         out["teacher_forced_agreement"] = teacher_forced(
             model, tokenizer, heads, data, depth=max(heads.num_heads, min(max(drafts), TF_MAX_DEPTH)))
     out["decoding"] = decoding_acceptance(model, tokenizer, heads, prompts, max_tokens=max_tokens, drafts=drafts,
-                                          loops=loops, trees=trees, progress=progress)
-    best = max(out["decoding"].values(), key=lambda r: r["mean_accepted_length"])
+                                          loops=loops, trees=trees, progress=progress, temps=temps)
+    greedy = [r for r in out["decoding"].values() if not r.get("temp")] or list(out["decoding"].values())
+    best = max(greedy, key=lambda r: r["mean_accepted_length"])
     out["best"] = {"num_draft": best["num_draft"], "loop": best["loop"], "tree": best.get("tree"),
                    "mean_accepted_length": best["mean_accepted_length"],
                    "AR_1": best["acceptance_rates"][0] if best["acceptance_rates"] else 0.0}
+    return out
+
+
+def merged_evaluation(path: Path, new: dict) -> dict:
+    """`new` with the decoding entries of the evaluation at `path` kept for the
+    temperatures `new` did not measure (a sampled run saved beside a greedy one
+    keeps both), and its teacher-forced agreement when `new` has none."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return new
+    measured = {float(r.get("temp") or 0.0) for r in new["decoding"].values()}
+    kept = {k: r for k, r in (old.get("decoding") or {}).items()
+            if isinstance(r, dict) and float(r.get("temp") or 0.0) not in measured}
+    out = dict(new, decoding={**kept, **new["decoding"]})
+    if "teacher_forced_agreement" not in out and old.get("teacher_forced_agreement"):
+        out["teacher_forced_agreement"] = old["teacher_forced_agreement"]
+    greedy = [r for r in out["decoding"].values() if not r.get("temp")]
+    if greedy and 0.0 not in measured:  # the best stays greedy's
+        out["best"] = old.get("best", out["best"])
     return out
 
 
@@ -93,6 +121,7 @@ def plot(results: Dict[str, dict], agreement: Optional[List[float]], path: Path,
     from matplotlib.ticker import MaxNLocator
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    results = {k: r for k, r in results.items() if not r.get("temp")}  # the plot is greedy's
     chains = {k: r for k, r in results.items() if not r.get("tree")}
     looped = {r["loop"] for r in chains.values() if r["num_draft"] > num_heads} or {"last"}
     for loop, style in (("last", "o-"), ("cycle", "s--")):
@@ -144,6 +173,9 @@ def main(argv=None) -> None:
     p.add_argument("--tree", nargs="+", default=["off"],
                    help="Tree shapes to evaluate beside (or instead of) chains: off, W or W1,W2,... "
                         "(e.g. --tree off 4 4,3,2); fixed shapes, greedy.")
+    p.add_argument("--temp", default="0",
+                   help="Comma-separated sampling temperatures (default 0: greedy), e.g. 0,0.7: `auto` "
+                        "starts a generation from the acceptance measured nearest its temperature.")
     p.add_argument("--json", default=None, help="Write the results here.")
     p.add_argument("--plot", default=None, help="Write a PNG plot here.")
     p.add_argument("--save", action="store_true",
@@ -169,6 +201,12 @@ def main(argv=None) -> None:
                 raise MTPDError("eval-heads measures fixed shapes: --tree off, W or W1,W2,...")
             trees.append(t)
         loops = args.loops.split(",")
+        try:
+            temps = [float(x) for x in args.temp.split(",")]
+        except ValueError:
+            raise MTPDError(f"--temp takes comma-separated numbers, e.g. 0,0.7 (got {args.temp!r})") from None
+        if any(t < 0 for t in temps):
+            raise MTPDError(f"--temp must be >= 0 (got {args.temp})")
         if args.num_prompts < 1:
             raise MTPDError(f"--num-prompts must be at least 1 (got {args.num_prompts})")
         prompts = [conversation_prompt(p) for p in read_prompts(args.prompts)]
@@ -176,7 +214,7 @@ def main(argv=None) -> None:
         if not prompts:
             raise MTPDError(f"{args.prompts} holds no prompt to answer (a 'messages' record needs a user turn)")
         out = evaluate(model, tok, heads, prompts, max_tokens=args.max_tokens, drafts=drafts, loops=loops,
-                       trees=trees, data=args.data, name=str(args.heads))
+                       trees=trees, data=args.data, name=str(args.heads), temps=temps)
         agreement, best = out.get("teacher_forced_agreement"), out["best"]
         for key, r in out["decoding"].items():
             ar = " ".join(f"{a:.2f}" for a in r["acceptance_rates"])
@@ -188,7 +226,7 @@ def main(argv=None) -> None:
         if args.save:
             if heads.path is None:
                 raise MTPDError("--save needs a head set folder: pass --heads")
-            write_json_atomic(Path(heads.path) / EVAL_FILE, out)
+            write_json_atomic(Path(heads.path) / EVAL_FILE, merged_evaluation(Path(heads.path) / EVAL_FILE, out))
             print(f"[mlx_mtpd] wrote {Path(heads.path) / EVAL_FILE}", file=sys.stderr)
         if args.plot:
             title = f"{heads.num_heads} head(s), {len(prompts)} held-out prompts x {args.max_tokens} tokens, greedy"
