@@ -35,6 +35,12 @@ MODES = ("run", "cold", "warm")
 MODE_TEXT = {"run": "each alone, one planner for the run",
              "cold": "each alone with a fresh planner (as a new process)",
              "warm": "as the turns of one chat session"}
+# Sampled answers differ between settings, so in a warm run each setting's own
+# history would reach other context lengths (a 2,300-token conversation decodes
+# slower than a 1,900-token one whatever drafts): at T > 0 every setting answers
+# the same conversation, whose history is plain mlx-lm's answers.  The engine
+# then prefills that answer where its own differed (plain mlx-lm has it
+# cached), so the comparison errs in plain decoding's favour.
 
 
 def _run(gen, eos=(), fed: Optional[List[int]] = None) -> tuple:
@@ -193,7 +199,7 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
                 if st.first_step:
                     first_steps[name].append(st.first_step)
             if mode == "warm":
-                convs[name] = msgs + [{"role": "assistant", "content": tokenizer.decode(toks)}]
+                convs[name] = msgs
             outs[name] = toks
             row[name] = {"tokens": len(toks), "seconds": t, "decode_seconds": td}
             tot = totals[name]
@@ -202,6 +208,10 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
             tot["decode_tokens"] += max(len(toks) - 1, 0)
             tot["decode_time"] += td
             bar.update(1)
+        if mode == "warm":  # each setting's own answer, or at T > 0 plain mlx-lm's for all (see above)
+            for name in names:
+                said = outs["plain"] if temp > 0 else outs[name]
+                convs[name] = convs[name] + [{"role": "assistant", "content": tokenizer.decode(said)}]
         per_prompt.append(row)
         if temp == 0:
             mismatches += [{"prompt": i, "setting": n} for n in names[1:] if outs[n] != outs["plain"]]
@@ -320,7 +330,9 @@ def results_table(res: Dict, command: str) -> str:
         f"`{command}` on {res['device']} ({res['blas']}), {res['num_prompts']} prompts x {res['max_tokens']} "
         f"tokens{' at most (an answer ends at its end-of-sequence token)' if res.get('stop_at_eos') else ''}, "
         f"temperature {res['temp']}, "
-        f"draft source {res['draft']}, requests {MODE_TEXT[res.get('mode', 'run')]}:",
+        f"draft source {res['draft']}, requests {MODE_TEXT[res.get('mode', 'run')]}"
+        + (" (the same conversation for every setting: plain mlx-lm's answers as its history)"
+           if res.get("mode") == "warm" and res.get("temp") else "") + ":",
         "",
         "| setting | tokens/s | speedup vs plain mlx-lm | tau | acceptance by position | steps by source "
         "| first step after the first token |",

@@ -676,3 +676,29 @@ def test_bench_cli_json_and_plot(tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     r = run_cli("bench", "--model", model, "--heads", "untrained", "--prompts", prompts, "--num-draft", "x")
     assert r.returncode == 1 and "--num-draft must be integers" in r.stderr
+
+
+def test_bench_warm_mode_keeps_one_conversation_per_setting(tmp_path):
+    """--mode warm: the turns of one chat.  Greedy, each setting's history is its
+    own (identical) answers; sampled, every setting answers the same conversation
+    (plain mlx-lm's answers as its history), so the contexts the settings decode
+    in are the same length and the ratio is not a matter of whose answers ran longer."""
+    from conftest import write_hf_checkpoint
+
+    from mlx_mtpd.bench import bench
+    from mlx_mtpd.heads import init_heads
+    from mlx_mtpd.utils import load
+
+    write_hf_checkpoint(tmp_path / "m", "llama", vocab_size=300, seed=8)
+    model, tok, _ = load(str(tmp_path / "m"))
+    heads = init_heads(model, 1)
+    prompts = ["the cat", "an inn", "the theme"]
+    for temp in (0.0, 0.9):
+        res = bench(model, tok, heads, prompts, max_tokens=10, drafts=["auto", 2], temp=temp, mode="warm",
+                    progress=False, draft=["heads"])
+        rows = res["per_prompt"]
+        lengths = [r["prompt_tokens"] for r in rows]
+        assert all(len(set(x.values())) == 1 for x in lengths)  # the same prompt for every setting
+        assert lengths[2]["plain"] > lengths[1]["plain"] > lengths[0]["plain"]  # the history grows
+        if temp == 0:
+            assert res["identical_outputs"] is True

@@ -259,6 +259,24 @@ def test_eval_heads_json_and_plot(tiny_ckpt, tmp_path):
     r = run_cli("eval-heads", "--model", tiny_ckpt / "model", "--heads", tmp_path / "h", "--prompts", prompts,
                 "--tree", "auto", "--max-tokens", 6)
     assert r.returncode != 0 and "fixed shapes" in r.stderr and "Traceback" not in r.stderr
+    # sampled rows (--temp) saved beside the greedy ones: eval.json keeps both, and `auto`
+    # starts a sampled generation from the sampled rows
+    r = run_cli("eval-heads", "--model", tiny_ckpt / "model", "--heads", tmp_path / "h", "--prompts", prompts,
+                "--num-draft", "1,2", "--loops", "last", "--max-tokens", 8, "--save")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("eval-heads", "--model", tiny_ckpt / "model", "--heads", tmp_path / "h", "--prompts", prompts,
+                "--num-draft", "2", "--loops", "last", "--max-tokens", 8, "--temp", "0.7", "--save")
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((tmp_path / "h" / "eval.json").read_text())
+    assert set(saved["decoding"]) == {"D=1,loop=last", "D=2,loop=last", "D=2,loop=last,temp=0.7"}
+    assert saved["decoding"]["D=2,loop=last,temp=0.7"]["temp"] == 0.7 and saved["best"]["num_draft"] in (1, 2)
+    from mlx_mtpd.costs import head_acceptance
+
+    found = head_acceptance(tmp_path / "h", "last")
+    assert list(found["by_temp"]) == [0.7] and len(found["by_temp"][0.7]) == 2
+    r = run_cli("eval-heads", "--model", tiny_ckpt / "model", "--heads", tmp_path / "h", "--prompts", prompts,
+                "--temp", "warm", "--max-tokens", 6)
+    assert r.returncode != 0 and "--temp takes comma-separated numbers" in r.stderr and "Traceback" not in r.stderr
     # ... and an evaluation over no prompt is refused, not reported as tau 1.00
     (tmp_path / "none.jsonl").write_text(json.dumps({"messages": [{"role": "system", "content": "x"}]}) + "\n")
     r = run_cli("eval-heads", "--model", tiny_ckpt / "model", "--heads", tmp_path / "h", "--prompts",
