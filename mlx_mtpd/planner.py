@@ -64,6 +64,9 @@ RANK_PRIOR_WEIGHT = 2.0
 # missed: a head layer's forward each) before it is measured, per position and
 # depth, as a fraction of a plain token (this CPU: 0.004-0.006).
 CATCH_UP_PRIOR = 0.005
+# The catch-up is paid once and serves the steps that follow: a step is charged
+# its share over this many steps (fewer when fewer tokens remain).
+CATCH_UP_HORIZON = 8
 # Sampled drafts are accepted less often than greedy ones: a head set measured
 # only greedily is a weaker prior when sampling (the weight of its acceptance).
 GREEDY_PRIOR_WEIGHT_WHEN_SAMPLING = 2.0
@@ -236,6 +239,13 @@ class DraftPlanner:
         if not t0 or not work:
             return 0.0
         return work * self.cost.get(("catchup", 0), CATCH_UP_PRIOR * t0)
+
+    def catch_up_share(self, d: int, lags: Optional[List[int]], remaining: int) -> float:
+        """This step's share of the catch-up: the depths caught up serve the steps
+        that follow, up to CATCH_UP_HORIZON of them (as many as `remaining`
+        tokens allow), so it is spread over those."""
+        cost = self.catch_up_cost(d, lags)
+        return cost / max(1, min(CATCH_UP_HORIZON, remaining // (d + 1))) if cost else 0.0
 
     def observe_catch_up(self, d: int, lags: Optional[List[int]], seconds: float, step: Optional[float]) -> None:
         """A d-token heads step with these lags before it took `seconds`, against
@@ -410,17 +420,18 @@ class DraftPlanner:
         return best, best_widths
 
     def _best_heads(self, cap: int, trees: bool,
-                    lags: Optional[List[int]] = None) -> Tuple[float, int, Optional[Tuple[int, ...]]]:
+                    lags: Optional[List[int]] = None,
+                    remaining: int = 0) -> Tuple[float, int, Optional[Tuple[int, ...]]]:
         """(tokens per second, d, widths) of the best head draft up to `cap` tokens,
-        the depths lagging by `lags` (see catch_up_cost)."""
+        the depths lagging by `lags` (see catch_up_share; `remaining` tokens)."""
         if not trees or self.tree != "auto":
-            rate, d = self._best_length("heads", cap, lags=lags)
+            rate, d = self._best_length("heads", cap, lags=lags, remaining=remaining)
             return rate, d, None
         profile = self.profile("heads", cap)
         table = self.rank_table(cap)
         best = (0.0, 0, None)
         for d in range(1, cap + 1):
-            rate, widths = self.best_tree(d, profile[:d], table, self.catch_up_cost(d, lags))
+            rate, widths = self.best_tree(d, profile[:d], table, self.catch_up_share(d, lags, remaining))
             if rate > best[0]:
                 best = (rate, d, widths)
         return best
@@ -528,14 +539,14 @@ class DraftPlanner:
             self._ema(("plain", 0), seconds / tokens)
 
     def _best_length(self, kind: str, cap: int, match: int = 0,
-                     lags: Optional[List[int]] = None) -> Tuple[float, int]:
+                     lags: Optional[List[int]] = None, remaining: int = 0) -> Tuple[float, int]:
         """(tokens per second, d) of the best draft length up to `cap` (for heads
-        lagging by `lags`, their catch-up counted in the step's cost)."""
+        lagging by `lags`, their catch-up's share counted in the step's cost)."""
         best, best_d, e, p = 0.0, 0, 1.0, 1.0
         for d, ar in enumerate(self.profile(kind, cap, match), 1):
             p *= ar
             e += p
-            rate = e / (self.step_cost(kind, d) + (self.catch_up_cost(d, lags) if kind == "heads" else 0.0))
+            rate = e / (self.step_cost(kind, d) + (self.catch_up_share(d, lags, remaining) if kind == "heads" else 0.0))
             if rate > best:
                 best, best_d = rate, d
         return best, best_d
@@ -585,7 +596,7 @@ class DraftPlanner:
         if heads_ok:
             # what the depths missed (plain decoding, shorter drafts) is caught up first
             lags = st.depths.lags(st.length) if hasattr(st, "depths") else None
-            rate, d, widths = self._best_heads(min(cap, st.max_depth), trees, lags)
+            rate, d, widths = self._best_heads(min(cap, st.max_depth), trees, lags, remaining)
             options.append((rate, "heads", d))
         lookup_option = None
         if lookup.tokens:

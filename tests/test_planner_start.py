@@ -237,12 +237,16 @@ def test_the_heads_catch_up_after_plain_decoding_is_priced_and_measured():
     assert (kind, d) == ("heads", 2)
     assert planner.catch_up_work(2, [1, 2, 3]) == 0
     assert planner.catch_up_work(2, [40, 60, 60]) == (40 - 4) + (60 - 4)
-    # 150 positions behind, every depth (a long plain stretch): catching even one depth up
-    # (~0.07 s at the prior) costs more than the draft gains
-    kind, _, _ = planner.plan(St([150, 150, 150]), 100)
+    # 400 positions behind, every depth (a long plain stretch), 6 tokens left: catching even
+    # one depth up (~0.2 s at the prior, shared by the 3 steps left) costs more than drafts gain
+    kind, _, _ = planner.plan(St([400, 400, 400]), 6)
     assert kind == "plain"
-    # depth 1 up to date, the deeper ones far behind (only one-token drafts lately): a one-token draft
-    kind, d, _ = planner.plan(St([1, 90, 90]), 100)
+    # with the answer's tokens ahead the catch-up is shared by the steps that follow (8)
+    assert planner.catch_up_share(1, [400] * 3, 100) == pytest.approx(planner.catch_up_cost(1, [400] * 3) / 8)
+    assert planner.plan(St([400, 400, 400]), 100)[0] == "heads"
+    # depth 1 up to date, the deeper ones far behind (only one-token drafts lately): a
+    # one-token draft, where it would draft 2 with every depth up to date
+    kind, d, _ = planner.plan(St([1, 300, 300]), 100)
     assert (kind, d) == ("heads", 1)
     # measured: a step that caught 2 x 36 positions up took 0.125 + 72 x 2 ms
     planner.observe_catch_up(2, [40, 40, 40], 0.125 + 72 * 0.002, 0.125)
