@@ -39,14 +39,10 @@ class DepthCaches:
             return c[1]
         return c[k + 1] if k < self.depth else c[k]
 
-    def behind(self, depths: int, length: int) -> int:
-        """How many positions the furthest behind of depths 1..`depths` lags the
-        backbone's `length` (a depth's first use catches up the whole context)."""
-        return length - min(self.committed[1 : depths + 1]) if depths else 0
-
     def lags(self, length: int) -> List[int]:
         """How far each depth 1..D lags the backbone's `length`: the positions a
-        step drafting with it first catches up."""
+        step drafting with it first catches up (a depth's first use: the whole
+        context)."""
         return [length - c for c in self.committed[1 : self.depth + 1]]
 
     def arrays(self, depths: int) -> List[mx.array]:

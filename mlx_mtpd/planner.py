@@ -193,12 +193,12 @@ class DraftPlanner:
         if ranks:
             self.rank_prior = [[min(max(float(x), 0.0), 0.99) for x in row] for row in ranks]
         if acceptance:
-            self.head_priors[0.0] = [min(max(float(a), 0.0), 0.99) for a in acceptance]
             self.measured_weight = weight
-        for t, rates in (by_temp or {}).items():
+        measured = {**(by_temp or {}), **({0.0: acceptance} if acceptance else {})}
+        for t, rates in measured.items():
             if rates:
                 self.head_priors[float(t)] = [min(max(float(a), 0.0), 0.99) for a in rates]
-        if acceptance or by_temp:
+        if measured:
             self.set_temp(self.temp)
         if costs and costs.get("plain"):
             self.cost[("plain", 0)] = float(costs["plain"])

@@ -91,7 +91,8 @@ def test_depth_bookkeeping_random_walk():
                 n = p + int(rng.integers(0, 3))  # the new turn's tokens after the kept prefix
                 moves[2] += 1
             _check(dc)
-            assert dc.behind(depth, n) == n - min(dc.committed[1 : depth + 1])
+            assert dc.lags(n) == [n - dc.committed[k] for k in range(1, depth + 1)]
+            assert all(x >= y for x, y in zip(dc.lags(n)[1:], dc.lags(n)))  # a deeper depth lags as far or further
         assert min(moves) >= 20, moves  # every move made often
         _catch_up(dc, n, depth)
         assert dc.arrays(depth)  # something to evaluate once caught up
