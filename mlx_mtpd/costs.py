@@ -279,6 +279,18 @@ def head_acceptance(head_dir: Optional[Path], loop: Optional[str] = None) -> Opt
     return None
 
 
+def draft_scales(head_dir: Optional[Path]) -> Dict[float, float]:
+    """{sampling temperature: the factor the heads draft at} from the head set's
+    eval.json (eval-heads --temp: `draft_temperature`), {} when not measured."""
+    if head_dir is None:
+        return {}
+    try:
+        rec = json.loads((Path(head_dir) / EVAL_FILE).read_text()).get("draft_temperature") or {}
+        return {float(t): float(r["scale"]) for t, r in rec.items() if float(t) > 0 and float(r["scale"]) > 0}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
 def seed_planner(planner, model: nn.Module, tokenizer, head_set=None, *, measure: bool = True,
                  quiet: bool = False):
     """Seed an `auto` planner with the head set's acceptance and this device's step

@@ -267,7 +267,44 @@ def accept_verbatim(drafts: mx.array, logits: mx.array, transform):
     return accept_sampled(drafts, q, transform(logits))
 
 
-class DraftState:
+class HiddenHistory:
+    """The backbone's hidden states of every cached position from `hist_base`
+    on, in chunks: what the heads' depth 1 takes (a DraftState's, and each row's
+    of the server's running batch)."""
+
+    hist: List[mx.array]
+    hist_pos: List[int]
+    hist_base: int
+
+    def push_hidden(self, h: mx.array) -> None:
+        start = self.hist_pos[-1] + self.hist[-1].shape[0] if self.hist else self.hist_base
+        self.hist.append(h)
+        self.hist_pos.append(start)
+        if len(self.hist) > 64:  # merge the recent chunks: one more chunk per 64 steps
+            merged = mx.concatenate(self.hist[-64:], axis=0)
+            self.hist[-64:] = [merged]
+            self.hist_pos[-64:] = [self.hist_pos[-64]]
+
+    def hidden_range(self, lo: int, hi: int) -> mx.array:
+        parts = []
+        for h, s in zip(reversed(self.hist), reversed(self.hist_pos)):
+            e = s + h.shape[0]
+            if e <= lo:
+                break
+            if s < hi:
+                parts.append(h[max(lo - s, 0) : min(hi, e) - s])
+        parts.reverse()
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+
+    def _truncate_hidden(self, n: int) -> None:
+        while self.hist and self.hist_pos[-1] >= n:
+            self.hist.pop()
+            self.hist_pos.pop()
+        if self.hist and self.hist_pos[-1] + self.hist[-1].shape[0] > n:
+            self.hist[-1] = self.hist[-1][: n - self.hist_pos[-1]]
+
+
+class DraftState(HiddenHistory):
     """Every cache the loop keeps: the backbone's, one per depth, the backbone's
     hidden states of every cached position (2.3 KB a token for SmolLM2, so a
     later turn can rewind the depths to any common prefix), and the recent
@@ -281,6 +318,9 @@ class DraftState:
 
     memory: Optional[AnswerMemory] = None
     prompt_len = 0  # the last prompt served from this state (the server tells conversations apart by it)
+    # the distribution sampled head drafts are drawn from (None: the backbone's, `transform`);
+    # set per generation (HeadSet.draft_temperature)
+    draft_transform: Optional[Callable[[mx.array], mx.array]] = None
 
     def __init__(self, model: nn.Module, head_set: Optional[HeadSet], max_depth: int, loop: Optional[str] = None,
                  kv: Optional[KVOptions] = None):
@@ -365,34 +405,6 @@ class DraftState:
         """Tokens emitted after the context (the index follows, one entry per token)."""
         self.tokens.extend(new)
         self.index.extend(new)
-
-    # -- the backbone's hidden states -------------------------------------------
-    def push_hidden(self, h: mx.array) -> None:
-        start = self.hist_pos[-1] + self.hist[-1].shape[0] if self.hist else self.hist_base
-        self.hist.append(h)
-        self.hist_pos.append(start)
-        if len(self.hist) > 64:  # merge the recent chunks: one more chunk per 64 steps
-            merged = mx.concatenate(self.hist[-64:], axis=0)
-            self.hist[-64:] = [merged]
-            self.hist_pos[-64:] = [self.hist_pos[-64]]
-
-    def hidden_range(self, lo: int, hi: int) -> mx.array:
-        parts = []
-        for h, s in zip(reversed(self.hist), reversed(self.hist_pos)):
-            e = s + h.shape[0]
-            if e <= lo:
-                break
-            if s < hi:
-                parts.append(h[max(lo - s, 0) : min(hi, e) - s])
-        parts.reverse()
-        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
-
-    def _truncate_hidden(self, n: int) -> None:
-        while self.hist and self.hist_pos[-1] >= n:
-            self.hist.pop()
-            self.hist_pos.pop()
-        if self.hist and self.hist_pos[-1] + self.hist[-1].shape[0] > n:
-            self.hist[-1] = self.hist[-1][: n - self.hist_pos[-1]]
 
     # -- rollback ---------------------------------------------------------------
     def can_verify(self, d: int) -> bool:
@@ -562,6 +574,9 @@ def mtp_generate_step(
     ) or state.kv != kv:
         state = DraftState(model, head_set if depth else None, depth, loop, kv)
     st = state
+    st.draft_transform = (make_logprobs_transform(head_set.draft_temperature(temp), top_p, top_k, min_p,
+                                                  min_tokens_to_keep)
+                          if transform is not None and depth else None)
     plain_only = planner.num_draft == 0 or (st.max_depth == 0 and not planner.uses_lookup)
     if cluster is None and plain_only:
         first, lp = _prefill(st, prompt_list, 0, transform, prefill_step_size)
@@ -854,7 +869,8 @@ def _step(st: DraftState, d: int, transform, lookup: Optional[List[int]] = None,
         draft_arr = mx.array(list(lookup), mx.uint32)
         qs, streams = [], [None]  # q is one-hot at the drafts: built below
     else:
-        drafts, qs, streams, alts = head_drafts.draft(st, d, transform, widths) if d else ([], [], [None], None)
+        q_transform = (st.draft_transform or transform) if transform is not None else None
+        drafts, qs, streams, alts = head_drafts.draft(st, d, q_transform, widths) if d else ([], [], [None], None)
         draft_arr = mx.stack(drafts) if drafts else mx.zeros((0,), mx.uint32)
         if cluster is not None and drafts:  # every rank verifies rank 0's drafts
             draft_arr = cluster.tensor(draft_arr)

@@ -339,6 +339,8 @@ class HeadSet(nn.Module):
         object.__setattr__(self, "path", None)  # the folder it was loaded from (load_heads)
         # the backbone it drafts for is sharded so (mlx_mtpd.distributed.load); None: one process
         object.__setattr__(self, "sharding", None)
+        # sampling temperature -> the factor on it the heads draft at (eval-heads, `draft_temperature`)
+        object.__setattr__(self, "draft_scales", {})
 
     def set_draft_vocab(self, ids: Optional[mx.array]) -> None:
         object.__setattr__(self, "_draft_ids", None if ids is None else ids.astype(mx.int32))
@@ -347,6 +349,17 @@ class HeadSet(nn.Module):
     @property
     def num_heads(self) -> int:
         return len(self.heads)
+
+    def draft_temperature(self, temp: float) -> float:
+        """The temperature the heads draw sampled drafts at when the backbone samples
+        at `temp`: `temp` times the factor measured nearest it (eval-heads: the one
+        that maximizes the expected acceptance sum_x min(p(x), q(x))), else `temp`.
+        Any q keeps speculative sampling exact; a head less sure than the backbone
+        overlaps it more when drafting cooler."""
+        if temp <= 0 or not self.draft_scales:
+            return temp
+        nearest = min(self.draft_scales, key=lambda t: (abs(t - temp), t))
+        return temp * self.draft_scales[nearest]
 
     @property
     def features(self) -> List[int]:
@@ -575,6 +588,9 @@ def load_heads(path: Path, model: nn.Module) -> HeadSet:
                              head_set.parameters()))
     mx.eval(head_set.parameters())
     object.__setattr__(head_set, "path", path)  # where its evaluation (eval.json) lives
+    from .costs import draft_scales
+
+    object.__setattr__(head_set, "draft_scales", draft_scales(path))
     return head_set
 
 

@@ -7,7 +7,7 @@ every drafting step into planning, building the drafts' and the verification's
 graph (host), evaluating it (the device, the host waiting) and the rollback
 (cache trims, hidden states, suffix index; host).
 
-    python scripts/head_step_profile.py [--num-prompts 6] [--num-draft 1,2,3] [--json out.json]
+    python scripts/head_step_profile.py [--num-prompts 6] [--num-draft 1,2,3] [--temp 0.7] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--num-prompts", type=int, default=6)
     ap.add_argument("--num-draft", default="1,2,3")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--temp", type=float, default=0.0, help="sampling temperature (both sides, seeded alike)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     model, tok, heads = load(None)
@@ -38,17 +39,20 @@ def main():
     _run(_plain(ids[0], model, 8, 0.0))
     plain_tokens, plain_time = 0, 0.0
     for p in ids:
-        toks, _, td = _run(_plain(p, model, args.max_tokens, 0.0), eos)
+        mx.random.seed(0)
+        toks, _, td = _run(_plain(p, model, args.max_tokens, args.temp), eos)
         plain_tokens += len(toks) - 1
         plain_time += td
     t0 = plain_time / plain_tokens
-    out = {"plain_ms_per_token": 1e3 * t0, "by_num_draft": {}}
+    out = {"temp": args.temp, "plain_ms_per_token": 1e3 * t0, "by_num_draft": {}}
     print(f"plain mlx-lm: {1e3 * t0:.1f} ms a token ({plain_tokens} tokens)")
     for d in [int(x) for x in args.num_draft.split(",")]:
         total = SpecStats()
         for p in ids:
             st = SpecStats()
-            _run(mtp_generate_step(p, model, heads, num_draft=d, max_tokens=args.max_tokens, stats=st), eos)
+            mx.random.seed(0)
+            _run(mtp_generate_step(p, model, heads, num_draft=d, max_tokens=args.max_tokens, temp=args.temp,
+                                   stats=st), eos)
             total.add(st)
         steps = max(total.rounds, 1)
         parts = {k: 1e3 * v / steps for k, v in total.parts.items()}

@@ -3,6 +3,7 @@ rollback, acceptance statistics and bad input."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import mlx.core as mx
@@ -479,17 +480,19 @@ class FixedCostPlanner(DraftPlanner):
         pass
 
 
-@pytest.mark.parametrize("params,source,num_draft,features", [
-    (dict(temp=1.0), "heads", 3, None),
-    (dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02), "heads", 3, [0]),  # fused heads
-    (dict(temp=1.0), "prompt-lookup", 3, None),
-    (dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02), "heads+lookup", "auto", None),
+@pytest.mark.parametrize("params,source,num_draft,features,draft_scale", [
+    (dict(temp=1.0), "heads", 3, None, None),
+    (dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02), "heads", 3, [0], None),  # fused heads
+    (dict(temp=1.0), "prompt-lookup", 3, None, None),
+    (dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02), "heads+lookup", "auto", None, None),
+    (dict(temp=1.0), "heads", 3, None, 0.4),  # the heads draft cooler than the backbone samples
 ])
-def test_speculative_sampling_matches_the_backbone_distribution(params, source, num_draft, features):
+def test_speculative_sampling_matches_the_backbone_distribution(params, source, num_draft, features, draft_scale):
     """N = 1500 generations of 3 tokens with drafting (D = 3); chi-square of each
     position's marginal against the exact distribution.  Each p-value threshold
     is 1e-3, so a correct implementation fails one of the 6 checks with
-    probability below 0.6% over seeds; the seeds here are fixed."""
+    probability below 0.6% over seeds; the seeds here are fixed.  `draft_scale`:
+    the heads draw their drafts at that factor on the temperature (q != p's transform)."""
     from mlx_mtpd.engine import make_logprobs_transform
 
     model, _ = tiny_model("llama", vocab_size=24, seed=5)
@@ -499,6 +502,9 @@ def test_speculative_sampling_matches_the_backbone_distribution(params, source, 
     marg = _exact_marginals(model, prompt, transform)
     seqs = [prompt + greedy_tokens(model, prompt, 30)]
     heads = fit_heads(model, seqs, num_heads=2, ridge=1.0, features=features)
+    if draft_scale is not None:
+        heads.draft_scales[params["temp"]] = draft_scale
+        assert heads.draft_temperature(params["temp"]) == pytest.approx(params["temp"] * draft_scale)
     mx.random.seed(1234)
     N, V = 1500, 24
     counts = np.zeros((3, V))
@@ -518,6 +524,34 @@ def test_speculative_sampling_matches_the_backbone_distribution(params, source, 
     for i in range(3):
         p = _chi2_pvalue(counts[i], marg[i])
         assert p > 1e-3, (i, p, counts[i], marg[i])
+
+
+def test_heads_draft_at_the_measured_temperature(tmp_path):
+    """A head set's draft temperature (eval.json's `draft_temperature`, read when
+    it loads) is the one its sampled drafts are drawn at: the nearest measured
+    factor on the generation's temperature; greedy and unmeasured ones draft as
+    the backbone samples."""
+    from mlx_mtpd.costs import draft_scales
+    from mlx_mtpd.engine import make_logprobs_transform
+
+    (tmp_path / "eval.json").write_text(json.dumps({"draft_temperature": {
+        "0.7": {"scale": 0.6, "overlap": {"0.6": 0.4}}, "1": {"scale": 0.5}, "0": {"scale": 0.1}}}))
+    assert draft_scales(tmp_path) == {0.7: 0.6, 1.0: 0.5}
+    (tmp_path / "eval.json").write_text("{not json")
+    assert draft_scales(tmp_path) == {} and draft_scales(None) == {}
+
+    model, _ = tiny_model("llama", vocab_size=24, seed=5)
+    prompt = [3, 7, 11, 5]
+    heads = fit_heads(model, [prompt + greedy_tokens(model, prompt, 30)], num_heads=2, ridge=1.0)
+    assert heads.draft_temperature(0.7) == 0.7  # nothing measured
+    heads.draft_scales.update({0.7: 0.6, 1.0: 0.5})
+    assert [heads.draft_temperature(t) for t in (0.0, 0.5, 0.7, 0.9, 2.0)] == pytest.approx([0.0, 0.3, 0.42, 0.45, 1.0])
+    st = DraftState(model, heads, 2)
+    logits = mx.random.normal((24,))
+    spec_tokens(model, prompt, 6, heads, 2, state=st, temp=1.0)
+    assert mx.allclose(st.draft_transform(logits), make_logprobs_transform(0.5)(logits), atol=1e-5)
+    spec_tokens(model, prompt, 6, heads, 2, state=st)
+    assert st.draft_transform is None
 
 
 def test_long_lookup_drafts_sample_the_backbone_distribution():

@@ -191,7 +191,12 @@ def test_sampling_starts_from_the_acceptance_measured_at_its_temperature(tmp_pat
         "D=2,loop=last": {"loop": "last", "acceptance_rates": [0.45, 0.4]}}}))
     sampled = {"best": {"num_draft": 1}, "decoding": {
         "D=2,loop=last,temp=0.7": {"loop": "last", "temp": 0.7, "acceptance_rates": [0.3, 0.25]}}}
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "draft_temperature": {"0.7": {"scale": 0.9}, "1": {"scale": 0.5}}}))
+    sampled["draft_temperature"] = {"0.7": {"scale": 0.6}}
     merged = merged_evaluation(path, sampled)
+    # a draft temperature re-measured replaces the old one; the others are kept
+    assert merged["draft_temperature"] == {"0.7": {"scale": 0.6}, "1": {"scale": 0.5}}
     assert set(merged["decoding"]) == {"D=2,loop=last", "D=2,loop=last,temp=0.7"}
     assert merged["teacher_forced_agreement"] == [0.6] and merged["best"] == {"num_draft": 2}
     path.write_text(json.dumps(merged))

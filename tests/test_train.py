@@ -274,6 +274,15 @@ def test_eval_heads_json_and_plot(tiny_ckpt, tmp_path):
 
     found = head_acceptance(tmp_path / "h", "last")
     assert list(found["by_temp"]) == [0.7] and len(found["by_temp"][0.7]) == 2
+    # ... with the temperature the heads draft at (measured before the sampled rows, which draft at it),
+    # which the head set carries when it loads
+    from mlx_mtpd.training.eval_heads import DRAFT_SCALES
+    from mlx_mtpd.utils import load
+
+    measured = saved["draft_temperature"]["0.7"]
+    assert measured["scale"] in DRAFT_SCALES and measured["positions"] > 0
+    assert measured["overlap"][str(measured["scale"])] == max(measured["overlap"].values())
+    assert load(str(tiny_ckpt / "model"), heads=str(tmp_path / "h"))[2].draft_scales == {0.7: measured["scale"]}
     r = run_cli("eval-heads", "--model", tiny_ckpt / "model", "--heads", tmp_path / "h", "--prompts", prompts,
                 "--temp", "warm", "--max-tokens", 6)
     assert r.returncode != 0 and "--temp takes comma-separated numbers" in r.stderr and "Traceback" not in r.stderr

@@ -20,6 +20,7 @@ from ..errors import MTPDError
 from ..prompts import EVAL_PROMPTS
 
 TF_MAX_DEPTH = 4  # teacher-forced agreement is reported up to this depth (or the heads)
+DRAFT_SCALES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # factors on T tried for the heads' sampled drafts
 
 
 def conversation_prompt(prompt):
@@ -71,6 +72,62 @@ def decoding_acceptance(model, tokenizer, heads, prompts: List[str], *, max_toke
     return results
 
 
+def draft_temperature(model, tokenizer, heads, prompts: List, temp: float, *, max_tokens: int,
+                      scales=DRAFT_SCALES, progress: bool = True) -> dict:
+    """The temperature the heads should draw sampled drafts at when the backbone
+    samples at `temp`, as a factor on it: the one that maximizes depth 1's
+    expected acceptance E[sum_x min(p(x), q(x))], teacher-forced on the
+    backbone's own sampled answers to `prompts` (seeded per prompt; p at `temp`,
+    q the head's at `temp` x factor).  An exact expectation at every position,
+    so it needs no sampled drafts and carries no acceptance noise.  Returns
+    {"scale", "overlap": {factor: mean}, "positions"}."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+    from mlx_lm.sample_utils import make_sampler
+    from tqdm import tqdm
+
+    from ..engine import make_logprobs_transform
+    from ..heads import Backbone
+    from ..prompts import chat_messages
+
+    backbone = Backbone(model, heads.features)
+    head = heads.head_for_depth(1, None)
+    entry = heads.entry_hidden(backbone)
+    project = backbone.projection_rows(heads.draft_ids)
+    eos = set(tokenizer.eos_token_ids)
+    p_of = make_logprobs_transform(temp)
+    sums, n = {s: 0.0 for s in scales}, 0
+    for i, prompt in enumerate(tqdm(prompts, desc=f"draft temperature (T={temp:g})", unit="prompt",
+                                    disable=not progress)):
+        ids = tokenizer.apply_chat_template(chat_messages(prompt), add_generation_prompt=True)
+        mx.random.seed(i)
+        answer = []
+        for tok, _ in generate_step(mx.array(ids), model, max_tokens=max_tokens, sampler=make_sampler(temp=temp)):
+            if int(tok) in eos:
+                break
+            answer.append(int(tok))
+        seq = ids + answer
+        if len(answer) < 2:
+            continue
+        logits, hidden = backbone.forward(mx.array(seq), make_prompt_cache(model))
+        h = hidden[: len(seq) - 1]
+        out = head(entry(h) if entry is not None else h, backbone.embed_tokens(mx.array(seq[1:])), KVCache())
+        q_logits = project(head.norm(out)).astype(mx.float32)
+        # depth 1 at position j (h_j, t_{j+1}) drafts t_{j+2}, which the backbone's logits at j + 1 give
+        lo, hi = len(ids) - 1, len(seq) - 2
+        p = mx.exp(p_of(logits[lo + 1 : hi + 1]))
+        if heads.draft_ids is not None:
+            p = p[:, heads.draft_ids]
+        for s in scales:
+            q = mx.exp(make_logprobs_transform(temp * s)(q_logits[lo:hi]))
+            sums[s] += mx.minimum(p, q).sum().item()
+        n += hi - lo
+    if not n:
+        raise MTPDError("no answer was long enough to measure the draft temperature on: give more prompts")
+    overlap = {s: sums[s] / n for s in scales}
+    return {"scale": max(scales, key=lambda s: (overlap[s], s)), "overlap": overlap, "positions": n}
+
+
 def evaluate(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: List[int], loops: List[str],
              trees=(None,), data: Optional[List[str]] = None, name: Optional[str] = None,
              progress: bool = True, temps=(0.0,)) -> dict:
@@ -78,6 +135,13 @@ def evaluate(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts:
     (D, loop, tree, temperature), teacher-forced agreement on `data` when given,
     and the best (greedy when measured)."""
     out = {"heads": name, "num_heads": heads.num_heads, "prompts": len(prompts), "max_tokens": max_tokens}
+    sampled = [t for t in temps if t > 0]
+    if sampled:  # measured first: the sampled decoding below drafts at it
+        out["draft_temperature"] = {}
+        for t in sampled:
+            found = draft_temperature(model, tokenizer, heads, prompts, t, max_tokens=max_tokens, progress=progress)
+            heads.draft_scales[float(t)] = found["scale"]
+            out["draft_temperature"][f"{t:g}"] = found
     if data:
         out["teacher_forced_agreement"] = teacher_forced(
             model, tokenizer, heads, data, depth=max(heads.num_heads, min(max(drafts), TF_MAX_DEPTH)))
@@ -103,12 +167,23 @@ def merged_evaluation(path: Path, new: dict) -> dict:
     kept = {k: r for k, r in (old.get("decoding") or {}).items()
             if isinstance(r, dict) and float(r.get("temp") or 0.0) not in measured}
     out = dict(new, decoding={**kept, **new["decoding"]})
+    scales = {k: r for k, r in (old.get("draft_temperature") or {}).items() if _float(k) not in measured}
+    scales.update(new.get("draft_temperature") or {})
+    if scales:
+        out["draft_temperature"] = scales
     if "teacher_forced_agreement" not in out and old.get("teacher_forced_agreement"):
         out["teacher_forced_agreement"] = old["teacher_forced_agreement"]
     greedy = [r for r in out["decoding"].values() if not r.get("temp")]
     if greedy and 0.0 not in measured:  # the best stays greedy's
         out["best"] = old.get("best", out["best"])
     return out
+
+
+def _float(x) -> Optional[float]:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
 
 
 def plot(results: Dict[str, dict], agreement: Optional[List[float]], path: Path, title: str,
