@@ -11,16 +11,20 @@ answer continues exactly as it would have, a sampled one from the same
 distribution), and the per-request text, stop strings and cancellation.
 
 Inside the batch each request drafts from its own conversation (the suffix
-index: what followed the longest earlier match of its text's end) when that
-pays: the rows' drafts, of different lengths, are verified together in one
-forward of B x (n + 1) tokens, each row accepts its own prefix (greedy, or
+index: what followed the longest earlier match of its text's end) or with the
+MTP heads (each row keeps the backbone's hidden states from the position it
+joined the batch at, and its own depth caches) when that pays: the rows'
+drafts, of different lengths, are verified together in one forward of
+B x (n + 1) tokens, each row accepts its own prefix (greedy, or
 speculative sampling from its own distribution), and each row's rejected
 positions are rolled into its left padding (mlx-lm's batch-cache right padding),
 so every row goes on as if it had decoded alone.  Before every step a small
 planner weighs the expected tokens of the drafts (acceptance measured per match
-length, as the single-request planner does) against the measured cost of a
-verification of that length at this batch size, and otherwise decodes plainly,
-pipelined, as mlx-lm does.  A request alone is served by the speculative loop
+length, and the heads' per draft position and temperature, as the
+single-request planner does) against the measured cost of a verification of
+that length at this batch size plus the rows' head drafts, and otherwise
+decodes plainly, pipelined, as mlx-lm does (the hidden states kept, so the
+heads catch up at their next draft).  A request alone is served by the speculative loop
 (heads and lookup).
 """
 
@@ -31,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import mlx.core as mx
+
+from .engine import HiddenHistory
 
 CACHE_KEY = "model"  # one model per server: the prompt cache's key
 
@@ -122,7 +128,8 @@ class Batch:
     has), `step` until it is empty; every finished or cancelled request calls
     `done(row, finish_reason)`."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, cache=None, draft: bool = True):
+    def __init__(self, model, tokenizer, max_batch: int = 8, cache=None, draft: bool = True, heads=None,
+                 lookup: bool = True):
         from mlx_lm.generate import BatchGenerator
 
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
@@ -134,7 +141,7 @@ class Batch:
         self.steps = 0
         self.samplers: Dict[tuple, Any] = {}
         # each row drafts from its own conversation where it pays (see the module's text)
-        self.drafter = BatchDrafter() if draft else None
+        self.drafter = BatchDrafter(model=model, head_set=heads, lookup=lookup) if draft else None
         if draft:
             self.gen._generation_batch = drafting_generation(model, self.gen.sampler, self.drafter)
 
@@ -208,8 +215,9 @@ class Batch:
         row = self.rows.pop(uid)
         if self.drafter is not None:
             st = self.drafter.rows.pop(uid, None)
-            if st is not None and st["steps"]:
-                row.extra["lookup"] = {k: st[k] for k in ("steps", "drafted", "accepted")}
+            for kind in ("lookup", "heads"):
+                if st is not None and st[kind][0]:
+                    row.extra[kind] = dict(zip(("steps", "drafted", "accepted"), st[kind]))
         done(row, reason)
 
     def fail(self, done: Callable[[Row, str], None]) -> None:
@@ -234,29 +242,109 @@ MAX_BATCH_DRAFT = 8  # the longest draft a row verifies in a batch step
 # 2 tokens a row costs 1.16 plain steps, 4 tokens 1.77, 6 tokens 2.4).
 PRIOR_EXTRA = (0.1, 0.025)  # (base, per row)
 MARGIN = 1.05  # a drafting step must promise this much more tokens per second than a plain one
+MAX_BATCH_HEAD_DEPTH = 3  # the most head drafts a row verifies in a batch step
+# One row's head draft at one depth (the depth's forward and projection, in a graph of the row's
+# own), as a share of the cheapest plain batch step measured, before measured (on this CPU 3-4 ms
+# against a plain token's 65 ms).
+HEAD_ROW_PRIOR = 0.06
+
+
+class RowHeads(HiddenHistory):
+    """A row's heads in the running batch: the backbone's hidden states from the
+    position the row joined the drafting batch at (its prompt was prefilled
+    without them, as a prompt cache's positions are: the heads start after
+    them, head_drafts.catch_up), its depth caches, and the tokens its backbone
+    cache holds.  `kit`: a DraftState whose heads, projection and entry it shares."""
+
+    def __init__(self, kit, tokens: List[int]):
+        from .depths import DepthCaches
+
+        for name in ("backbone", "heads", "project", "draft_ids", "entry", "feedback_post", "max_depth"):
+            setattr(self, name, getattr(kit, name))
+        self.tokens = list(tokens)
+        self.length = len(self.tokens)
+        self.hist, self.hist_pos, self.hist_base = [], [], self.length
+        self.depths = DepthCaches(self.max_depth, base=self.length)
+
+    def ready(self) -> bool:
+        """Whether depth 1 has the hidden state it drafts from (the last cached position's)."""
+        return self.length > self.hist_base
+
+    def kept(self, tokens: List[int], hidden: mx.array) -> None:
+        """The backbone cached `tokens` (their hidden states, lazily) after what it held."""
+        self.push_hidden(hidden)
+        self.length += len(tokens)
+        self.tokens.extend(tokens)
 
 
 class BatchDrafter:
-    """Per-row suffix indexes and samplers, and the planner of the batch's steps."""
+    """Per-row suffix indexes, heads and samplers, and the planner of the batch's steps."""
 
-    def __init__(self, max_draft: int = MAX_BATCH_DRAFT):
+    def __init__(self, max_draft: int = MAX_BATCH_DRAFT, model=None, head_set=None, lookup: bool = True):
         from .planner import DraftPlanner
 
         self.max_draft = max_draft
+        self.lookup = lookup
         self.acceptance = DraftPlanner("auto", "prompt-lookup")  # lookup acceptance by match length
         self.rows: Dict[int, Dict[str, Any]] = {}
         self.plain_cost: Dict[int, float] = {}  # batch size -> seconds per plain step
-        self.draft_cost: Dict[tuple, float] = {}  # (batch size, tokens a row) -> seconds per step
-        self.steps = {"plain": 0, "lookup": 0}
+        self.draft_cost: Dict[tuple, float] = {}  # (batch size, tokens a row) -> seconds per verification
+        self.head_cost: Optional[float] = None  # seconds of one row's head draft, per depth
+        self.steps = {"plain": 0, "lookup": 0, "heads": 0}
+        self.head_set = head_set
+        self.kit = None  # the heads, their projection and entry, shared by the rows (its caches unused)
+        self.head_acceptance: Dict[float, Any] = {}  # temperature -> DraftPlanner: AR by position, measured
+        if head_set is not None and model is not None:
+            from .costs import head_acceptance
+            from .engine import DraftState
+
+            self.kit = DraftState(model, head_set, MAX_BATCH_HEAD_DEPTH)
+            self._head_prior = head_acceptance(getattr(head_set, "path", None), head_set.config.get("loop"))
 
     def add(self, uid: int, context: List[int], sampling: Dict[str, Any]) -> None:
         from .engine import make_logprobs_transform
         from .suffix import SuffixIndex
 
-        transform = make_logprobs_transform(sampling.get("temp", 0.0), sampling.get("top_p", 0.0),
-                                            sampling.get("top_k", 0), sampling.get("min_p", 0.0))
-        self.rows[uid] = {"index": SuffixIndex(context), "transform": transform, "match": 0,
-                          "steps": 0, "drafted": 0, "accepted": 0}
+        temp = float(sampling.get("temp", 0.0) or 0.0)
+        opts = (sampling.get("top_p", 0.0), sampling.get("top_k", 0), sampling.get("min_p", 0.0))
+        transform = make_logprobs_transform(temp, *opts)
+        self.rows[uid] = {"index": SuffixIndex(context), "transform": transform, "match": 0, "temp": temp,
+                          "lookup": [0, 0, 0], "heads": [0, 0, 0], "own": None,
+                          # the heads draw sampled drafts at their own temperature (HeadSet.draft_temperature)
+                          "q": (make_logprobs_transform(self.head_set.draft_temperature(temp), *opts)
+                                if self.head_set is not None and temp > 0 else None)}
+
+    def _acc(self, temp: float):
+        """The heads' acceptance by position at this temperature (a planner's counts,
+        started from the head set's evaluation)."""
+        from .planner import DraftPlanner, MEASURED_PRIOR_WEIGHT
+
+        key = round(temp, 2)
+        acc = self.head_acceptance.get(key)
+        if acc is None:
+            acc = self.head_acceptance[key] = DraftPlanner("auto", "heads", max_draft=MAX_BATCH_HEAD_DEPTH)
+            found = self._head_prior
+            if found is not None:
+                acc.seed(acceptance=found["acceptance"], by_temp=found.get("by_temp"),
+                         weight=MEASURED_PRIOR_WEIGHT if found["source"] == "decoding" else 2.0)
+            acc.set_temp(temp)
+        return acc
+
+    def row_heads(self, uid: int, tokens: List[int]) -> Optional[RowHeads]:
+        """The row's heads (started at `tokens`, what its cache holds, the first time)."""
+        row = self.rows.get(uid)
+        if row is None or self.kit is None:
+            return None
+        if row["own"] is None:
+            row["own"] = RowHeads(self.kit, tokens)
+        return row["own"]
+
+    def _heads_ready(self, uid: int) -> bool:
+        row = self.rows.get(uid)
+        return row is not None and row["own"] is not None and row["own"].ready()
+
+    def _expected_heads(self, uid: int, d: int) -> float:
+        return self._acc(self.rows[uid]["temp"]).expected("heads", d)
 
     def emitted(self, uid: int, tokens: List[int]) -> None:
         row = self.rows.get(uid)
@@ -268,35 +356,44 @@ class BatchDrafter:
         """Whether a draft could pay this step: some row's text ends in a repeat, and
         drafting from every such match as far as it could go would beat plain decoding
         at this batch size (else plain, pipelined: no synchronization to ask)."""
-        matches = [self.rows[u]["match"] if u in self.rows else 0 for u in uids]
-        if not any(m >= 2 for m in matches):
-            return False
+        matches = [self.rows[u]["match"] if u in self.rows and self.lookup else 0 for u in uids]
         b = len(uids)
         plain_rate = b / self._cost(b, 1) * MARGIN
-        for d in range(1, self.max_draft + 1):  # the next token may extend each match by one
-            expected = sum(self.acceptance.expected("lookup", d, m + 1) if m >= 2 else 1.0 for m in matches)
-            if expected / self._cost(b, d + 1) > plain_rate:
+        if any(m >= 2 for m in matches):
+            for d in range(1, self.max_draft + 1):  # the next token may extend each match by one
+                expected = sum(self.acceptance.expected("lookup", d, m + 1) if m >= 2 else 1.0 for m in matches)
+                if expected / self._cost(b, d + 1) > plain_rate:
+                    return True
+        heads = [u for u in uids if self._heads_ready(u)]
+        for d in range(1, MAX_BATCH_HEAD_DEPTH + 1) if heads else ():
+            expected = b - len(heads) + sum(self._expected_heads(u, d) for u in heads)
+            if expected / self._cost(b, d + 1, d * len(heads)) > plain_rate:
                 return True
         return False
 
-    def _cost(self, b: int, n: int) -> float:
+    def _cost(self, b: int, n: int, heads: int = 0) -> float:
+        """Seconds of a batch step of b rows verifying n tokens a row, `heads` head
+        drafts made first (rows x depths)."""
         plain = self.plain_cost.get(b)
         if plain is None:
             plain = min(self.plain_cost.values(), default=0.1)
+        extra = heads * (self.head_cost if self.head_cost is not None
+                         else HEAD_ROW_PRIOR * min(self.plain_cost.values(), default=0.1))
         if n == 1:
-            return plain
+            return plain + extra
         got = self.draft_cost.get((b, n))
         if got is not None:
-            return got
+            return got + extra
         base, per_row = PRIOR_EXTRA
-        return plain * (1 + (n - 1) * (base + per_row * b))
+        return plain * (1 + (n - 1) * (base + per_row * b)) + extra
 
-    def plan(self, uids: List[int], ys: List[int]) -> Optional[List[List[int]]]:
-        """Each row's draft (maybe none) for this step, or None: decode plainly."""
+    def plan(self, uids: List[int], ys: List[int]) -> Optional[List[Any]]:
+        """Each row's draft for this step: tokens from its conversation (maybe
+        none) or, as an int d, d head drafts; or None: decode plainly."""
         props = []
         for uid, y in zip(uids, ys):
             row = self.rows.get(uid)
-            if row is None:
+            if row is None or not self.lookup:
                 props.append(([], 0))
                 continue
             index = row["index"]
@@ -304,37 +401,58 @@ class BatchDrafter:
             p = index.propose(self.max_draft)
             index.truncate(len(index) - 1)
             props.append((p.tokens, p.match))
-        if not any(t for t, _ in props):
+        # rows without a proposal may draft with their heads
+        heads = [i for i, (t, _) in enumerate(props) if not t and self._heads_ready(uids[i])]
+        if not heads and not any(t for t, _ in props):
             return None
         b = len(uids)
         plain_rate = b / self._cost(b, 1)
         best, best_rate = None, plain_rate * MARGIN
-        for cap in sorted({len(t) for t, _ in props if t}):
-            expected = sum(self.acceptance.expected("lookup", min(len(t), cap), m) if t else 1.0 for t, m in props)
-            rate = expected / self._cost(b, cap + 1)
-            if rate > best_rate:
-                best, best_rate = cap, rate
+        caps = {len(t) for t, _ in props if t} | (set(range(1, MAX_BATCH_HEAD_DEPTH + 1)) if heads else set())
+        for cap in sorted(caps):
+            looked = sum(self.acceptance.expected("lookup", min(len(t), cap), m) if t else 1.0 for t, m in props)
+            longest = max((min(len(t), cap) for t, _ in props if t), default=0)
+            options = [(looked, longest, 0)] if longest else []
+            if heads:
+                dh = min(cap, MAX_BATCH_HEAD_DEPTH)
+                gain = sum(self._expected_heads(uids[i], dh) - 1.0 for i in heads)
+                options.append((looked + gain, max(longest, dh), dh))
+            for expected, n, dh in options:
+                rate = expected / self._cost(b, n + 1, dh * len(heads))
+                if rate > best_rate:
+                    best, best_rate = (cap, dh), rate
         if best is None:
             return None
-        return [t[:best] for t, _ in props]
+        cap, dh = best
+        return [dh if dh and i in heads else t[:cap] for i, (t, _) in enumerate(props)]
 
     def observed_plain(self, b: int, seconds: float) -> None:
         old = self.plain_cost.get(b)
         self.plain_cost[b] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
-    def observed_draft(self, b: int, n: int, seconds: float, rows) -> None:
-        """rows: (uid, drafted, accepted, match) of this step."""
+    def observed_draft(self, b: int, n: int, seconds: float, rows, head_seconds: float = 0.0) -> None:
+        """rows: (uid, kind, drafted, accepted, match) of this step; `head_seconds`:
+        the part spent drafting with the heads (the rest is the verification's)."""
         old = self.draft_cost.get((b, n))
-        self.draft_cost[(b, n)] = seconds if old is None else 0.8 * old + 0.2 * seconds
-        self.steps["lookup"] += 1
-        for uid, d, a, m in rows:
-            if d:
-                self.acceptance.observe("lookup", d, a, None, m)
+        verify = max(seconds - head_seconds, 0.0)
+        self.draft_cost[(b, n)] = verify if old is None else 0.8 * old + 0.2 * verify
+        with_heads = sum(d for _, kind, d, _, _ in rows if kind == "heads")
+        if with_heads:
+            per = head_seconds / with_heads
+            self.head_cost = per if self.head_cost is None else 0.8 * self.head_cost + 0.2 * per
+        self.steps["heads" if with_heads else "lookup"] += 1
+        for uid, kind, d, a, m in rows:
             row = self.rows.get(uid)
-            if row is not None and d:
-                row["steps"] += 1
-                row["drafted"] += d
-                row["accepted"] += a
+            if not d or row is None:
+                continue
+            if kind == "heads":
+                self._acc(row["temp"]).observe("heads", d, a, None)
+            else:
+                self.acceptance.observe("lookup", d, a, None, m)
+            counts = row[kind]
+            counts[0] += 1
+            counts[1] += d
+            counts[2] += a
 
 
 def drafting_generation(model, sampler, drafter: BatchDrafter):
@@ -354,7 +472,7 @@ def drafting_generation(model, sampler, drafter: BatchDrafter):
                     return self._draft_step(ys, drafts)
                 self._after_draft = True  # the forward below starts after a synchronization
             tic = time.perf_counter()
-            out = super().next()
+            out = super().next()  # (our _step: the hidden states kept for the heads)
             seconds = time.perf_counter() - tic
             drafter.steps["plain"] += 1
             if not getattr(self, "_after_draft", False):  # a pipelined step's wall time
@@ -364,24 +482,60 @@ def drafting_generation(model, sampler, drafter: BatchDrafter):
                 drafter.emitted(r.uid, [r.token])
             return out
 
+        def _step(self):
+            if drafter.kit is None:
+                return super()._step()
+            uids = list(self.uids)
+            out = super()._step()
+            hidden = drafter.kit.backbone.captured()  # of the forward that just ran (lazy, B x 1)
+            for i, uid in enumerate(uids):
+                own = drafter.row_heads(uid, self.tokens[i][:-1])
+                if own is not None:
+                    own.kept(self.tokens[i][-1:], hidden[i])
+            return out
+
         def _draftable(self) -> bool:
             from mlx_lm.models.cache import BatchKVCache
 
             return all(type(c) is BatchKVCache for c in self.prompt_cache) and not any(self.logits_processors)
 
-        def _draft_step(self, ys: List[int], drafts: List[List[int]]):
-            from .engine import accept_verbatim
+        def _head_drafts(self, ys: List[int], drafts: List[Any]):
+            """The rows' head drafts (where `drafts` gives a depth), built and evaluated
+            together: {row: (draft tokens, q or None, the depths' streams)}."""
+            from . import head_drafts
+
+            built = {}
+            for i, d in enumerate(drafts):
+                if isinstance(d, int) and not isinstance(d, bool):
+                    uid = self.uids[i]
+                    own = drafter.row_heads(uid, self.tokens[i])
+                    own.tokens.append(ys[i])  # t_n, which depth 1 drafts after (read as the graph is built)
+                    toks, qs, streams, _ = head_drafts.draft(own, d, drafter.rows[uid]["q"])
+                    own.tokens.pop()
+                    built[i] = (mx.stack(toks), mx.stack(qs) if qs else None, streams)
+            mx.eval([x for t, q, _ in built.values() for x in (t, q) if x is not None])
+            return built
+
+        def _draft_step(self, ys: List[int], drafts: List[Any]):
+            from .engine import accept_sampled, accept_verbatim
 
             tic = time.perf_counter()
+            built = self._head_drafts(ys, drafts)
+            head_seconds = time.perf_counter() - tic
+            drafts = [built[i][0].tolist() if i in built else d for i, d in enumerate(drafts)]
             b = len(self.uids)
             n = 1 + max(len(d) for d in drafts)
             rows = [[y] + d + [0] * (n - 1 - len(d)) for y, d in zip(ys, drafts)]
             logits = self.model(mx.array(rows), cache=self.prompt_cache).astype(mx.float32)
+            hidden = drafter.kit.backbone.captured() if drafter.kit is not None else None
             counts, nexts = [], []  # per row: drafts accepted, the token after each accepted prefix
             for i, (uid, d) in enumerate(zip(self.uids, drafts)):
                 row = drafter.rows.get(uid)
-                a, tokens = accept_verbatim(mx.array(d, mx.uint32), logits[i, : len(d) + 1],
-                                            row["transform"] if row is not None else None)
+                transform = row["transform"] if row is not None else None
+                if i in built and transform is not None:  # sampled head drafts: their own q
+                    a, tokens = accept_sampled(built[i][0], built[i][1], transform(logits[i, : len(d) + 1]))
+                else:
+                    a, tokens = accept_verbatim(mx.array(d, mx.uint32), logits[i, : len(d) + 1], transform)
                 counts.append(a)
                 nexts.append(tokens)
             mx.eval(counts, nexts)
@@ -404,8 +558,15 @@ def drafting_generation(model, sampler, drafter: BatchDrafter):
                         break
                 out = out[:used]
                 kept.append(used)
-                observed.append((uid, len(d), a, drafter.rows[uid]["match"] if uid in drafter.rows else 0))
+                observed.append((uid, "heads" if i in built else "lookup", len(d), a,
+                                 drafter.rows[uid]["match"] if uid in drafter.rows else 0))
                 responses.append((i, out, finish))
+                own = drafter.row_heads(uid, self.tokens[i]) if finish is None and hidden is not None else None
+                if own is not None:  # the heads keep what the backbone keeps
+                    pos = own.length
+                    own.kept(out, hidden[i, :used])
+                    if i in built:
+                        own.depths.rollback(len(d), a, pos, built[i][2])
             # each row keeps the positions of the tokens it emitted; the rest go to its left padding
             for c in self.prompt_cache:
                 c.prepare(right_padding=[n - k for k in kept])
@@ -427,7 +588,7 @@ def drafting_generation(model, sampler, drafter: BatchDrafter):
             self._next_tokens = mx.array(nxt, dtype=mx.uint32)
             self._next_logprobs = [lp[i, accepted[i]] for i in range(b)]
             self._after_draft = True
-            drafter.observed_draft(b, n, time.perf_counter() - tic, observed)
+            drafter.observed_draft(b, n, time.perf_counter() - tic, observed, head_seconds)
             if len(keep) < b:
                 self.filter(keep)
             return result

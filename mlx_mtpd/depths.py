@@ -74,11 +74,13 @@ class DepthCaches:
     def rollback(self, d: int, a: int, n: int, streams: List[Optional[mx.array]]) -> None:
         """After a step that drafted d tokens from position n, a of them accepted:
         depth k keeps its entries whose input token t_{j+k} was accepted
-        (j <= n + a - k); `streams[k]` are depth k's outputs from its old tail start."""
+        (j <= n + a - k), and none before `base` (it never had any: a step drafted
+        right after the heads started); `streams[k]` are depth k's outputs from its
+        old tail start."""
         old = list(self.committed)
         new = list(old)
         for k in range(1, d + 1):
-            new[k] = min(n, n - k + 1 + a)
+            new[k] = max(self.base, min(n, n - k + 1 + a))
             self.caches[k - 1].trim(n - new[k])
         self.committed = new
         for k in range(1, d + 1):

@@ -165,13 +165,17 @@ class TextSink:
         self.job.events.put(("done", self.text, self.finish or finish, usage))
 
 
-def _mtp_usage(st, tps: float, batched: int = 0, in_batch: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
-    """`batched`: tokens decoded in the running batch; `in_batch`: its drafting steps there
-    (steps, drafted, accepted tokens), when it drafted."""
-    in_batch = in_batch or {}
-    forwards = batched - in_batch.get("accepted", 0)  # a batch step: one token, or a draft's accepted ones and one
-    steps = {k: v for k, v in (("batch", forwards - in_batch.get("steps", 0)),
-                               ("batch-lookup", in_batch.get("steps", 0))) if v}
+def _mtp_usage(st, tps: float, batched: int = 0, in_batch: Optional[Dict[str, int]] = None,
+               heads_in_batch: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+    """`batched`: tokens decoded in the running batch; `in_batch` / `heads_in_batch`: its
+    drafting steps there from its conversation / with the heads (steps, drafted, accepted
+    tokens), when it drafted."""
+    in_batch, by_heads = in_batch or {}, heads_in_batch or {}
+    # a batch step: one token, or a draft's accepted ones and one
+    forwards = batched - in_batch.get("accepted", 0) - by_heads.get("accepted", 0)
+    steps = {k: v for k, v in (("batch", forwards - in_batch.get("steps", 0) - by_heads.get("steps", 0)),
+                               ("batch-lookup", in_batch.get("steps", 0)),
+                               ("batch-heads", by_heads.get("steps", 0))) if v}
     usage = {
         "mean_accepted_length": st.mean_accepted_length if st else 1.0,
         "acceptance_rates": st.acceptance_rates if st else [],
@@ -181,9 +185,9 @@ def _mtp_usage(st, tps: float, batched: int = 0, in_batch: Optional[Dict[str, in
         "num_draft": st.num_draft if st else 0,
         "generation_tps": tps,
     }
-    if in_batch:
-        usage["batch_lookup"] = {"steps": in_batch["steps"], "drafted": in_batch["drafted"],
-                                 "accepted": in_batch["accepted"]}
+    for key, counts in (("batch_lookup", in_batch), ("batch_heads", by_heads)):
+        if counts:
+            usage[key] = {k: counts[k] for k in ("steps", "drafted", "accepted")}
     return usage
 
 
@@ -303,9 +307,11 @@ class Worker:
 
         s, req = self.session, job.req
         if self.batch is None:
-            # rows draft from their own conversations unless drafting is off or heads only
-            draft = s.num_draft not in (0, "0") and s.planner.uses_lookup
-            self.batch = Batch(s.model, s.tokenizer, self.max_batch, self.kept, draft=draft)
+            # rows draft from their own conversations and with the heads, as --draft says, where it pays
+            heads = s.heads if s.planner.uses_heads else None
+            draft = s.num_draft not in (0, "0") and (s.planner.uses_lookup or heads is not None)
+            self.batch = Batch(s.model, s.tokenizer, self.max_batch, self.kept, draft=draft, heads=heads,
+                               lookup=s.planner.uses_lookup)
         max_tokens = req["max_tokens"]
         if s.max_context is not None:
             max_tokens = min(max_tokens, s.max_context - len(ids))
@@ -325,7 +331,8 @@ class Worker:
             "completion_tokens": row.generated,
             "total_tokens": row.prompt_tokens + row.generated,
             "prompt_tokens_cached": first["cached"] if first else row.cached,
-            "mtp": _mtp_usage(st, row.generated / max(seconds, 1e-9), batched, row.extra.get("lookup")),
+            "mtp": _mtp_usage(st, row.generated / max(seconds, 1e-9), batched, row.extra.get("lookup"),
+                              row.extra.get("heads")),
         }
         row.sink.close("stop" if finish == "stop" else finish, usage)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import greedy_tokens, tiny_model
+from heads_util import fit_heads
 from mlx_mtpd.batching import Batch, BatchDrafter
 
 
@@ -57,18 +58,22 @@ class TokenTokenizer:
 
 def free_verification(drafter: BatchDrafter):
     """Every verification costs one plain step: a row drafts whenever its text proposes."""
-    drafter._cost = lambda b, n: 1.0
+    drafter._cost = lambda b, n, heads=0: 1.0
 
 
-def decode(model, prompts, max_tokens, draft, temp=0.0, force=None, oracle=None, max_batch=8, seed=0):
+def decode(model, prompts, max_tokens, draft, temp=0.0, force=None, oracle=None, max_batch=8, seed=0, heads=None,
+           lookup=True):
     """Each prompt's tokens from one batch; the drafter's step counts.  `force`: these
     drafts at every step; `oracle`: each prompt's true continuation, drafted with
     random lengths (0-6) and, one time in three, a wrong token somewhere (so rows
-    accept different prefixes, some all of it, some none)."""
-    batch = Batch(model, TokenTokenizer(), max_batch=max_batch, draft=draft)
+    accept different prefixes, some all of it, some none).  `heads`: rows without a
+    proposal draft with these (every step they can: drafting is free)."""
+    batch = Batch(model, TokenTokenizer(), max_batch=max_batch, draft=draft, heads=heads, lookup=lookup)
     rng = np.random.default_rng(seed)
     if draft:
         free_verification(batch.drafter)
+        if heads is not None:
+            batch.drafter.worth_a_look = lambda uids: True
         if force is not None or oracle is not None:
             batch.drafter.worth_a_look = lambda uids: True
 
@@ -158,6 +163,66 @@ def test_batch_drafting_samples_the_backbone_distribution():
         assert _chi2_pvalue(counts[i], marg[i]) > 1e-3, (i, counts[i], marg[i])
 
 
+def _fitted_heads(model, prompts, n=40):
+    """Heads fitted to the model's own greedy continuations (they accept often, not always)."""
+    return fit_heads(model, [p + greedy_tokens(model, p, n) for p in prompts], num_heads=1, ridge=1.0)
+
+
+@pytest.mark.parametrize("arch,lookup", [("llama", False), ("qwen3", True)])
+def test_batch_head_drafts_equal_each_request_alone(arch, lookup):
+    """Rows drafting with the heads inside the batch (three rows at a time, five
+    requests of different lengths joining and leaving, depths 1-3 looped from one
+    head; with lookup, rows whose text repeats draft from it instead): greedy
+    answers equal each request decoded alone, and the heads' drafts were accepted
+    (and rejected)."""
+    model, _ = tiny_model(arch, vocab_size=128, seed=4)
+    heads = _fitted_heads(model, PROMPTS)
+    lengths = [7, 33, 12, 25, 40]
+    alone = [greedy_tokens(model, p, 40) for p in PROMPTS]
+    batch = Batch(model, TokenTokenizer(), max_batch=3, draft=True, heads=heads, lookup=lookup)
+    free_verification(batch.drafter)
+    batch.drafter.worth_a_look = lambda uids: True
+    rows, ended = [], []
+    for i, p in enumerate(PROMPTS):
+        rows.append(batch.add(Job(), Sink(), p, lengths[i], {"temp": 0.0}))
+    while len(batch):
+        batch.step(lambda row, reason: ended.append(row))
+    assert [r.detokenizer.tokens for r in rows] == [ref[:n] for ref, n in zip(alone, lengths)]
+    steps = batch.drafter.steps
+    assert steps["heads"] >= 20, steps
+    assert not lookup or any(r.extra.get("lookup", {}).get("accepted") for r in ended), [r.extra for r in ended]
+    counts = batch.drafter.head_acceptance[0.0].counts["heads"]  # [accepted, reached] by position, decayed
+    assert len(counts) == 3 and all(r > 0 for _, r in counts), counts  # every depth drafted
+    assert 0 < counts[0][0] < counts[0][1] and counts[1][0] > 0, counts
+    heads_rows = [r.extra["heads"] for r in ended if "heads" in r.extra]
+    assert len(heads_rows) >= 3 and all(0 < x["accepted"] < x["drafted"] for x in heads_rows), heads_rows
+
+
+def test_batch_head_drafts_sample_the_backbone_distribution():
+    """T = 1, the heads drafting (cooler than the backbone: the head set's draft
+    temperature 0.5 x T) at every step they can: N = 1200 answers of 3 tokens
+    (150 batches of 8 rows); each position's marginal matches the enumerated one
+    (chi-square), and the heads' drafts were both accepted and rejected."""
+    from test_engine import _chi2_pvalue, _exact_marginals
+
+    model, _ = tiny_model("llama", vocab_size=24, seed=5)
+    prompt = [3, 9, 4, 17, 3, 9]
+    marg = _exact_marginals(model, prompt, lambda x: x - mx.logsumexp(x, axis=-1, keepdims=True))
+    heads = _fitted_heads(model, [prompt], 30)
+    heads.draft_scales[1.0] = 0.5
+    counts = [np.zeros(24) for _ in range(3)]
+    mx.random.seed(11)
+    for _ in range(150):
+        outs, steps = decode(model, [prompt] * 8, 3, draft=True, temp=1.0, heads=heads, lookup=False)
+        assert steps["heads"] >= 1, steps
+        for toks in outs:
+            for i, t in enumerate(toks):
+                counts[i][t] += 1
+    for i in range(3):
+        assert counts[i].sum() == 1200
+        assert _chi2_pvalue(counts[i], marg[i]) > 1e-3, (i, counts[i], marg[i])
+
+
 def test_planner_drafts_only_when_it_pays():
     """The batch planner weighs the drafts' expected tokens against a verification's
     cost at this batch size: no proposal, or a costly verification, decodes plainly."""
@@ -174,6 +239,32 @@ def test_planner_drafts_only_when_it_pays():
     for n in range(2, 10):  # ... or several plain steps: plain decoding
         d.draft_cost[(2, n)] = 0.1 * n
     assert d.plan([1, 2], [8, 9]) is None
+
+
+def test_planner_prices_the_rows_head_drafts():
+    """A row with heads and no proposal from its text drafts with them when their
+    expected tokens beat a plain step at the verification's cost plus the head's
+    own (per drafting row, measured); a costly head decodes plainly."""
+    model, _ = tiny_model("llama", vocab_size=128, seed=4)
+    heads = _fitted_heads(model, PROMPTS[:2])
+    d = BatchDrafter(model=model, head_set=heads, lookup=False)
+    for uid in (1, 2):
+        d.add(uid, [1, 2, 3, 4], {"temp": 0.0})
+    assert not d.worth_a_look([1, 2]) or d.plan([1, 2], [5, 6]) is None  # no hidden state yet: nothing to draft
+    d.row_heads(1, [1, 2, 3, 4]).kept([5], mx.zeros((1, model.args.hidden_size)))
+    d.plain_cost[2] = 0.1
+    for n in range(2, 5):
+        d.draft_cost[(2, n)] = 0.1 + 0.001 * n
+    d.head_cost = 0.001
+    drafts = d.plan([1, 2], [6, 7])
+    assert d.worth_a_look([1, 2]) and drafts is not None
+    assert isinstance(drafts[0], int) and 1 <= drafts[0] <= 3 and drafts[1] == []  # row 2's heads have no state
+    d.head_cost = 0.2  # two plain steps of this batch for one row's draft at one depth
+    assert not d.worth_a_look([1, 2]) and d.plan([1, 2], [6, 7]) is None
+    # measured: a step of 2 rows verifying 3 tokens a row, 0.03 s of it the one drafting row's 2 depths
+    d.observed_draft(2, 3, 0.13, [(1, "heads", 2, 1, 0), (2, "lookup", 0, 0, 0)], head_seconds=0.03)
+    assert d.head_cost == pytest.approx(0.8 * 0.2 + 0.2 * 0.015) and d.draft_cost[(2, 3)] < 0.103
+    assert d.rows[1]["heads"] == [1, 2, 1] and d.steps["heads"] == 1
 
 
 EDIT_REQUESTS = [
@@ -208,3 +299,28 @@ def test_smollm_batch_drafts_from_each_conversation(smol):
     assert drafted == alone
     accepted = {id(r): r.extra.get("lookup", {}).get("accepted", 0) for r in ended}
     assert sum(accepted[id(r)] for r in rows[:3]) >= 30, [r.extra for r in rows]
+
+
+def test_smollm_batch_drafts_with_the_shipped_heads(smol):
+    """The default model and its shipped head set, four chat requests in one batch,
+    each row drafting with its heads wherever it can (verification made free, no
+    lookup): the answers equal each request decoded alone by mlx-lm, and the heads'
+    drafts were accepted in every row."""
+    from mlx_mtpd.heads import load_heads
+    from mlx_mtpd.utils import DEFAULT_HEADS
+
+    model, tok = smol
+    heads = load_heads(DEFAULT_HEADS, model)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in EDIT_REQUESTS]
+    alone = [greedy_tokens(model, p, 32) for p in prompts]
+    batch = Batch(model, TokenTokenizer(), max_batch=8, draft=True, heads=heads, lookup=False)
+    free_verification(batch.drafter)
+    batch.drafter.worth_a_look = lambda uids: True
+    rows = [batch.add(Job(), Sink(), p, 32, {"temp": 0.0}) for p in prompts]
+    ended = []
+    while len(batch):
+        batch.step(lambda row, reason: ended.append(row))
+    assert [r.detokenizer.tokens for r in rows] == alone
+    assert batch.drafter.steps["heads"] >= 8, batch.drafter.steps
+    assert all(r.extra.get("heads", {}).get("accepted", 0) >= 2 for r in ended), [r.extra for r in ended]

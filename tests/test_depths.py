@@ -114,3 +114,20 @@ def test_rollback_keeps_what_the_accepted_tokens_feed():
     dc.rewind(9)
     assert dc.committed[1:4] == [6, 6, 6]
     _check(dc)
+
+
+def test_rollback_never_drops_below_where_the_heads_started():
+    """Heads that start at position 10 (a prompt they never saw: an adopted prompt
+    cache, or a row joining the server's batch) and draft 3 from n = 11, none
+    accepted: depth k would keep j <= n - k, below 10 for depth 3, whose cache
+    holds nothing before 10; it keeps nothing instead, and the next step (3 drafts
+    from n = 12, all accepted) finds every depth's cache and tail in order."""
+    dc = DepthCaches(3, base=10)
+    _step(dc, 11, 3, 0)
+    assert dc.committed[1:4] == [11, 10, 10]
+    assert [c.offset for c in dc.caches] == [1, 0, 0]  # c_k - base entries each
+    _step(dc, 12, 3, 3)
+    assert dc.committed[1:4] == [12, 12, 12]
+    for k in (1, 2, 3):
+        held = np.array(dc.caches[k - 1].state[0][0, 0, : dc.caches[k - 1].offset, 0])
+        np.testing.assert_array_equal(held, np.arange(10, 12) + 1000 * k)
