@@ -430,14 +430,16 @@ class BatchDrafter:
         old = self.plain_cost.get(b)
         self.plain_cost[b] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
-    def observed_draft(self, b: int, n: int, seconds: float, rows, head_seconds: float = 0.0) -> None:
+    def observed_draft(self, b: int, n: int, seconds: float, rows, head_seconds: float = 0.0,
+                       typical: bool = True) -> None:
         """rows: (uid, kind, drafted, accepted, match) of this step; `head_seconds`:
-        the part spent drafting with the heads (the rest is the verification's)."""
+        the part spent drafting with the heads (the rest is the verification's), a
+        typical head cost unless some depth first caught up on many positions."""
         old = self.draft_cost.get((b, n))
         verify = max(seconds - head_seconds, 0.0)
         self.draft_cost[(b, n)] = verify if old is None else 0.8 * old + 0.2 * verify
         with_heads = sum(d for _, kind, d, _, _ in rows if kind == "heads")
-        if with_heads:
+        if with_heads and typical:
             per = head_seconds / with_heads
             self.head_cost = per if self.head_cost is None else 0.8 * self.head_cost + 0.2 * per
         self.steps["heads" if with_heads else "lookup"] += 1
@@ -501,26 +503,29 @@ def drafting_generation(model, sampler, drafter: BatchDrafter):
 
         def _head_drafts(self, ys: List[int], drafts: List[Any]):
             """The rows' head drafts (where `drafts` gives a depth), built and evaluated
-            together: {row: (draft tokens, q or None, the depths' streams)}."""
+            together: ({row: (draft tokens, q or None, the depths' streams)}, whether
+            no depth first caught up on more than a step's worth of positions)."""
             from . import head_drafts
 
-            built = {}
+            built, typical = {}, True
             for i, d in enumerate(drafts):
                 if isinstance(d, int) and not isinstance(d, bool):
                     uid = self.uids[i]
                     own = drafter.row_heads(uid, self.tokens[i])
+                    # after plain steps the depths first catch up on what they missed: not a typical cost
+                    typical = typical and all(lag <= d + 2 for lag in own.depths.lags(own.length)[:d])
                     own.tokens.append(ys[i])  # t_n, which depth 1 drafts after (read as the graph is built)
                     toks, qs, streams, _ = head_drafts.draft(own, d, drafter.rows[uid]["q"])
                     own.tokens.pop()
                     built[i] = (mx.stack(toks), mx.stack(qs) if qs else None, streams)
             mx.eval([x for t, q, _ in built.values() for x in (t, q) if x is not None])
-            return built
+            return built, typical
 
         def _draft_step(self, ys: List[int], drafts: List[Any]):
             from .engine import accept_sampled, accept_verbatim
 
             tic = time.perf_counter()
-            built = self._head_drafts(ys, drafts)
+            built, typical = self._head_drafts(ys, drafts)
             head_seconds = time.perf_counter() - tic
             drafts = [built[i][0].tolist() if i in built else d for i, d in enumerate(drafts)]
             b = len(self.uids)
@@ -588,7 +593,7 @@ def drafting_generation(model, sampler, drafter: BatchDrafter):
             self._next_tokens = mx.array(nxt, dtype=mx.uint32)
             self._next_logprobs = [lp[i, accepted[i]] for i in range(b)]
             self._after_draft = True
-            drafter.observed_draft(b, n, time.perf_counter() - tic, observed, head_seconds)
+            drafter.observed_draft(b, n, time.perf_counter() - tic, observed, head_seconds, typical)
             if len(keep) < b:
                 self.filter(keep)
             return result

@@ -67,7 +67,8 @@ def start(cmd, pattern, env=None):
 
 
 def ask(port, prompt, max_tokens):
-    """One streamed chat request: (text, completion tokens, ttft s, latency s, status)."""
+    """One streamed chat request: (text, completion tokens, ttft s, latency s, status,
+    the server's steps by source: usage.mtp.steps_by_source where it reports one)."""
     from mlx_mtpd.prompts import chat_messages
 
     body = {"model": "default_model", "messages": chat_messages(prompt), "max_tokens": max_tokens,
@@ -79,8 +80,8 @@ def ask(port, prompt, max_tokens):
     resp = conn.getresponse()
     if resp.status != 200:
         resp.read()
-        return "", 0, None, time.perf_counter() - tic, resp.status
-    text, tokens, ttft = "", None, None
+        return "", 0, None, time.perf_counter() - tic, resp.status, {}
+    text, tokens, ttft, steps = "", None, None, {}
     for raw in resp:
         line = raw.decode().strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
@@ -88,13 +89,14 @@ def ask(port, prompt, max_tokens):
         ev = json.loads(line[6:])
         if ev.get("usage"):
             tokens = ev["usage"]["completion_tokens"]
+            steps = (ev["usage"].get("mtp") or {}).get("steps_by_source") or {}
         for c in ev.get("choices") or []:
             piece = (c.get("delta") or {}).get("content") or ""
             if piece and ttft is None:
                 ttft = time.perf_counter() - tic
             text += piece
     conn.close()
-    return text, tokens, ttft, time.perf_counter() - tic, 200
+    return text, tokens, ttft, time.perf_counter() - tic, 200, steps
 
 
 def rss_mb(pid) -> float:
@@ -138,7 +140,11 @@ def level(port, prompts, clients, per_client, max_tokens, pid):
     def pct(xs, q):
         return xs[min(int(q * len(xs)), len(xs) - 1)] if xs else None
 
-    return {"clients": clients, "requests": len(flat), "errors": len(flat) - len(ok), "wall_s": wall,
+    steps = {}
+    for r in ok:
+        for k, v in r[6].items():
+            steps[k] = steps.get(k, 0) + v
+    return {"clients": clients, "steps_by_source": steps, "requests": len(flat), "errors": len(flat) - len(ok), "wall_s": wall,
             "tokens": tokens, "tokens_per_s": tokens / wall, "ttft_p50": pct(ttft, 0.5),
             "ttft_p95": pct(ttft, 0.95), "latency_p50": statistics.median(lat) if lat else None,
             "latency_p95": pct(lat, 0.95), "peak_rss_mb": peak[0], "answers": {json.dumps(r[0]): r[1] for r in ok},
@@ -157,7 +163,12 @@ def pooled(runs):
     for r in runs:
         answers.update(r["answers"])
     wall, tokens = sum(r["wall_s"] for r in runs), sum(r["tokens"] for r in runs)
+    steps = {}
+    for r in runs:
+        for k, v in r["steps_by_source"].items():
+            steps[k] = steps.get(k, 0) + v
     return {"clients": runs[0]["clients"], "rounds": len(runs), "requests": sum(r["requests"] for r in runs),
+            "steps_by_source": steps,
             "errors": sum(r["errors"] for r in runs), "wall_s": wall, "tokens": tokens,
             "tokens_per_s": tokens / wall, "tokens_per_s_by_round": [r["tokens_per_s"] for r in runs],
             "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
@@ -220,7 +231,8 @@ def main():
                 print(f"{name:>16} C={c:<3} {p['tokens_per_s']:6.1f} tok/s (rounds: "
                       f"{', '.join(f'{x:.1f}' for x in p['tokens_per_s_by_round'])})  ttft p50 {p['ttft_p50']:.2f} s  "
                       f"latency p50 {p['latency_p50']:.1f} s p95 {p['latency_p95']:.1f} s  errors {p['errors']}  "
-                      f"peak RSS {p['peak_rss_mb']:.0f} MB", flush=True)
+                      f"peak RSS {p['peak_rss_mb']:.0f} MB" + (f"  steps {p['steps_by_source']}"
+                                                               if p["steps_by_source"] else ""), flush=True)
     finally:
         for proc, _ in running.values():
             proc.terminate()

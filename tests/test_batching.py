@@ -265,6 +265,9 @@ def test_planner_prices_the_rows_head_drafts():
     d.observed_draft(2, 3, 0.13, [(1, "heads", 2, 1, 0), (2, "lookup", 0, 0, 0)], head_seconds=0.03)
     assert d.head_cost == pytest.approx(0.8 * 0.2 + 0.2 * 0.015) and d.draft_cost[(2, 3)] < 0.103
     assert d.rows[1]["heads"] == [1, 2, 1] and d.steps["heads"] == 1
+    # a step whose depths first caught up on many positions (after plain steps) is not a typical cost
+    d.observed_draft(2, 3, 0.9, [(1, "heads", 2, 1, 0), (2, "lookup", 0, 0, 0)], head_seconds=0.8, typical=False)
+    assert d.head_cost == pytest.approx(0.8 * 0.2 + 0.2 * 0.015) and d.rows[1]["heads"] == [2, 4, 2]
 
 
 EDIT_REQUESTS = [
