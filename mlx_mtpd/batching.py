@@ -11,9 +11,10 @@ answer continues exactly as it would have, a sampled one from the same
 distribution), and the per-request text, stop strings and cancellation.
 
 Inside the batch each request drafts from its own conversation (the suffix
-index: what followed the longest earlier match of its text's end) or with the
-MTP heads (each row keeps the backbone's hidden states from the position it
-joined the batch at, and its own depth caches) when that pays: the rows'
+index: what followed the longest earlier match of its text's end) or, given a
+head set (server --batch-heads), with the MTP heads (each row keeps the
+backbone's hidden states from the position it joined the batch at, and its own
+depth caches) when that pays: the rows'
 drafts, of different lengths, are verified together in one forward of
 B x (n + 1) tokens, each row accepts its own prefix (greedy, or
 speculative sampling from its own distribution), and each row's rejected

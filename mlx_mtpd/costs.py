@@ -28,11 +28,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .files import home, write_json_atomic
+from .files import EVAL_FILE, home, write_json_atomic  # noqa: F401  (EVAL_FILE re-exported)
 
 COSTS_VERSION = 2  # 2: tree steps by size
 COSTS_DIR = "step_costs"
-EVAL_FILE = "eval.json"  # a head set's evaluation, beside its weights (eval-heads --save, train --export)
 HEAD_DEPTHS = (1, 2, 3, 4)
 LOOKUP_LENGTHS = (2, 4, 8, 16, 32)
 TREE_SIZES = (3, 4, 5, 6, 8, 10, 12, 16)  # nodes of a tree step (t_n included)
@@ -277,18 +276,6 @@ def head_acceptance(head_dir: Optional[Path], loop: Optional[str] = None) -> Opt
     if tf:
         return {"acceptance": [float(x) for x in tf], "source": "teacher-forced"}
     return None
-
-
-def draft_scales(head_dir: Optional[Path]) -> Dict[float, float]:
-    """{sampling temperature: the factor the heads draft at} from the head set's
-    eval.json (eval-heads --temp: `draft_temperature`), {} when not measured."""
-    if head_dir is None:
-        return {}
-    try:
-        rec = json.loads((Path(head_dir) / EVAL_FILE).read_text()).get("draft_temperature") or {}
-        return {float(t): float(r["scale"]) for t, r in rec.items() if float(t) > 0 and float(r["scale"]) > 0}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return {}
 
 
 def seed_planner(planner, model: nn.Module, tokenizer, head_set=None, *, measure: bool = True,

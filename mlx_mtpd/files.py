@@ -18,6 +18,7 @@ from .errors import MTPDError
 
 HEADS_WEIGHTS = "mtp_heads.safetensors"
 HEADS_CONFIG = "mtp_config.json"
+EVAL_FILE = "eval.json"  # a head set's evaluation, beside its weights (eval-heads --save, train --export)
 
 
 def home() -> Path:

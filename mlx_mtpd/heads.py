@@ -31,7 +31,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from .errors import MTPDError
-from .files import HEADS_CONFIG, HEADS_WEIGHTS, atomic_dir, write_json_atomic
+from .files import EVAL_FILE, HEADS_CONFIG, HEADS_WEIGHTS, atomic_dir, write_json_atomic
 
 FORMAT_VERSION = 1
 DRAFT_VOCAB_KEY = "draft_vocab"
@@ -550,6 +550,18 @@ def compare_fingerprints(want: Dict[str, Any], have: Dict[str, Any], where: Path
             )
 
 
+def draft_scales(head_dir: Optional[Path]) -> Dict[float, float]:
+    """{sampling temperature: the factor the heads draft at} from the head set's
+    eval.json (eval-heads --temp: `draft_temperature`), {} when not measured."""
+    if head_dir is None:
+        return {}
+    try:
+        rec = json.loads((Path(head_dir) / EVAL_FILE).read_text()).get("draft_temperature") or {}
+        return {float(t): float(r["scale"]) for t, r in rec.items() if float(t) > 0 and float(r["scale"]) > 0}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
 def load_heads(path: Path, model: nn.Module) -> HeadSet:
     path = Path(path)
     cfg_file, w_file = path / HEADS_CONFIG, path / HEADS_WEIGHTS
@@ -588,8 +600,6 @@ def load_heads(path: Path, model: nn.Module) -> HeadSet:
                              head_set.parameters()))
     mx.eval(head_set.parameters())
     object.__setattr__(head_set, "path", path)  # where its evaluation (eval.json) lives
-    from .costs import draft_scales
-
     object.__setattr__(head_set, "draft_scales", draft_scales(path))
     return head_set
 

@@ -144,7 +144,8 @@ def level(port, prompts, clients, per_client, max_tokens, pid):
     for r in ok:
         for k, v in r[6].items():
             steps[k] = steps.get(k, 0) + v
-    return {"clients": clients, "steps_by_source": steps, "requests": len(flat), "errors": len(flat) - len(ok), "wall_s": wall,
+    return {"clients": clients, "steps_by_source": steps, "requests": len(flat), "errors": len(flat) - len(ok),
+            "wall_s": wall,
             "tokens": tokens, "tokens_per_s": tokens / wall, "ttft_p50": pct(ttft, 0.5),
             "ttft_p95": pct(ttft, 0.95), "latency_p50": statistics.median(lat) if lat else None,
             "latency_p95": pct(lat, 0.95), "peak_rss_mb": peak[0], "answers": {json.dumps(r[0]): r[1] for r in ok},

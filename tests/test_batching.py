@@ -144,17 +144,26 @@ def test_batch_drafting_samples_the_backbone_distribution():
     """T = 1 with forced two-token drafts at every step (accepted and rejected):
     N = 1200 answers of 3 tokens (150 batches of 8 rows); each position's marginal
     matches the enumerated one (chi-square)."""
-    from test_engine import _chi2_pvalue, _exact_marginals
+    from test_engine import _exact_marginals
 
     model, _ = tiny_model("llama", vocab_size=24, seed=5)
     prompt = [3, 9, 4, 17, 3, 9]
     marg = _exact_marginals(model, prompt, lambda x: x - mx.logsumexp(x, axis=-1, keepdims=True))
     force = [int(np.argmax(marg[1])), int(np.argmax(marg[2]))]  # often right, often wrong
-    counts = [np.zeros(24) for _ in range(3)]
+    _sampled_marginals_match(model, prompt, marg, "lookup", force=force)
+
+
+def _sampled_marginals_match(model, prompt, marg, source, **kw):
+    """150 batches of 8 rows answering `prompt` with 3 tokens at T = 1 (`kw`: how
+    they draft), every batch drafting from `source`: each position's marginal
+    against the enumerated one `marg` (chi-square)."""
+    from test_engine import _chi2_pvalue
+
+    counts = [np.zeros(len(marg[0])) for _ in range(3)]
     mx.random.seed(11)
     for _ in range(150):
-        outs, steps = decode(model, [prompt] * 8, 3, draft=True, temp=1.0, force=force)
-        assert steps["lookup"] >= 1
+        outs, steps = decode(model, [prompt] * 8, 3, draft=True, temp=1.0, **kw)
+        assert steps[source] >= 1, steps
         for toks in outs:
             for i, t in enumerate(toks):
                 counts[i][t] += 1
@@ -202,25 +211,15 @@ def test_batch_head_drafts_sample_the_backbone_distribution():
     """T = 1, the heads drafting (cooler than the backbone: the head set's draft
     temperature 0.5 x T) at every step they can: N = 1200 answers of 3 tokens
     (150 batches of 8 rows); each position's marginal matches the enumerated one
-    (chi-square), and the heads' drafts were both accepted and rejected."""
-    from test_engine import _chi2_pvalue, _exact_marginals
+    (chi-square)."""
+    from test_engine import _exact_marginals
 
     model, _ = tiny_model("llama", vocab_size=24, seed=5)
     prompt = [3, 9, 4, 17, 3, 9]
     marg = _exact_marginals(model, prompt, lambda x: x - mx.logsumexp(x, axis=-1, keepdims=True))
     heads = _fitted_heads(model, [prompt], 30)
     heads.draft_scales[1.0] = 0.5
-    counts = [np.zeros(24) for _ in range(3)]
-    mx.random.seed(11)
-    for _ in range(150):
-        outs, steps = decode(model, [prompt] * 8, 3, draft=True, temp=1.0, heads=heads, lookup=False)
-        assert steps["heads"] >= 1, steps
-        for toks in outs:
-            for i, t in enumerate(toks):
-                counts[i][t] += 1
-    for i in range(3):
-        assert counts[i].sum() == 1200
-        assert _chi2_pvalue(counts[i], marg[i]) > 1e-3, (i, counts[i], marg[i])
+    _sampled_marginals_match(model, prompt, marg, "heads", heads=heads, lookup=False)
 
 
 def test_planner_drafts_only_when_it_pays():

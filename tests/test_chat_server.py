@@ -422,8 +422,9 @@ def test_server_batch_bounds_and_prefix_reuse_across_clients(smol_path):
 def test_server_serves_queued_requests_in_arrival_order(smol_path):
     """--max-batch 2: six streamed requests arriving one after another; none gets a
     5xx, and no request starts (its first token) before one that arrived earlier
-    (first come, first served: the ones beyond the bound wait their turn)."""
-    proc, port, _ = _start_server("--max-batch", "2", "--max-queue", "16")
+    (first come, first served: the ones beyond the bound wait their turn).  With
+    --batch-heads: the batch's rows may draft with the heads too."""
+    proc, port, _ = _start_server("--max-batch", "2", "--max-queue", "16", "--batch-heads")
     firsts, statuses = [None] * 6, [None] * 6
     t0 = time.perf_counter()
 

@@ -531,7 +531,7 @@ def test_heads_draft_at_the_measured_temperature(tmp_path):
     it loads) is the one its sampled drafts are drawn at: the nearest measured
     factor on the generation's temperature; greedy and unmeasured ones draft as
     the backbone samples."""
-    from mlx_mtpd.costs import draft_scales
+    from mlx_mtpd.heads import draft_scales
     from mlx_mtpd.engine import make_logprobs_transform
 
     (tmp_path / "eval.json").write_text(json.dumps({"draft_temperature": {
