@@ -318,16 +318,14 @@ class BatchDrafter:
     def _acc(self, temp: float):
         """The heads' acceptance by position at this temperature (a planner's counts,
         started from the head set's evaluation)."""
-        from .planner import DraftPlanner, MEASURED_PRIOR_WEIGHT
+        from .costs import seed_acceptance
+        from .planner import DraftPlanner
 
         key = round(temp, 2)
         acc = self.head_acceptance.get(key)
         if acc is None:
-            acc = self.head_acceptance[key] = DraftPlanner("auto", "heads", max_draft=MAX_BATCH_HEAD_DEPTH)
-            found = self._head_prior
-            if found is not None:
-                acc.seed(acceptance=found["acceptance"], by_temp=found.get("by_temp"),
-                         weight=MEASURED_PRIOR_WEIGHT if found["source"] == "decoding" else 2.0)
+            acc = self.head_acceptance[key] = seed_acceptance(
+                DraftPlanner("auto", "heads", max_draft=MAX_BATCH_HEAD_DEPTH), self._head_prior)
             acc.set_temp(temp)
         return acc
 

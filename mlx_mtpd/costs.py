@@ -278,20 +278,27 @@ def head_acceptance(head_dir: Optional[Path], loop: Optional[str] = None) -> Opt
     return None
 
 
+def seed_acceptance(planner, found: Optional[Dict[str, Any]]):
+    """Seed a planner's head acceptance with `found` (head_acceptance's answer, or
+    None: nothing), a decoding measurement at full weight, the trainer's
+    teacher-forced agreement at less.  Returns the planner."""
+    from .planner import MEASURED_PRIOR_WEIGHT
+
+    if found is not None:
+        weight = MEASURED_PRIOR_WEIGHT if found["source"] == "decoding" else 2.0
+        planner.seed(acceptance=found["acceptance"], weight=weight, ranks=found.get("ranks"),
+                     by_temp=found.get("by_temp"))
+    return planner
+
+
 def seed_planner(planner, model: nn.Module, tokenizer, head_set=None, *, measure: bool = True,
                  quiet: bool = False):
     """Seed an `auto` planner with the head set's acceptance and this device's step
     costs (measured now when they are not cached and `measure`).  Returns the planner."""
-    from .planner import MEASURED_PRIOR_WEIGHT
-
     if not getattr(planner, "auto", False):
         return planner
     if head_set is not None and planner.uses_heads:
-        found = head_acceptance(getattr(head_set, "path", None), head_set.config.get("loop"))
-        if found is not None:
-            weight = MEASURED_PRIOR_WEIGHT if found["source"] == "decoding" else 2.0
-            planner.seed(acceptance=found["acceptance"], weight=weight,
-                         ranks=found.get("ranks"), by_temp=found.get("by_temp"))
+        seed_acceptance(planner, head_acceptance(getattr(head_set, "path", None), head_set.config.get("loop")))
     costs = step_costs(model, tokenizer, head_set if planner.uses_heads else None, measure=measure, quiet=quiet)
     if costs is not None:
         planner.seed(costs=costs)

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,12 +141,8 @@ def level(port, prompts, clients, per_client, max_tokens, pid):
     def pct(xs, q):
         return xs[min(int(q * len(xs)), len(xs) - 1)] if xs else None
 
-    steps = {}
-    for r in ok:
-        for k, v in r[6].items():
-            steps[k] = steps.get(k, 0) + v
-    return {"clients": clients, "steps_by_source": steps, "requests": len(flat), "errors": len(flat) - len(ok),
-            "wall_s": wall,
+    return {"clients": clients, "steps_by_source": dict(sum((Counter(r[6]) for r in ok), Counter())),
+            "requests": len(flat), "errors": len(flat) - len(ok), "wall_s": wall,
             "tokens": tokens, "tokens_per_s": tokens / wall, "ttft_p50": pct(ttft, 0.5),
             "ttft_p95": pct(ttft, 0.95), "latency_p50": statistics.median(lat) if lat else None,
             "latency_p95": pct(lat, 0.95), "peak_rss_mb": peak[0], "answers": {json.dumps(r[0]): r[1] for r in ok},
@@ -164,12 +161,8 @@ def pooled(runs):
     for r in runs:
         answers.update(r["answers"])
     wall, tokens = sum(r["wall_s"] for r in runs), sum(r["tokens"] for r in runs)
-    steps = {}
-    for r in runs:
-        for k, v in r["steps_by_source"].items():
-            steps[k] = steps.get(k, 0) + v
     return {"clients": runs[0]["clients"], "rounds": len(runs), "requests": sum(r["requests"] for r in runs),
-            "steps_by_source": steps,
+            "steps_by_source": dict(sum((Counter(r["steps_by_source"]) for r in runs), Counter())),
             "errors": sum(r["errors"] for r in runs), "wall_s": wall, "tokens": tokens,
             "tokens_per_s": tokens / wall, "tokens_per_s_by_round": [r["tokens_per_s"] for r in runs],
             "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
