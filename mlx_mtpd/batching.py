@@ -244,10 +244,22 @@ MAX_BATCH_DRAFT = 8  # the longest draft a row verifies in a batch step
 PRIOR_EXTRA = (0.1, 0.025)  # (base, per row)
 MARGIN = 1.05  # a drafting step must promise this much more tokens per second than a plain one
 MAX_BATCH_HEAD_DEPTH = 3  # the most head drafts a row verifies in a batch step
-# One row's head draft at one depth (the depth's forward and projection, in a graph of the row's
-# own), as a share of the cheapest plain batch step measured, before measured (on this CPU 3-4 ms
-# against a plain token's 65 ms).
+# One row's head draft at one depth (the depth's forward and its output projection), as a share of
+# the cheapest plain batch step measured, before measured (on this CPU 3-4 ms against a plain
+# token's 65 ms).  Rows drafting together share each depth's projection (head_drafts.draft_rows):
+# r rows cost (p + r (1 - p)) of one, p the projection's share of the weights a depth reads.
 HEAD_ROW_PRIOR = 0.06
+
+
+def projection_share(kit) -> float:
+    """The output projection's share of the weights one depth of the heads reads
+    (the rest: the head's own layer), as parameter counts."""
+    from mlx.utils import tree_flatten
+
+    layer = sum(v.size for _, v in tree_flatten(kit.heads[0].parameters()))
+    ids = kit.draft_ids
+    proj = (ids.size if ids is not None else kit.backbone.vocab_size) * kit.backbone.hidden_size
+    return proj / (proj + layer)
 
 
 class RowHeads(HiddenHistory):
@@ -291,6 +303,7 @@ class BatchDrafter:
         self.plain_cost: Dict[int, float] = {}  # batch size -> seconds per plain step
         self.draft_cost: Dict[tuple, float] = {}  # (batch size, tokens a row) -> seconds per verification
         self.head_cost: Optional[float] = None  # seconds of one row's head draft, per depth
+        self.head_shared = 0.0  # the projection's share of a depth's weights, read once for all rows
         self.steps = {"plain": 0, "lookup": 0, "heads": 0}
         self.head_set = head_set
         self.kit = None  # the heads, their projection and entry, shared by the rows (its caches unused)
@@ -301,6 +314,7 @@ class BatchDrafter:
 
             self.kit = DraftState(model, head_set, MAX_BATCH_HEAD_DEPTH)
             self._head_prior = head_acceptance(getattr(head_set, "path", None), head_set.config.get("loop"))
+            self.head_shared = projection_share(self.kit)
 
     def add(self, uid: int, context: List[int], sampling: Dict[str, Any]) -> None:
         from .engine import make_logprobs_transform
@@ -366,18 +380,23 @@ class BatchDrafter:
         heads = [u for u in uids if self._heads_ready(u)]
         for d in range(1, MAX_BATCH_HEAD_DEPTH + 1) if heads else ():
             expected = b - len(heads) + sum(self._expected_heads(u, d) for u in heads)
-            if expected / self._cost(b, d + 1, d * len(heads)) > plain_rate:
+            if expected / self._cost(b, d + 1, len(heads), d) > plain_rate:
                 return True
         return False
 
-    def _cost(self, b: int, n: int, heads: int = 0) -> float:
-        """Seconds of a batch step of b rows verifying n tokens a row, `heads` head
-        drafts made first (rows x depths)."""
+    def _head_rows(self, rows: int) -> float:
+        """What `rows` rows drafting together cost at one depth, in one row's drafts."""
+        return self.head_shared + rows * (1.0 - self.head_shared) if rows else 0.0
+
+    def _cost(self, b: int, n: int, head_rows: int = 0, depth: int = 0) -> float:
+        """Seconds of a batch step of b rows verifying n tokens a row, `head_rows`
+        of them first drafting `depth` tokens with the heads."""
         plain = self.plain_cost.get(b)
         if plain is None:
             plain = min(self.plain_cost.values(), default=0.1)
-        extra = heads * (self.head_cost if self.head_cost is not None
-                         else HEAD_ROW_PRIOR * min(self.plain_cost.values(), default=0.1))
+        one = self.head_cost if self.head_cost is not None else \
+            HEAD_ROW_PRIOR * min(self.plain_cost.values(), default=0.1)
+        extra = depth * self._head_rows(head_rows) * one
         if n == 1:
             return plain + extra
         got = self.draft_cost.get((b, n))
@@ -417,7 +436,7 @@ class BatchDrafter:
                 gain = sum(self._expected_heads(uids[i], dh) - 1.0 for i in heads)
                 options.append((looked + gain, max(longest, dh), dh))
             for expected, n, dh in options:
-                rate = expected / self._cost(b, n + 1, dh * len(heads))
+                rate = expected / self._cost(b, n + 1, len(heads), dh)
                 if rate > best_rate:
                     best, best_rate = (cap, dh), rate
         if best is None:
@@ -437,11 +456,11 @@ class BatchDrafter:
         old = self.draft_cost.get((b, n))
         verify = max(seconds - head_seconds, 0.0)
         self.draft_cost[(b, n)] = verify if old is None else 0.8 * old + 0.2 * verify
-        with_heads = sum(d for _, kind, d, _, _ in rows if kind == "heads")
-        if with_heads and typical:
-            per = head_seconds / with_heads
+        drafting = [d for _, kind, d, _, _ in rows if kind == "heads"]
+        if drafting and typical:
+            per = head_seconds / (max(drafting) * self._head_rows(len(drafting)))
             self.head_cost = per if self.head_cost is None else 0.8 * self.head_cost + 0.2 * per
-        self.steps["heads" if with_heads else "lookup"] += 1
+        self.steps["heads" if drafting else "lookup"] += 1
         for uid, kind, d, a, m in rows:
             row = self.rows.get(uid)
             if not d or row is None:
@@ -506,15 +525,19 @@ def drafting_generation(model, sampler, drafter: BatchDrafter):
             no depth first caught up on more than a step's worth of positions)."""
             from . import head_drafts
 
-            built, typical = {}, True
+            rows, typical = {}, True
             for i, d in enumerate(drafts):
                 if isinstance(d, int) and not isinstance(d, bool):
-                    uid = self.uids[i]
-                    own = drafter.row_heads(uid, self.tokens[i])
+                    own = rows[i] = drafter.row_heads(self.uids[i], self.tokens[i])
                     # after plain steps the depths first catch up on what they missed: not a typical cost
                     typical = typical and all(lag <= d + 2 for lag in own.depths.lags(own.length)[:d])
                     own.tokens.append(ys[i])  # t_n, which depth 1 drafts after (read as the graph is built)
-                    toks, qs, streams, _ = head_drafts.draft(own, d, drafter.rows[uid]["q"])
+            built = {}
+            if rows:  # one depth for all (the plan's): each depth's projection is one product for the rows
+                d = drafts[next(iter(rows))]
+                made = head_drafts.draft_rows(list(rows.values()), d,
+                                              [drafter.rows[self.uids[i]]["q"] for i in rows])
+                for (i, own), (toks, qs, streams, _) in zip(rows.items(), made):
                     own.tokens.pop()
                     built[i] = (mx.stack(toks), mx.stack(qs) if qs else None, streams)
             mx.eval([x for t, q, _ in built.values() for x in (t, q) if x is not None])

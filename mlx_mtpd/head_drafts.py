@@ -15,56 +15,66 @@ def draft(st, d: int, transform, widths=None):
     """Build (lazily) the depth calls: drafts d_{n+1..n+d}, their q, each depth's
     stream, and with `widths` (candidates per depth, :mod:`mlx_mtpd.tree`) each
     depth's next-best candidates after its draft (None where a depth has none)."""
-    n = len(st.tokens) - 1
-    tokens = st.tokens
-    drafts: List[mx.array] = []
-    qs: List[mx.array] = []
-    streams: List[mx.array] = [None] * (d + 1)
-    alts: List[Optional[mx.array]] = []
-    dc = st.depths
-    prev_start = dc.committed[1]
-    prev = st.hidden_range(prev_start, n)
-    if st.entry is not None:
-        prev = st.entry(prev)
+    return draft_rows([st], d, [transform], widths)[0]
+
+
+def draft_rows(sts, d: int, transforms, widths=None):
+    """`draft` for several sequences that share the heads (the running batch's
+    rows, each with its own tokens, hidden states and depth caches, drafted with
+    its own `transforms[i]`): each depth's output projection, the largest
+    weight a depth reads, is one matrix product for all of them, not one a row.
+    A list of `draft`'s tuples, one per sequence."""
+    kit = sts[0]  # the heads, projection, entry and draft vocabulary: the same for every row
+    out_rows = []
+    prev, prev_start = [], []
+    for st in sts:
+        start = st.depths.committed[1]
+        p = st.hidden_range(start, len(st.tokens) - 1)
+        prev.append(kit.entry(p) if kit.entry is not None else p)
+        prev_start.append(start)
+        out_rows.append(([], [], [None] * (d + 1), []))
     for k in range(1, d + 1):
-        start = dc.committed[k]
-        hid = prev[start - prev_start :]
-        true_ids = tokens[start + k : n + 1]
-        first_draft = max(start + k, n + 1) - (n + 1)
-        parts = []
-        if true_ids:
-            parts.append(mx.array(true_ids, mx.uint32))
-        parts.extend(x.reshape(1).astype(mx.uint32) for x in drafts[first_draft : k - 1])
-        tok = parts[0] if len(parts) == 1 else mx.concatenate(parts)
-        head = st.heads[k - 1]
-        out = head(hid, st.backbone.embed_tokens(tok), dc.caches[k - 1])
-        if st.feedback_post:
-            out = head.norm(out)
-            logits = st.project(out[-1:])[0]
-        else:
-            logits = st.project(head.norm(out[-1:]))[0]
-        if transform is None:
-            scores = logits
-            choice = mx.argmax(logits)
-        else:
-            scores = transform(logits)
-            choice = mx.random.categorical(scores)
-            q = mx.exp(scores)
-            if st.draft_ids is not None:
-                q = mx.zeros((st.backbone.vocab_size,), q.dtype).at[st.draft_ids].add(q)
-            qs.append(q)
-        token = st.draft_ids[choice] if st.draft_ids is not None else choice
-        drafts.append(token.astype(mx.uint32))
+        head = kit.heads[k - 1]
+        feats = []
+        for i, st in enumerate(sts):
+            dc, n, drafts = st.depths, len(st.tokens) - 1, out_rows[i][0]
+            start = dc.committed[k]
+            hid = prev[i][start - prev_start[i] :]
+            true_ids = st.tokens[start + k : n + 1]
+            first_draft = max(start + k, n + 1) - (n + 1)
+            parts = [mx.array(true_ids, mx.uint32)] if true_ids else []
+            parts.extend(x.reshape(1).astype(mx.uint32) for x in drafts[first_draft : k - 1])
+            tok = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+            out = head(hid, kit.backbone.embed_tokens(tok), dc.caches[k - 1])
+            if kit.feedback_post:
+                out = head.norm(out)
+                feats.append(out[-1:])
+            else:
+                feats.append(head.norm(out[-1:]))
+            prev[i] = out_rows[i][2][k] = dc.stream(k, out)
+            prev_start[i] = dc.tail_start(k)
+        logits_all = kit.project(feats[0] if len(feats) == 1 else mx.concatenate(feats))
         w = widths[k - 1] if widths is not None and k <= len(widths) else 1
-        if w > 1:
-            alt = alternatives(scores, choice, w - 1)
-            alts.append((st.draft_ids[alt] if st.draft_ids is not None else alt).astype(mx.uint32))
-        else:
-            alts.append(None)
-        prev = dc.stream(k, out)
-        prev_start = dc.tail_start(k)
-        streams[k] = prev
-    return drafts, qs, streams, alts
+        for i, (drafts, qs, _, alts) in enumerate(out_rows):
+            logits, transform = logits_all[i], transforms[i]
+            if transform is None:
+                scores = logits
+                choice = mx.argmax(logits)
+            else:
+                scores = transform(logits)
+                choice = mx.random.categorical(scores)
+                q = mx.exp(scores)
+                if kit.draft_ids is not None:
+                    q = mx.zeros((kit.backbone.vocab_size,), q.dtype).at[kit.draft_ids].add(q)
+                qs.append(q)
+            token = kit.draft_ids[choice] if kit.draft_ids is not None else choice
+            drafts.append(token.astype(mx.uint32))
+            if w > 1:
+                alt = alternatives(scores, choice, w - 1)
+                alts.append((kit.draft_ids[alt] if kit.draft_ids is not None else alt).astype(mx.uint32))
+            else:
+                alts.append(None)
+    return out_rows
 
 
 def catch_up(st, depths: int, reserve: int = 0) -> int:

@@ -58,7 +58,7 @@ class TokenTokenizer:
 
 def free_verification(drafter: BatchDrafter):
     """Every verification costs one plain step: a row drafts whenever its text proposes."""
-    drafter._cost = lambda b, n, heads=0: 1.0
+    drafter._cost = lambda b, n, head_rows=0, depth=0: 1.0
 
 
 def decode(model, prompts, max_tokens, draft, temp=0.0, force=None, oracle=None, max_batch=8, seed=0, heads=None,
@@ -207,6 +207,43 @@ def test_batch_head_drafts_equal_each_request_alone(arch, lookup):
     assert len(heads_rows) >= 3 and all(0 < x["accepted"] < x["drafted"] for x in heads_rows), heads_rows
 
 
+def test_rows_drafted_together_draft_as_each_alone():
+    """head_drafts.draft_rows (the batch's rows drafted with one output projection
+    per depth) gives each sequence what `draft` gives it alone: the same drafts,
+    q and depth outputs, and the same depth caches after."""
+    from test_engine import spec_tokens
+
+    from mlx_mtpd import head_drafts
+    from mlx_mtpd.engine import DraftState, make_logprobs_transform
+
+    model, _ = tiny_model("llama", vocab_size=128, seed=4)
+    heads = _fitted_heads(model, PROMPTS)
+
+    def states():  # each prompt decoded a few tokens with the heads: depths caught up to different points
+        out = []
+        for i, p in enumerate(PROMPTS[:3]):
+            st = DraftState(model, heads, 3)
+            spec_tokens(model, p, 5 + 3 * i, heads, 1 + i, state=st)
+            out.append(st)
+        return out
+
+    for transform in (None, make_logprobs_transform(0.8)):
+        alone, together = states(), states()
+        mx.random.seed(3)
+        one = [head_drafts.draft(st, 3, transform) for st in alone]
+        both = head_drafts.draft_rows(together, 3, [transform] * 3)
+        assert transform is not None or len({tuple(int(x) for x in t) for t, *_ in one}) > 1  # rows of their own
+        for (t1, q1, s1, _), (t2, q2, s2, _), a, b in zip(one, both, alone, together):
+            # sampled drafts are drawn in another order: depth 1's q and output are compared
+            deep = 4 if transform is None else 2
+            if transform is None:
+                assert [int(x) for x in t1] == [int(x) for x in t2]
+            else:
+                assert mx.allclose(q1[0], q2[0], atol=1e-5)
+            assert all(mx.allclose(x, y, atol=1e-4) for x, y in zip(s1[1:deep], s2[1:deep]))
+            assert [c.offset for c in a.depths.caches] == [c.offset for c in b.depths.caches]
+
+
 def test_batch_head_drafts_sample_the_backbone_distribution():
     """T = 1, the heads drafting (cooler than the backbone: the head set's draft
     temperature 0.5 x T) at every step they can: N = 1200 answers of 3 tokens
@@ -263,6 +300,9 @@ def test_planner_prices_the_rows_head_drafts():
     # measured: a step of 2 rows verifying 3 tokens a row, 0.03 s of it the one drafting row's 2 depths
     d.observed_draft(2, 3, 0.13, [(1, "heads", 2, 1, 0), (2, "lookup", 0, 0, 0)], head_seconds=0.03)
     assert d.head_cost == pytest.approx(0.8 * 0.2 + 0.2 * 0.015) and d.draft_cost[(2, 3)] < 0.103
+    # rows drafting together read each depth's projection once: two rows cost less than twice one
+    assert 0 < d.head_shared < 1
+    assert d._cost(2, 3, 2, 2) - d._cost(2, 3) == pytest.approx(2 * d.head_cost * (2 - d.head_shared))
     assert d.rows[1]["heads"] == [1, 2, 1] and d.steps["heads"] == 1
     # a step whose depths first caught up on many positions (after plain steps) is not a typical cost
     d.observed_draft(2, 3, 0.9, [(1, "heads", 2, 1, 0), (2, "lookup", 0, 0, 0)], head_seconds=0.8, typical=False)
