@@ -18,7 +18,7 @@ depth caches) when that pays: the rows'
 drafts, of different lengths, are verified together in one forward of
 B x (n + 1) tokens, each row accepts its own prefix (greedy, or
 speculative sampling from its own distribution), and each row's rejected
-positions are rolled into its left padding (mlx-lm's batch-cache right padding),
+positions go to its left padding (drop_tails),
 so every row goes on as if it had decoded alone.  Before every step a small
 planner weighs the expected tokens of the drafts (acceptance measured per match
 length, and the heads' per draft position and temperature, as the
@@ -475,6 +475,35 @@ class BatchDrafter:
             counts[2] += a
 
 
+def drop_tails(caches, drop: List[int]) -> None:
+    """Batch caches (mlx-lm's BatchKVCache) whose row i drops its last `drop[i]`
+    positions, so that every row ends at the same column again: what all rows
+    drop is trimmed (no copy), and rows that drop more move right by the
+    difference (one gather over the columns in use), their left padding growing
+    by as much.  mlx-lm's own way (prepare(right_padding) + finalize) rolls the
+    whole buffers, their unused capacity too, even when every row drops the
+    same.  Measured inside drafting steps of the default model (greedy, the
+    heads drafting one token a row): 9.6 -> 2.7 ms at 1 row, 14.5 -> 2.6 ms at
+    2 rows dropping alike (15.0 -> 13.0 otherwise), 25.1 -> 1.7 ms at 4 rows
+    dropping alike (27.6 -> 23.8 otherwise), of 80-145 ms steps."""
+    low = min(drop)
+    shift = [x - low for x in drop]
+    for c in caches:
+        if low:
+            c.trim(low)
+        if not any(shift):
+            continue
+        idx = c._idx
+        moved = mx.array(shift)
+        # row i's column j takes its column j - shift[i] (the first shift[i] become padding)
+        src = mx.maximum(mx.arange(idx)[None, :] - moved[:, None], 0)[:, None, :, None]
+        for name in ("keys", "values"):
+            buf = getattr(c, name)
+            buf[:, :, :idx] = mx.take_along_axis(buf[:, :, :idx], src, axis=2)
+        c.offset = c.offset - moved
+        c.left_padding = c.left_padding + moved
+
+
 def drafting_generation(model, sampler, drafter: BatchDrafter):
     """An empty mlx-lm GenerationBatch whose steps draft (BatchGenerator extends it with
     every request that finishes its prompt)."""
@@ -595,9 +624,7 @@ def drafting_generation(model, sampler, drafter: BatchDrafter):
                     if i in built:
                         own.depths.rollback(len(d), a, pos, built[i][2])
             # each row keeps the positions of the tokens it emitted; the rest go to its left padding
-            for c in self.prompt_cache:
-                c.prepare(right_padding=[n - k for k in kept])
-                c.finalize()
+            drop_tails(self.prompt_cache, [n - k for k in kept])
             nxt = [int(tokens[a].item()) for tokens, a in zip(nexts, accepted)]
             result = []
             for (i, out, finish), uid in zip(responses, list(self.uids)):

@@ -244,6 +244,36 @@ def test_rows_drafted_together_draft_as_each_alone():
             assert [c.offset for c in a.depths.caches] == [c.offset for c in b.depths.caches]
 
 
+def test_drop_tails_equals_mlx_lms_right_padding():
+    """batching.drop_tails (trim what every row drops, move a row that drops more)
+    leaves each row's cache as mlx-lm's prepare(right_padding) + finalize does:
+    the same kept entries at the same columns, offsets and left padding."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    from mlx_mtpd.batching import drop_tails
+
+    for drop in ([0, 0, 0], [2, 2, 2], [0, 3, 1], [4, 1, 4], [0, 0, 5]):
+        caches = []
+        for _ in range(2):  # two caches with the same entries
+            rng = np.random.default_rng(sum(drop))
+            c = BatchKVCache([3, 0, 5])
+            for n in (9, 6):  # two updates (the second like a verification of 6 tokens a row)
+                k = mx.array(rng.standard_normal((3, 2, n, 4)).astype(np.float32))
+                c.update_and_fetch(k, k * 2)
+            caches.append(c)
+        ours, theirs = caches
+        drop_tails([ours], drop)
+        theirs.prepare(right_padding=drop)
+        theirs.finalize()
+        assert ours._idx <= theirs._idx and ours.offset.tolist() == theirs.offset.tolist()
+        cut = theirs._idx - ours._idx  # mlx-lm keeps every column; the trimmed ones are padding there
+        assert (ours.left_padding + cut).tolist() == theirs.left_padding.tolist()
+        for i in range(3):
+            lo = int(ours.left_padding[i])
+            for a, b in zip(ours.keys_and_values(), theirs.keys_and_values()):
+                assert mx.array_equal(a[i, :, lo:], b[i, :, lo + cut:]), (drop, i)
+
+
 def test_batch_head_drafts_sample_the_backbone_distribution():
     """T = 1, the heads drafting (cooler than the backbone: the head set's draft
     temperature 0.5 x T) at every step they can: N = 1200 answers of 3 tokens
