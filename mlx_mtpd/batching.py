@@ -402,8 +402,21 @@ class BatchDrafter:
         got = self.draft_cost.get((b, n))
         if got is not None:
             return got + extra
+        return plain * (1 + (n - 1) * self._extra_per_token(b)) + extra
+
+    def _extra_per_token(self, b: int) -> float:
+        """What each extra token a row adds to a step of b rows, in plain steps: the
+        prior's line (PRIOR_EXTRA), scaled to the verifications measured at the
+        nearest batch size (rows come and go: every size would otherwise be priced
+        by the prior until tried, and this CPU's verifications cost more than it)."""
         base, per_row = PRIOR_EXTRA
-        return plain * (1 + (n - 1) * (base + per_row * b)) + extra
+        prior = base + per_row * b
+        near = [(abs(bb - b), bb, nn, t) for (bb, nn), t in self.draft_cost.items() if nn > 1 and bb in self.plain_cost]
+        if not near:
+            return prior
+        _, bb, _, _ = min(near)
+        ratios = [(t / self.plain_cost[bb] - 1) / (nn - 1) / (base + per_row * bb) for d, b2, nn, t in near if b2 == bb]
+        return prior * max(sum(ratios) / len(ratios), 0.0)
 
     def plan(self, uids: List[int], ys: List[int]) -> Optional[List[Any]]:
         """Each row's draft for this step: tokens from its conversation (maybe

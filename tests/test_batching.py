@@ -307,6 +307,17 @@ def test_planner_drafts_only_when_it_pays():
     assert d.plan([1, 2], [8, 9]) is None
 
 
+def test_planner_prices_unmeasured_batch_sizes_from_the_nearest_measured():
+    """A verification not yet measured at this batch size is priced by the prior's
+    line scaled to what verifications cost at the nearest size measured."""
+    d = BatchDrafter()
+    d.plain_cost.update({4: 0.1, 8: 0.12})
+    assert d._cost(8, 3) == pytest.approx(0.12 * (1 + 2 * (0.1 + 0.025 * 8)))  # nothing measured: the prior
+    d.draft_cost[(4, 2)] = 0.13  # an extra token a row costs 0.3 plain steps at 4 rows, the prior said 0.2
+    assert d._cost(8, 3) == pytest.approx(0.12 * (1 + 2 * 0.3 * 1.5))
+    assert d._cost(4, 2) == pytest.approx(0.13)  # measured: as measured
+
+
 def test_planner_prices_the_rows_head_drafts():
     """A row with heads and no proposal from its text drafts with them when their
     expected tokens beat a plain step at the verification's cost plus the head's
