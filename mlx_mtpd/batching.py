@@ -13,7 +13,7 @@ distribution), and the per-request text, stop strings and cancellation.
 Inside the batch each request drafts from its own conversation (the suffix
 index: what followed the longest earlier match of its text's end) or, given a
 head set (server --batch-heads), with the MTP heads (each row keeps the
-backbone's hidden states from the position it joined the batch at, and its own
+backbone's hidden states from its prompt on, and its own
 depth caches) when that pays: the rows'
 drafts, of different lengths, are verified together in one forward of
 B x (n + 1) tokens, each row accepts its own prefix (greedy, or
@@ -145,6 +145,9 @@ class Batch:
         self.drafter = BatchDrafter(model=model, head_set=heads, lookup=lookup) if draft else None
         if draft:
             self.gen._generation_batch = drafting_generation(model, self.gen.sampler, self.drafter)
+            if self.drafter.kit is not None:  # the rows' heads see their prompts
+                self.gen._prompt_batch = capturing_prompts(model, self.gen.sampler, self.drafter,
+                                                           self.gen.prefill_step_size)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -263,11 +266,12 @@ def projection_share(kit) -> float:
 
 
 class RowHeads(HiddenHistory):
-    """A row's heads in the running batch: the backbone's hidden states from the
-    position the row joined the drafting batch at (its prompt was prefilled
-    without them, as a prompt cache's positions are: the heads start after
-    them, head_drafts.catch_up), its depth caches, and the tokens its backbone
-    cache holds.  `kit`: a DraftState whose heads, projection and entry it shares."""
+    """A row's heads in the running batch: the backbone's hidden states from
+    where the row's cache began (its prompt's, handed over by the prefill:
+    capturing_prompts; a kept conversation's prefix was cached without them, so
+    the heads start after it, head_drafts.catch_up), its depth caches, and the
+    tokens its backbone cache holds.  `kit`: a DraftState whose heads,
+    projection and entry it shares."""
 
     def __init__(self, kit, tokens: List[int]):
         from .depths import DepthCaches
@@ -344,11 +348,13 @@ class BatchDrafter:
         return acc
 
     def row_heads(self, uid: int, tokens: List[int]) -> Optional[RowHeads]:
-        """The row's heads (started at `tokens`, what its cache holds, the first time)."""
+        """The row's heads, `tokens` being what its cache holds: started there the
+        first time, and again should they ever have missed a forward of the row
+        (their hidden states must follow the cache position by position)."""
         row = self.rows.get(uid)
         if row is None or self.kit is None:
             return None
-        if row["own"] is None:
+        if row["own"] is None or row["own"].length != len(tokens):
             row["own"] = RowHeads(self.kit, tokens)
         return row["own"]
 
@@ -515,6 +521,50 @@ def drop_tails(caches, drop: List[int]) -> None:
             buf[:, :, :idx] = mx.take_along_axis(buf[:, :, :idx], src, axis=2)
         c.offset = c.offset - moved
         c.left_padding = c.left_padding + moved
+
+
+def capturing_prompts(model, sampler, drafter: BatchDrafter, prefill_step_size: int):
+    """An empty mlx-lm PromptProcessingBatch whose prefill hands each row's
+    hidden states to its heads (RowHeads, started where the row's cache began:
+    after a kept conversation's prefix, or at 0), so that a row's heads draft
+    with its prompt's context, as the single-request loop's do."""
+    from mlx_lm.generate import PromptProcessingBatch
+
+    class CapturingPrompts(PromptProcessingBatch):
+        def prompt(self, tokens):
+            if not tokens:
+                return super().prompt(tokens)
+            uids, before = list(self.uids), [list(t) for t in self.tokens]
+            caught, real = [], self.model
+
+            def forward(x, cache=None):  # each prefill chunk's hidden states (B x chunk)
+                out = real(x, cache=cache)
+                caught.append(drafter.kit.backbone.captured())
+                return out
+
+            self.model = forward
+            try:
+                super().prompt(tokens)
+            finally:
+                self.model = real
+            hidden = caught[0] if len(caught) == 1 else mx.concatenate(caught, axis=1)
+            mx.eval(hidden)
+            for i, uid in enumerate(uids):
+                own = drafter.row_heads(uid, before[i])
+                if own is not None:
+                    own.kept(tokens[i], hidden[i, : len(tokens[i])])
+
+        def generate(self, tokens):
+            gen = super().generate(tokens)
+            if gen.uids:  # mlx-lm's GenerationBatch ran its first step: the rows' last prompt tokens
+                hidden = drafter.kit.backbone.captured()
+                for i, uid in enumerate(gen.uids):
+                    own = drafter.row_heads(uid, gen.tokens[i][:-1])
+                    if own is not None:
+                        own.kept(gen.tokens[i][-1:], hidden[i])
+            return gen
+
+    return CapturingPrompts.empty(model, sampler, prefill_step_size=prefill_step_size)
 
 
 def drafting_generation(model, sampler, drafter: BatchDrafter):

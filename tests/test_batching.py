@@ -207,6 +207,33 @@ def test_batch_head_drafts_equal_each_request_alone(arch, lookup):
     assert len(heads_rows) >= 3 and all(0 < x["accepted"] < x["drafted"] for x in heads_rows), heads_rows
 
 
+def test_batch_rows_heads_see_their_prompts():
+    """The batch's prefill hands each row's hidden states to its heads: after the
+    first step a row's heads hold every position of its prompt (from 0, or from
+    the end of a kept conversation's prefix), equal to the backbone's own."""
+    from mlx_mtpd.batching import keep, kept_caches
+    from mlx_mtpd.heads import Backbone
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _ = tiny_model("llama", vocab_size=128, seed=4)
+    heads = _fitted_heads(model, PROMPTS[:2])
+    kept = kept_caches()
+    prefix = PROMPTS[1][:5]
+    cache = make_prompt_cache(model)
+    model(mx.array([prefix]), cache=cache)
+    keep(kept, prefix, cache)
+    batch = Batch(model, TokenTokenizer(), max_batch=3, draft=True, heads=heads, cache=kept)
+    for p in PROMPTS[:2]:
+        batch.add(Job(), Sink(), p, 4, {"temp": 0.0})
+    batch.step(lambda row, reason: None)
+    backbone = Backbone(model)
+    for uid, p, base in zip(list(batch.drafter.rows), PROMPTS[:2], (0, len(prefix))):
+        own = batch.drafter.rows[uid]["own"]
+        assert own.hist_base == base and own.length >= len(p), (own.hist_base, own.length, len(p))
+        _, ref = backbone.forward_batch(mx.array([p]))
+        assert mx.allclose(own.hidden_range(base, len(p)), ref[0, base:], atol=1e-4)
+
+
 def test_rows_drafted_together_draft_as_each_alone():
     """head_drafts.draft_rows (the batch's rows drafted with one output projection
     per depth) gives each sequence what `draft` gives it alone: the same drafts,
