@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .files import EVAL_FILE, home, write_json_atomic  # noqa: F401  (EVAL_FILE re-exported)
+from .files import EVAL_FILE, home, write_json_atomic
 
 COSTS_VERSION = 2  # 2: tree steps by size
 COSTS_DIR = "step_costs"

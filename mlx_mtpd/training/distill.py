@@ -365,8 +365,7 @@ def _plots(report: dict, history: List[dict], folder: Path) -> None:
 def _copy_heads(src: Path, dest: Path) -> None:
     """A head set's files into `dest`: into a model folder beside its weights (each
     file renamed into place), else as a folder built whole and renamed."""
-    from ..costs import EVAL_FILE
-    from ..files import atomic_dir
+    from ..files import EVAL_FILE, atomic_dir
 
     names = [n for n in (HEADS_WEIGHTS, HEADS_CONFIG, EVAL_FILE) if (src / n).exists()]
     if dest.resolve() == src.resolve():
@@ -387,7 +386,7 @@ def _copy_heads(src: Path, dest: Path) -> None:
 
 def _check_out(out: Path) -> None:
     """--out: a model folder, a new folder, or one that holds only a head set and its report."""
-    from ..costs import EVAL_FILE
+    from ..files import EVAL_FILE
 
     if not out.exists() or (out / "config.json").exists():
         return
@@ -421,7 +420,7 @@ def distill(opts) -> dict:
     """The whole run (see the module's text); returns the report."""
 
     from .. import blas
-    from ..costs import EVAL_FILE
+    from ..files import EVAL_FILE
     from ..heads import Backbone, load_heads
     from ..prompts import POOL_PROMPTS, read_prompts
     from ..utils import load, resolve_model
@@ -726,7 +725,7 @@ def upload(folder: Path, repo: str, report: dict) -> None:
     `mlx_lm.convert --upload-repo` uploads a model (huggingface_hub)."""
     from huggingface_hub import HfApi
 
-    from ..costs import EVAL_FILE
+    from ..files import EVAL_FILE
 
     staging = Path(folder).parent / f".{Path(folder).name}.upload"
     shutil.rmtree(staging, ignore_errors=True)

@@ -259,7 +259,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     def run():
-        from ..costs import EVAL_FILE
+        from ..files import EVAL_FILE
         from ..prompts import read_prompts
         from ..utils import load, write_json_atomic
 

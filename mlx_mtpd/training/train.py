@@ -656,8 +656,7 @@ def train_cli(args, deadline: Optional[float] = None, loaded=None) -> Optional[d
         save_heads(heads, Path(args.export), force=True, dtype=args.export_dtype)
         if best is not None and best.get("eval_agreement"):
             # the acceptance `auto` starts from until `eval-heads --save` measures it in decoding
-            from ..costs import EVAL_FILE
-            from ..files import write_json_atomic
+            from ..files import EVAL_FILE, write_json_atomic
 
             write_json_atomic(Path(args.export) / EVAL_FILE, {
                 "heads": str(args.export), "num_heads": heads.num_heads, "source": "train --export",
