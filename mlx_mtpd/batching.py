@@ -416,13 +416,13 @@ class BatchDrafter:
         nearest batch size (rows come and go: every size would otherwise be priced
         by the prior until tried, and this CPU's verifications cost more than it)."""
         base, per_row = PRIOR_EXTRA
-        prior = base + per_row * b
-        near = [(abs(bb - b), bb, nn, t) for (bb, nn), t in self.draft_cost.items() if nn > 1 and bb in self.plain_cost]
-        if not near:
-            return prior
-        _, bb, _, _ = min(near)
-        ratios = [(t / self.plain_cost[bb] - 1) / (nn - 1) / (base + per_row * bb) for d, b2, nn, t in near if b2 == bb]
-        return prior * max(sum(ratios) / len(ratios), 0.0)
+        sizes = {bb for bb, nn in self.draft_cost if nn > 1 and bb in self.plain_cost}
+        if not sizes:
+            return base + per_row * b
+        near = min(sizes, key=lambda bb: (abs(bb - b), bb))
+        ratios = [(t / self.plain_cost[near] - 1) / (nn - 1) for (bb, nn), t in self.draft_cost.items()
+                  if bb == near and nn > 1]
+        return (base + per_row * b) / (base + per_row * near) * max(sum(ratios) / len(ratios), 0.0)
 
     def plan(self, uids: List[int], ys: List[int]) -> Optional[List[Any]]:
         """Each row's draft for this step: tokens from its conversation (maybe
