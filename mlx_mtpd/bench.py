@@ -382,7 +382,8 @@ def main(argv=None) -> None:
                    help="Draft source: heads, prompt-lookup or heads+lookup, or several comma-separated "
                         "(each draft length runs with each; default heads).")
     p.add_argument("--tree", nargs="+", default=["auto"],
-                   help="Head drafts as trees: auto (default), off, W or W1,W2,...; several values run "
+                   help="Head drafts as trees: auto (default), off, W or W1,W2,... (/F: branches below depth 1's "
+                        "alternatives); several values run "
                         "each setting with each (e.g. --tree auto off).")
     p.add_argument("--mode", choices=MODES, default="run",
                    help="run: each request alone, one planner for the run (default); cold: each with a fresh "

@@ -78,6 +78,7 @@ class SpecStats:
     tree_steps: int = 0  # head steps that verified a tree
     tree_tokens: int = 0  # alternatives verified in them
     tree_hits: int = 0  # steps where an alternative was accepted
+    branch_accepted: int = 0  # tokens accepted below an accepted alternative (a fork's branch)
     # [position][rank - 2]: alternatives tried where the chain stopped, and accepted
     rank_reached: List[List[int]] = field(default_factory=list)
     rank_accepted: List[List[int]] = field(default_factory=list)
@@ -94,9 +95,10 @@ class SpecStats:
         self.rounds += 1
         if widths:
             self.tree_steps += 1
-            self.tree_tokens += sum(w - 1 for w in widths)
+            self.tree_tokens += tree_drafts.tree_size(widths) - 1 - len(widths)
             if rank:
                 self.tree_hits += 1
+                self.branch_accepted += max(accepted - a_chain - 1, 0)
             if a_chain < len(widths) and widths[a_chain] > 1:
                 for lst in (self.rank_reached, self.rank_accepted):
                     while len(lst) <= a_chain:
@@ -126,6 +128,7 @@ class SpecStats:
         self.tree_steps += other.tree_steps
         self.tree_tokens += other.tree_tokens
         self.tree_hits += other.tree_hits
+        self.branch_accepted += other.branch_accepted
         for name in ("rank_reached", "rank_accepted"):
             mine, theirs = getattr(self, name), getattr(other, name)
             while len(mine) < len(theirs):
@@ -174,6 +177,7 @@ class SpecStats:
             "tree_steps": self.tree_steps,
             "tree_alternatives": self.tree_tokens,
             "tree_hits": self.tree_hits,
+            "branch_accepted": self.branch_accepted,
             "rank_acceptance": self.rank_acceptance,
         }
 
@@ -749,7 +753,7 @@ def _draft_step(st: DraftState, planner: DraftPlanner, kind: str, arg, transform
     heads = kind == "heads"
     lags = st.depths.lags(st.length) if heads else None
     widths = planner.widths if heads and cluster is None and st.tree_reason is None else None
-    if widths and not st.tree_room(1 + sum(widths)):  # a sliding window without room for the tree
+    if widths and not st.tree_room(tree_drafts.tree_size(widths)):  # a sliding window without room for the tree
         widths = None
     new_tokens, a, rows, (a_chain, rank) = _step(
         st, arg if heads else 0, transform, lookup=None if heads else arg, cluster=cluster, parts=stats.parts,
@@ -764,7 +768,7 @@ def _draft_step(st: DraftState, planner: DraftPlanner, kind: str, arg, transform
     catching_up = heads and planner.catch_up_work(d, lags) > 0
     typical = None if catching_up else seconds
     if catching_up:
-        usual = planner.tree_cost(d, 1 + sum(widths)) if widths else planner.step_cost("heads", d)
+        usual = planner.tree_cost(d, tree_drafts.tree_size(widths)) if widths else planner.step_cost("heads", d)
         planner.observe_catch_up(d, lags, seconds, usual)
     if widths:
         planner.observe("heads", d, a_chain, None)
@@ -931,13 +935,19 @@ def _add_parts(parts: Optional[dict], t_start: float, t_built: float, t_evaluate
 
 
 def _tree_step(st: DraftState, d: int, transform, chain: mx.array, qs, streams, alts, widths, parts, t_start):
-    """The verification of a caterpillar tree (:mod:`mlx_mtpd.tree`): the chain and
-    each depth's alternatives in one forward; the accepted path's cache entries
-    kept, the heads rolled back to the chain drafts accepted."""
+    """The verification of a tree (:mod:`mlx_mtpd.tree`): the chain, each depth's
+    alternatives and the branches below depth 1's in one forward; the accepted
+    path's cache entries kept, the heads rolled back to the chain drafts accepted."""
     n = len(st.tokens) - 1
     t = tree_drafts.Tree.caterpillar(d, widths)
     alt_list = [a for a in alts if a is not None]
-    verify_in = mx.concatenate([mx.array([st.tokens[-1]], mx.uint32), chain] + alt_list)
+    fork_q: List[mx.array] = []
+    branch_tokens: List[mx.array] = []
+    if t.branch_nodes:
+        q_transform = (st.draft_transform or transform) if transform is not None else None
+        by_depth, fork_q = head_drafts.fork_drafts(st, alts[0], len(t.branch_nodes[0]), streams, q_transform)
+        branch_tokens = [mx.stack(by_depth, axis=1).reshape(-1)]  # branch by branch, as the tree lays them out
+    verify_in = mx.concatenate([mx.array([st.tokens[-1]], mx.uint32), chain] + alt_list + branch_tokens)
     prefix = st.length
     with tree_drafts.tree_attention(st.model, st.cache, t, st.rope_owners):
         logits, hidden = st.forward(verify_in)
@@ -945,21 +955,21 @@ def _tree_step(st: DraftState, d: int, transform, chain: mx.array, qs, streams, 
         target = mx.argmax(logits, axis=-1)
         outs = (target,)
     else:
-        q = mx.stack(qs)
-        outs = tree_drafts.accept_tree_sampled(t, chain, q, alts, transform(logits))
+        # the q of each node's first child: the chain's next draft, or its branch's
+        q_of = dict(enumerate(qs))
+        for j, branch in enumerate(t.branch_nodes):
+            for k, node in enumerate([t.alt_nodes[0][j]] + branch[:-1]):
+                q_of[node] = fork_q[k][j]
+        first_q = mx.stack([q_of[x] for x in tree_drafts.decision_nodes(t)])
+        outs = tree_drafts.accept_tree_sampled(t, verify_in, first_q, transform(logits))
     t_built = time.perf_counter()
     mx.eval(verify_in, *outs)
     nodes = verify_in.tolist()
-    chain_l = nodes[1 : d + 1]
-    alt_l = [[nodes[j] for j in t.alt_nodes[i]] for i in range(d)]
     if transform is None:
-        tgt = outs[0].tolist()
-        chain_ok = [chain_l[i] == tgt[i] for i in range(d)]
-        alt_ok = [[x == tgt[i] for x in alt_l[i]] for i in range(d)]
-        fallback, bonus = tgt[:d], tgt
+        ok, alt_ok, fallback, bonus = tree_drafts.greedy_outcome(t, nodes, outs[0].tolist())
     else:
-        chain_ok, alt_ok, fallback, bonus = (x.tolist() for x in outs)
-    new_tokens, keep, a_chain, rank = tree_drafts.walk(t, chain_l, alt_l, chain_ok, alt_ok, fallback, bonus)
+        ok, alt_ok, fallback, bonus = (x.tolist() for x in outs)
+    new_tokens, keep, a_chain, rank = tree_drafts.walk(t, nodes, ok, alt_ok, fallback, bonus)
     t_evaluated = time.perf_counter()
 
     tree_drafts.keep_path(st.cache, prefix, t.size, keep)

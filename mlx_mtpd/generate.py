@@ -91,7 +91,8 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree", default="auto",
                    help="Head drafts as trees: 'auto' (default: the shape chosen per step from measured "
                         "acceptance by rank and cost), 'off' (chains), W (candidates at every depth, "
-                        "at most 4) or W1,W2,... per depth.")
+                        "at most 4) or W1,W2,... per depth; /F after either continues each of depth 1's "
+                        "alternatives for F more tokens (a branch of its own, e.g. 4,1,1/2).")
 
 
 def default_draft(heads, draft: Optional[str]) -> str:

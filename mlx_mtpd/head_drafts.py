@@ -124,3 +124,56 @@ def catch_up(st, depths: int, reserve: int = 0) -> int:
         prev, prev_start = streams[k], dc.tail_start(k, old)
     dc.advance(new, depths, streams)
     return work
+
+
+class _BranchCache:
+    """A depth's KV cache as the branches see it: the entries before the draft
+    position (the chain's own entry there excluded), one copy per branch, and
+    each branch's new entries after them; the depth's real cache is untouched."""
+
+    def __init__(self, cache, branches: int):
+        keep = cache.offset - 1
+        self.keys, self.values = (mx.repeat(x[..., :keep, :], branches, axis=0) for x in (cache.keys, cache.values))
+        self.offset = keep
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        self.keys = mx.concatenate([self.keys, keys], axis=2)
+        self.values = mx.concatenate([self.values, values], axis=2)
+        self.offset += keys.shape[2]
+        return self.keys, self.values
+
+
+def fork_drafts(st, alts: mx.array, fork: int, streams, transform):
+    """Each of depth 1's alternatives continued for `fork` tokens (lazily): the
+    branches run through depths 2..fork+1 together, as a batch, each depth
+    reading what its cache holds before the draft position (as the chain's
+    draft there did) with the branch's own token in place of the chain's.
+    Returns ([(B,) tokens per depth], [(B, vocab) q per depth] or [] when greedy),
+    after `draft` drafted the chain (`streams[1]`: depth 1's outputs, its last
+    the state every branch starts from)."""
+    b = alts.shape[0]
+    hid = mx.repeat(streams[1][-1:][None], b, axis=0)  # (B, 1, H)
+    tok = alts.reshape(b, 1)
+    tokens, qs = [], []
+    for k in range(2, fork + 2):
+        head = st.heads[k - 1]
+        out = head(hid, st.backbone.embed_tokens(tok), _BranchCache(st.depths.caches[k - 1], b))
+        if st.feedback_post:
+            out = head.norm(out)
+            feat = out[:, -1]
+        else:
+            feat = head.norm(out[:, -1])
+        logits = st.project(feat)  # (B, draft vocabulary)
+        if transform is None:
+            choice = mx.argmax(logits, axis=-1)
+        else:
+            scores = transform(logits)
+            choice = mx.random.categorical(scores)
+            q = mx.exp(scores)
+            if st.draft_ids is not None:
+                q = mx.zeros((b, st.backbone.vocab_size), q.dtype).at[:, st.draft_ids].add(q)
+            qs.append(q)
+        drafted = (st.draft_ids[choice] if st.draft_ids is not None else choice).astype(mx.uint32)
+        tokens.append(drafted)
+        hid, tok = out, drafted.reshape(b, 1)
+    return tokens, qs

@@ -452,7 +452,7 @@ class DraftPlanner:
     def observe_tree(self, d: int, widths, a_chain: int, rank: int, seconds: Optional[float]) -> None:
         """A tree step: the alternatives tried at the depth where the chain
         stopped (each rank up to the accepted one), and the cost per alternative."""
-        from .tree import MAX_WIDTH
+        from .tree import MAX_WIDTH, tree_size
 
         for row in self.rank_counts:
             for c in row:
@@ -466,7 +466,7 @@ class DraftPlanner:
             for r in range(2, top + 1):
                 row[r - 2][1] += 1
                 row[r - 2][0] += r == rank
-        size = 1 + sum(widths)
+        size = tree_size(widths)
         if seconds is not None and size > d + 1:
             # None: no plain timing yet, or a size not measured (a fixed --tree shape)
             predicted = self.tree_cost(d, size)

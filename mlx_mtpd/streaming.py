@@ -133,7 +133,8 @@ def acceptance_line(stats: SpecStats) -> str:
         src += f" (first: {stats.first_step})"
     if stats.tree_steps:
         src += (f"; trees {stats.tree_steps} ({stats.tree_tokens / stats.tree_steps:.1f} alternatives each, "
-                f"one accepted in {stats.tree_hits})")
+                f"one accepted in {stats.tree_hits}"
+                + (f", {stats.branch_accepted} tokens accepted below them" if stats.branch_accepted else "") + ")")
     if not stats.rounds:
         return f"Acceptance: no drafting (num_draft={stats.num_draft}{src})"
     ar = " ".join(f"{x:.2f}" for x in stats.acceptance_rates)

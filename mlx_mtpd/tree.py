@@ -4,18 +4,22 @@ in one forward with a tree attention mask and per-node positions (docs/DESIGN.md
 
 The tree the heads propose is the chain they draft today, c_1..c_d, with each
 depth's next-best candidates hung beside it: at depth i, `widths[i-1] - 1`
-alternatives to c_i, children of c_{i-1} (the root, t_n, for depth 1).  The
-nodes go to the backbone chain first, then the alternatives depth by depth:
+alternatives to c_i, children of c_{i-1} (the root, t_n, for depth 1).  With a
+`fork` F (`--tree 4/2`), each of depth 1's alternatives is continued by the
+heads for F more tokens, a branch of its own (`head_drafts.fork_drafts`).  The
+nodes go to the backbone chain first, then the alternatives depth by depth,
+then the branches' continuations, branch by branch:
 
-    [t_n, c_1, ..., c_d, alts of depth 1, alts of depth 2, ...]
+    [t_n, c_1, ..., c_d, alts of depth 1, alts of depth 2, ..., branch 1, branch 2, ...]
 
 so an accepted chain prefix is a prefix of the verified tokens (its cache
-entries are kept by a trim, as for a chain) and only an accepted alternative
-moves one cache entry.  An alternative has no children: when it is accepted,
-the backbone's token at it is the bonus token and the step ends there.  The
-heads draft nothing more than for a chain (their top candidates at each depth
-come from logits they compute anyway), so a tree costs only the verification
-of its extra tokens.
+entries are kept by a trim, as for a chain) and only a path that leaves the
+chain moves cache entries.  An alternative without a branch has no children:
+when it is accepted, the backbone's token at it is the bonus token and the
+step ends there.  Without forks the heads draft nothing more than for a chain
+(their top candidates at each depth come from logits they compute anyway), so
+such a tree costs only the verification of its extra tokens; a fork costs F
+more head calls, all branches together.
 
 Any mlx-lm model works whose attention layers take their positions from one
 `rope(x, offset=cache.offset)` call and their mask from the cache's
@@ -29,7 +33,7 @@ chains.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -41,9 +45,37 @@ MAX_WIDTH = 4
 MAX_TREE_SIZE = 16
 
 
+class Widths(tuple):
+    """Candidates per depth, and `fork`: how many more tokens the heads draft
+    after each of depth 1's alternatives (0: the alternatives are leaves)."""
+
+    def __new__(cls, widths, fork: int = 0):
+        obj = super().__new__(cls, widths)
+        obj.fork = fork
+        return obj
+
+    def __repr__(self) -> str:
+        return f"{tuple(self)!r}/{self.fork}" if self.fork else repr(tuple(self))
+
+
+def fork_of(widths) -> int:
+    return getattr(widths, "fork", 0) if widths else 0
+
+
+def tree_size(widths) -> int:
+    """Nodes of the tree these widths draw (t_n included)."""
+    return 1 + sum(widths) + (widths[0] - 1) * fork_of(widths) if widths else 1
+
+
+def shape_name(widths) -> str:
+    """'4-2-1', or '4-1-1/2' with a fork: how results name a tree's shape."""
+    return "-".join(map(str, widths)) + (f"/{fork_of(widths)}" if fork_of(widths) else "")
+
+
 def parse_tree(value) -> Optional[object]:
     """--tree: 'auto' (the planner chooses the shape), 'off' / '0' / '1' (chains),
-    W (that many candidates at every depth) or W1,W2,... (per depth)."""
+    W (that many candidates at every depth) or W1,W2,... (per depth), either
+    followed by /F: depth 1's alternatives each continued for F more tokens."""
     from .errors import MTPDError
 
     if value is None or value == "auto":
@@ -51,13 +83,18 @@ def parse_tree(value) -> Optional[object]:
     text = str(value).strip().lower()
     if text in ("off", "none", "0", "1", "chain"):
         return None
+    spec, _, fork = text.partition("/")
     try:
-        widths = tuple(int(w) for w in text.split(","))
+        widths = tuple(int(w) for w in spec.split(","))
+        fork = int(fork) if fork else 0
     except ValueError:
-        raise MTPDError(f"--tree must be 'auto', 'off', W or W1,W2,... (got {value!r})") from None
+        raise MTPDError(f"--tree must be 'auto', 'off', W, W1,W2,... or either with /F (got {value!r})") from None
     if any(w < 1 or w > MAX_WIDTH for w in widths):
         raise MTPDError(f"--tree widths must be between 1 and {MAX_WIDTH} (got {value!r})")
-    return widths
+    if fork < 0 or (fork and widths[0] < 2):
+        raise MTPDError(f"--tree W/F forks depth 1's alternatives: W must be 2 or more and F 0 or more "
+                        f"(got {value!r})")
+    return Widths(widths, fork) if fork else widths
 
 
 def min_depth(size: int) -> int:
@@ -75,12 +112,19 @@ def shape_for(size: int) -> Tuple[int, ...]:
 
 def widths_for(tree, d: int) -> Optional[Tuple[int, ...]]:
     """A fixed --tree for a d-token chain: a single W applies to every depth, a
-    list to the depths it names (1 beyond).  None when it adds nothing."""
+    list to the depths it names (1 beyond); a fork is at most d - 1 tokens (a
+    branch reaches no deeper than the chain), and the tree at most
+    MAX_TREE_SIZE nodes (the fork shortened to fit).  None when it adds nothing."""
     if not tree or tree == "auto" or d <= 0:
         return None
     w = tuple(tree) if len(tree) > 1 else tuple(tree) * d
     w = (w + (1,) * d)[:d]
-    return w if any(x > 1 for x in w) else None
+    if not any(x > 1 for x in w):
+        return None
+    fork = min(fork_of(tree), d - 1)
+    while fork and tree_size(Widths(w, fork)) > MAX_TREE_SIZE:
+        fork -= 1
+    return Widths(w, fork) if fork else w
 
 
 def tree_support(model: nn.Module, cache: Sequence) -> Optional[str]:
@@ -126,16 +170,22 @@ def rope_owners(model: nn.Module) -> List[nn.Module]:
 @dataclass
 class Tree:
     """The verified tokens' layout: node 0 is t_n, nodes 1..d the chain, then
-    the alternatives; `alt_nodes[i]` are depth i+1's alternative nodes."""
+    the alternatives (`alt_nodes[i]`: depth i+1's), then the branches that
+    continue depth 1's alternatives (`branch_nodes[j]`: the j-th alternative's
+    continuation, deepest last)."""
 
     d: int
     widths: Tuple[int, ...]
     depth: List[int]
     parent: List[int]
     alt_nodes: List[List[int]]
+    branch_nodes: List[List[int]] = field(default_factory=list)
 
     @classmethod
     def caterpillar(cls, d: int, widths: Sequence[int]) -> "Tree":
+        """The chain with each depth's alternatives beside it, and the branches
+        of `widths`' fork (`Widths`) below depth 1's."""
+        fork = fork_of(widths)
         widths = tuple(widths)
         depth = list(range(d + 1))
         parent = [-1] + list(range(d))
@@ -147,7 +197,16 @@ class Tree:
                 depth.append(i + 1)
                 parent.append(i)
             alt_nodes.append(nodes)
-        return cls(d, widths, depth, parent, alt_nodes)
+        branch_nodes: List[List[int]] = []
+        for alt in (alt_nodes[0] if fork and alt_nodes else []):
+            nodes, up = [], alt
+            for k in range(fork):
+                nodes.append(len(depth))
+                depth.append(2 + k)
+                parent.append(up)
+                up = nodes[-1]
+            branch_nodes.append(nodes)
+        return cls(d, widths, depth, parent, alt_nodes, branch_nodes)
 
     @property
     def size(self) -> int:
@@ -156,6 +215,14 @@ class Tree:
     @property
     def num_alts(self) -> int:
         return self.size - 1 - self.d
+
+    def children(self) -> List[List[int]]:
+        """Each node's children, the one drafted from q first (the chain's next
+        draft, or a branch's), then the alternatives best first."""
+        kids: List[List[int]] = [[] for _ in range(self.size)]
+        for node in range(1, self.size):
+            kids[self.parent[node]].append(node)
+        return kids
 
     def mask(self, prefix: int) -> mx.array:
         """(size, prefix + size) bool: every node sees the cached prefix, itself
@@ -253,78 +320,105 @@ def alternatives(scores: mx.array, choice: mx.array, k: int) -> mx.array:
     return top[mx.argsort(-masked[top])]
 
 
-def accept_tree_sampled(tree: Tree, chain: mx.array, chain_q: mx.array, alt_tokens: List[mx.array],
-                        logp: mx.array):
-    """Multi-candidate speculative sampling over a caterpillar tree, lazily.
+def accept_tree_sampled(tree: Tree, tokens: mx.array, first_q: mx.array, logp: mx.array):
+    """Multi-candidate speculative sampling over a tree, lazily.
 
-    At depth i (reached when c_1..c_{i-1} were accepted), c_i is accepted with
-    probability min(1, p(c_i)/q(c_i)); on its rejection the token comes from
-    r = norm(max(0, p - q)), which the alternatives (deterministic proposals)
-    try in turn: alternative l_j is accepted with probability
-    r_j(l_j), r_{j+1} being r_j without l_j, renormalized; when every one is
-    rejected the token is sampled from the last residual.  Each step draws from
-    the backbone's distribution exactly (recursive rejection sampling).
+    At every node with children (reached when the path to it was accepted),
+    its first child (drafted from q: the chain's next draft, or a branch's) is
+    accepted with probability min(1, p(c)/q(c)); on its rejection the token
+    must come from r = norm(max(0, p - q)), which the other children (the
+    alternatives: deterministic proposals) try in turn: alternative l_j is
+    accepted with probability r_j(l_j), r_{j+1} being r_j without l_j,
+    renormalized; when every one is rejected the token is sampled from the last
+    residual.  Each step draws from the backbone's distribution exactly
+    (recursive rejection sampling), and a branch below an accepted alternative
+    goes on the same way: its drafts were sampled from their own q, given the
+    alternative, whatever the tests above them drew.
 
-    Returns (chain_ok (d,), alt_ok (d, m) with the sequential tests folded in,
-    fallback (d,) the token after all rejections at each depth, bonus (size,) a
-    sample of p at every node); the host walks them (`walk`).
+    `tokens` (size,): the nodes; `first_q` (R, vocab): the q of the first child
+    of each node with children, in node order (`decision_nodes`).  Returns
+    (ok (R,), alt_ok (R, m) with the sequential tests folded in, fallback (R,)
+    the token after all rejections at each such node, bonus (size,) a sample of
+    p at every node); the host walks them (`walk`).
     """
-    d = tree.d
+    kids = tree.children()
+    rows = decision_nodes(tree)
     p = mx.exp(logp)
     bonus = mx.random.categorical(logp)
-    m = max((len(a) for a in tree.alt_nodes), default=0)
-    if d == 0:
+    if not rows:
         return mx.zeros((0,), mx.bool_), mx.zeros((0, 0), mx.bool_), mx.zeros((0,), mx.uint32), bonus
-    idx = mx.arange(d)
-    p_rows = p[:d]  # depth i+1 is verified at node i
-    p_c = p_rows[idx, chain]
-    q_c = chain_q[idx, chain]
-    chain_ok = mx.random.uniform(shape=(d,)) * q_c < p_c
-    residual = mx.maximum(p_rows - chain_q, 0.0)
+    n = len(rows)
+    p_rows = p[mx.array(rows, mx.uint32)]
+    first = tokens[mx.array([kids[x][0] for x in rows], mx.uint32)].astype(mx.int32)[:, None]
+    p_c = mx.take_along_axis(p_rows, first, axis=1)[:, 0]
+    q_c = mx.take_along_axis(first_q, first, axis=1)[:, 0]
+    ok = mx.random.uniform(shape=(n,)) * q_c < p_c
+    residual = mx.maximum(p_rows - first_q, 0.0)
     mass = residual.sum(axis=-1, keepdims=True)
     residual = mx.where(mass > 0, residual / mx.maximum(mass, 1e-30), p_rows)
+    m = max(len(kids[x]) - 1 for x in rows)
     if m == 0:
         fallback = mx.random.categorical(mx.log(residual))
-        return chain_ok, mx.zeros((d, 0), mx.bool_), fallback, bonus
+        return ok, mx.zeros((n, 0), mx.bool_), fallback, bonus
     vocab = logp.shape[-1]
-    toks = []
-    for i in range(d):  # pad each depth's alternatives to m with its first (never tried twice: masked below)
-        a = alt_tokens[i] if i < len(alt_tokens) and alt_tokens[i] is not None else None
-        k = 0 if a is None else a.shape[0]
-        if k == 0:
-            toks.append(mx.zeros((m,), mx.uint32))
-        else:
-            toks.append(mx.concatenate([a.astype(mx.uint32), mx.repeat(a[:1].astype(mx.uint32), m - k)])
-                        if k < m else a.astype(mx.uint32))
-    toks = mx.stack(toks)  # (d, m)
-    valid = mx.array([[j < len(tree.alt_nodes[i]) for j in range(m)] for i in range(d)])
-    r_l = mx.take_along_axis(residual, toks.astype(mx.int32), axis=1)  # (d, m)
+    # each node's alternatives, padded to m with its first child (never tested: masked below)
+    alt_idx = [[kids[x][1 + j] if 1 + j < len(kids[x]) else kids[x][0] for j in range(m)] for x in rows]
+    toks = tokens[mx.array(alt_idx, mx.uint32)].astype(mx.int32)  # (R, m)
+    valid = mx.array([[1 + j < len(kids[x]) for j in range(m)] for x in rows])
+    r_l = mx.take_along_axis(residual, toks, axis=1)
     r_l = mx.where(valid, r_l, 0.0)
     before = mx.cumsum(r_l, axis=1) - r_l  # residual mass of the earlier alternatives
-    u = mx.random.uniform(shape=(d, m))
+    u = mx.random.uniform(shape=(n, m))
     alt_ok = mx.logical_and(valid, u * mx.maximum(1.0 - before, 0.0) < r_l)
-    hit = mx.zeros((d, vocab), mx.bool_)
+    hit = mx.zeros((n, vocab), mx.bool_)
     for j in range(m):
         hit = mx.logical_or(hit, mx.logical_and(mx.arange(vocab)[None] == toks[:, j:j + 1], valid[:, j:j + 1]))
     rest = mx.where(hit, 0.0, residual)
     rest = mx.where(rest.sum(axis=-1, keepdims=True) > 0, rest, residual)
     fallback = mx.random.categorical(mx.log(rest))
-    return chain_ok, alt_ok, fallback, bonus
+    return ok, alt_ok, fallback, bonus
 
 
-def walk(tree: Tree, chain: List[int], alt_tokens: List[List[int]], chain_ok: List[bool],
-         alt_ok: List[List[bool]], fallback: List[int], bonus: List[int]):
-    """The accepted path: (tokens to emit, the nodes to keep (from 0), chain
-    drafts accepted, the rank (2 = the first alternative) of an accepted
-    alternative or 0).  Greedy callers pass chain_ok/alt_ok from comparisons with
-    the backbone's argmax and fallback = bonus = the argmax at each node."""
-    a = 0
-    while a < tree.d and chain_ok[a]:
-        a += 1
-    keep = list(range(a + 1))
-    if a == tree.d:
-        return chain[:a] + [bonus[a]], keep, a, 0
-    for j, node in enumerate(tree.alt_nodes[a]):
-        if alt_ok[a][j]:
-            return chain[:a] + [alt_tokens[a][j], bonus[node]], keep + [node], a, j + 2
-    return chain[:a] + [fallback[a]], keep, a, 0
+def decision_nodes(tree: Tree) -> List[int]:
+    """The nodes with children, in order: where the walk chooses."""
+    return [x for x, k in enumerate(tree.children()) if k]
+
+
+def greedy_outcome(tree: Tree, tokens: List[int], target: List[int]):
+    """`walk`'s inputs for greedy decoding: a child is accepted when it is the
+    backbone's argmax at its parent; the fallback and the bonus are the argmax."""
+    kids = tree.children()
+    rows = decision_nodes(tree)
+    ok = [tokens[kids[x][0]] == target[x] for x in rows]
+    alt_ok = [[tokens[k] == target[x] for k in kids[x][1:]] for x in rows]
+    return ok, alt_ok, [target[x] for x in rows], target
+
+
+def walk(tree: Tree, tokens: List[int], ok: List[bool], alt_ok: List[List[bool]], fallback: List[int],
+         bonus: List[int]):
+    """The accepted path from the root: at each node its first child when
+    accepted, else its first accepted alternative, else the fallback token ends
+    the step (at a leaf, the bonus token).  Returns (tokens to emit, the nodes
+    to keep (from 0, ascending), chain drafts accepted, the rank (2 = the first
+    alternative) of the alternative where the path left the chain, or 0)."""
+    kids = tree.children()
+    row = {x: r for r, x in enumerate(decision_nodes(tree))}
+    x, path, out = 0, [0], []
+    while True:
+        if not kids[x]:
+            out.append(bonus[x])
+            break
+        r = row[x]
+        nxt = kids[x][0] if ok[r] else next((k for j, k in enumerate(kids[x][1:]) if alt_ok[r][j]), None)
+        if nxt is None:
+            out.append(fallback[r])
+            break
+        out.append(tokens[nxt])
+        path.append(nxt)
+        x = nxt
+    a_chain = sum(1 for node in path if 1 <= node <= tree.d)
+    rank = 0
+    if a_chain + 1 < len(path):  # the path left the chain after a_chain drafts
+        node = path[a_chain + 1]
+        rank = kids[tree.parent[node]].index(node) + 1
+    return out, path, a_chain, rank

@@ -13,7 +13,8 @@ from conftest import greedy_tokens, tiny_model
 from heads_util import fit_heads
 from mlx_mtpd.engine import TIE_TOLERANCE, DraftPlanner, DraftState, SpecStats, mtp_generate_step
 from mlx_mtpd.errors import MTPDError
-from mlx_mtpd.tree import Tree, keep_path, parse_tree, tree_attention, tree_support, widths_for
+from mlx_mtpd.tree import (Tree, Widths, greedy_outcome, keep_path, parse_tree, tree_attention, tree_size,
+                            tree_support, walk, widths_for)
 from test_engine import _chi2_pvalue, _exact_marginals, assert_lossless
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma3_text", "phi3", "mimo"]
@@ -27,9 +28,10 @@ def _path(t: Tree, node: int):
     return out[::-1]
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 2), Widths((2, 2, 1), 2)])  # both within gemma's window of 16
 @pytest.mark.parametrize("quant", [None, 4])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_tree_forward_equals_each_paths_forward(arch, quant):
+def test_tree_forward_equals_each_paths_forward(arch, quant, shape):
     """Every node's logits in one tree forward equal the logits of a plain
     forward over the prompt and that node's path; keeping a path with an
     alternative on it leaves the cache as the plain forward over that path."""
@@ -39,7 +41,8 @@ def test_tree_forward_equals_each_paths_forward(arch, quant):
     if quant:
         nn.quantize(model, group_size=32, bits=quant)
     prompt = [5, 17, 42, 8, 99, 3, 250]
-    t = Tree.caterpillar(3, (3, 2, 2))
+    t = Tree.caterpillar(3, shape)
+    assert t.size == tree_size(shape)
     rng = np.random.default_rng(0)
     nodes = rng.integers(3, 300, size=t.size).tolist()
     cache = make_prompt_cache(model)
@@ -59,6 +62,44 @@ def test_tree_forward_equals_each_paths_forward(arch, quant):
     ref = model(mx.array(prompt + [nodes[0], nodes[1], nodes[alt], 7])[None])[0, -1]
     assert mx.abs(nxt - ref).max().item() < tol
     assert cache[0].offset == len(prompt) + 4
+    if t.branch_nodes:  # a whole branch below depth 1's alternative: its path's cache
+        cache = make_prompt_cache(model)
+        model(mx.array(prompt)[None], cache=cache)
+        with tree_attention(model, cache, t):
+            model(mx.array(nodes)[None], cache=cache)
+        branch = t.branch_nodes[-1]
+        keep = [0, t.alt_nodes[0][-1]] + branch
+        keep_path(cache, len(prompt), t.size, keep)
+        nxt = model(mx.array([7])[None], cache=cache)[0, -1]
+        ref = model(mx.array(prompt + [nodes[i] for i in keep] + [7])[None])[0, -1]
+        assert mx.abs(nxt - ref).max().item() < tol
+
+
+def test_walk_follows_branches_below_alternatives():
+    """The accepted path from the root: the chain while it holds, then an
+    alternative and the branch below it; where no child is accepted the
+    fallback (at a leaf the bonus) ends the step."""
+    t = Tree.caterpillar(3, Widths((3, 2, 1), 2))
+    # nodes: 0 root, 1-3 chain, 4-5 depth 1's alternatives, 6 depth 2's, 7-8 and 9-10 the branches
+    assert t.alt_nodes == [[4, 5], [6], []] and t.branch_nodes == [[7, 8], [9, 10]]
+    assert t.parent[7] == 4 and t.parent[8] == 7 and t.parent[9] == 5 and t.depth[10] == 3
+    tokens = list(range(100, 100 + t.size))
+    target = [0] * t.size
+    target[0] = tokens[5]  # the root's argmax is the second alternative
+    target[5] = tokens[9]  # ... then its branch, to the end
+    target[9] = tokens[10]
+    target[10] = 42  # the bonus token at the branch's leaf
+    out, path, a_chain, rank = walk(t, tokens, *greedy_outcome(t, tokens, target))
+    assert (out, path, a_chain, rank) == ([105, 109, 110, 42], [0, 5, 9, 10], 0, 3)
+    target = [0] * t.size
+    target[0], target[1] = tokens[1], tokens[6]  # c_1, then depth 2's alternative (a leaf)
+    target[6] = 7
+    out, path, a_chain, rank = walk(t, tokens, *greedy_outcome(t, tokens, target))
+    assert (out, path, a_chain, rank) == ([101, 106, 7], [0, 1, 6], 1, 2)
+    target = [0] * t.size
+    target[0], target[4] = tokens[4], 55  # the first alternative, its branch rejected at once
+    out, path, a_chain, rank = walk(t, tokens, *greedy_outcome(t, tokens, target))
+    assert (out, path, a_chain, rank) == ([104, 55], [0, 4], 0, 2)
 
 
 def test_tree_support_names_what_cannot_take_a_tree():
@@ -73,12 +114,18 @@ def test_parse_tree_and_widths():
     assert parse_tree("auto") == "auto" and parse_tree(None) is None
     assert parse_tree("off") is None and parse_tree("1") is None
     assert parse_tree("3") == (3,) and parse_tree("4,2") == (4, 2)
-    for bad in ("x", "5", "0,2", "2,,2"):
+    assert parse_tree("4,1/2") == (4, 1) and parse_tree("4,1/2").fork == 2
+    for bad in ("x", "5", "0,2", "2,,2", "1,2/1", "4/x", "4/-1"):
         with pytest.raises(MTPDError, match="--tree"):
             parse_tree(bad)
     assert widths_for((3,), 2) == (3, 3)
     assert widths_for((4, 2), 3) == (4, 2, 1)
     assert widths_for((1,), 3) is None and widths_for("auto", 2) is None
+    # a fork reaches no deeper than the chain, and the tree keeps within MAX_TREE_SIZE nodes
+    assert widths_for(parse_tree("4,1,1/2"), 3).fork == 2 and widths_for(parse_tree("4/3"), 2).fork == 1
+    assert widths_for(parse_tree("4/2"), 1) == (4,) and not getattr(widths_for(parse_tree("4/2"), 1), "fork", 0)
+    big = widths_for(parse_tree("4,2,1,1/3"), 4)  # 18 nodes with the whole fork
+    assert tree_size(big) == 15 and big.fork == 2, (big, tree_size(big))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -92,20 +139,24 @@ def test_tiny_architectures_greedy_with_trees(arch):
     refs = [greedy_tokens(model, p, 20) for p in prompts]
     # heads fitted loosely (high ridge): wrong often enough that alternatives matter
     heads = fit_heads(model, [p + r for p, r in zip(prompts[:4], refs[:4])], num_heads=2, ridge=3.0)
-    hits = steps = 0
+    hits = steps = branched = 0
     for p, ref in zip(prompts, refs):
-        for d, tree in [(1, (4,)), (2, (3, 2)), (3, (2, 2, 4))]:
+        for d, tree in [(1, (4,)), (2, (3, 2)), (3, (2, 2, 4)), (3, Widths((3, 1, 1), 2)), (2, Widths((4, 2), 1))]:
             stats = SpecStats()
             got = [t for t, _, _ in mtp_generate_step(mx.array(p), model, heads, num_draft=d, tree=tree,
                                                       max_tokens=20, stats=stats)]
             assert_lossless(model, p, got, ref, TIE_TOLERANCE[mx.float32])
             hits += stats.tree_hits
             steps += stats.tree_steps
+            branched += stats.branch_accepted
         for n in (2, 3, 5):  # the budget ends inside a tree
-            got = [t for t, _, _ in mtp_generate_step(mx.array(p), model, heads, num_draft=3, tree=(3, 3, 3),
-                                                      max_tokens=n)]
-            assert_lossless(model, p, got, ref[:n], TIE_TOLERANCE[mx.float32])
+            for tree in ((3, 3, 3), Widths((3, 1, 1), 2)):
+                got = [t for t, _, _ in mtp_generate_step(mx.array(p), model, heads, num_draft=3, tree=tree,
+                                                          max_tokens=n)]
+                assert_lossless(model, p, got, ref[:n], TIE_TOLERANCE[mx.float32])
     assert steps > 0 and hits > 0, (steps, hits)
+    # a branch below an alternative accepted (gemma's window of 16 leaves room for few trees)
+    assert branched > 0 or arch == "gemma3_text", branched
 
 
 def test_smollm_greedy_with_trees(smol):
@@ -138,14 +189,17 @@ def test_smollm_greedy_with_trees(smol):
     assert hits > 0
 
 
-@pytest.mark.parametrize("params,tree", [
-    (dict(temp=1.0), (3, 3, 2)),
-    (dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02), (4, 2, 2)),
+@pytest.mark.parametrize("params,tree,max_tokens", [
+    (dict(temp=1.0), (3, 3, 2), 3),
+    (dict(temp=0.7, top_p=0.9, top_k=8, min_p=0.02), (4, 2, 2), 3),
+    (dict(temp=1.0), Widths((4, 1, 1), 2), 5),  # D = 3 from the first step: branches of 2 below the alternatives
 ])
-def test_tree_sampling_matches_the_backbone_distribution(params, tree):
-    """N = 1500 generations of 3 tokens drafted as trees (D = 3): chi-square of
-    each position's marginal against the exact distribution (threshold 1e-3),
-    with chains rejected and alternatives accepted often."""
+def test_tree_sampling_matches_the_backbone_distribution(params, tree, max_tokens):
+    """N = 1500 generations drafted as trees (the first step after the prompt's
+    token drafts min(3, max_tokens - 2) tokens): chi-square of the first three
+    positions' marginals against the exact distribution (threshold 1e-3), with
+    chains rejected, alternatives accepted often, and tokens accepted in the
+    branches below them."""
     from mlx_mtpd.engine import make_logprobs_transform
 
     model, _ = tiny_model("llama", vocab_size=24, seed=5)
@@ -159,12 +213,51 @@ def test_tree_sampling_matches_the_backbone_distribution(params, tree):
     stats = SpecStats()
     for _ in range(N):
         toks = [t for t, _, _ in mtp_generate_step(mx.array(prompt), model, heads, num_draft=3, tree=tree,
-                                                   max_tokens=3, stats=stats, **params)]
-        for i, t in enumerate(toks):
+                                                   max_tokens=max_tokens, stats=stats, **params)]
+        for i, t in enumerate(toks[:3]):
             counts[i, t] += 1
     assert stats.tree_steps > 0.9 * N and stats.tree_hits > 100, stats.as_dict()
+    if getattr(tree, "fork", 0):
+        assert stats.branch_accepted > 50, stats.as_dict()
     for i in range(3):
         assert _chi2_pvalue(counts[i], marg[i]) > 1e-3, (i, counts[i], marg[i])
+
+
+def test_sampled_branch_below_an_alternative_follows_the_backbone():
+    """The acceptance rule alone, where every trial can go down a branch: the
+    root's sampled draft c ~ q, its alternative (the best other token by q),
+    and below the alternative a draft b ~ q_b(alternative).  The first two
+    emitted tokens must be distributed as the backbone's p(x) p(y | x),
+    whichever way each trial went (chi-square over the 36 pairs)."""
+    from mlx_mtpd.tree import accept_tree_sampled
+
+    rng = np.random.default_rng(3)
+    V, N = 6, 6000
+    p0 = rng.dirichlet(np.ones(V))
+    p1 = rng.dirichlet(np.ones(V), size=V)  # p(y | x)
+    q0 = rng.dirichlet(np.ones(V))  # the heads: unlike the backbone
+    qb = rng.dirichlet(np.ones(V) * 0.5, size=V)  # the branch's q given the alternative
+    t = Tree.caterpillar(1, Widths((2,), 1))  # root -> [c, alt]; alt -> [b]
+    assert t.children() == [[1, 2], [], [3], []]
+    mx.random.seed(11)
+    counts = np.zeros((V, V))
+    went_down = 0
+    for _ in range(N):
+        c = int(rng.choice(V, p=q0))
+        alt = int(np.argmax(np.where(np.arange(V) == c, -1.0, q0)))
+        b = int(rng.choice(V, p=qb[alt]))
+        tokens = mx.array([0, c, alt, b], mx.uint32)
+        logp = mx.log(mx.array(np.stack([p0, p1[c], p1[alt], np.full(V, 1.0 / V)]), mx.float32))
+        first_q = mx.array(np.stack([q0, qb[alt]]), mx.float32)
+        outs = accept_tree_sampled(t, tokens, first_q, logp)
+        mx.eval(*outs)
+        out, path, _, _ = walk(t, [0, c, alt, b], *(x.tolist() for x in outs))
+        went_down += path[:3] == [0, 2, 3]
+        if len(out) == 1:  # the root's fallback ended the step: the next step samples p(y | x)
+            out.append(int(rng.choice(V, p=p1[out[0]])))
+        counts[out[0], out[1]] += 1
+    assert went_down > 300, went_down
+    assert _chi2_pvalue(counts.reshape(-1), (p0[:, None] * p1).reshape(-1)) > 1e-3
 
 
 def test_planner_grows_a_tree_only_where_it_pays():

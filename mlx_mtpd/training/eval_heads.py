@@ -39,7 +39,7 @@ def decoding_acceptance(model, tokenizer, heads, prompts: List[str], *, max_toke
     loop only matters for D > K; `trees`: None (chains) and/or widths
     (mlx_mtpd.tree), greedy only; `temps`: sampling temperatures (0: greedy;
     sampled answers are seeded per prompt, so a rerun repeats them)."""
-    from ..tree import widths_for
+    from ..tree import fork_of, shape_name, widths_for
 
     from tqdm import tqdm
 
@@ -64,9 +64,10 @@ def decoding_acceptance(model, tokenizer, heads, prompts: List[str], *, max_toke
                 pass
             total.add(st)
             bar.update(1)
-        name = (f"D={d},loop={lp}" + (f",tree={'-'.join(map(str, widths))}" if widths else "")
+        name = (f"D={d},loop={lp}" + (f",tree={shape_name(widths)}" if widths else "")
                 + (f",temp={temp:g}" if temp else ""))
         results[name] = {"num_draft": d, "loop": lp, "tree": list(widths) if widths else None,
+                         **({"fork": fork_of(widths)} if fork_of(widths) else {}),
                          **({"temp": temp} if temp else {}), **total.as_dict()}
     bar.close()
     return results
@@ -150,6 +151,7 @@ def evaluate(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts:
     greedy = [r for r in out["decoding"].values() if not r.get("temp")] or list(out["decoding"].values())
     best = max(greedy, key=lambda r: r["mean_accepted_length"])
     out["best"] = {"num_draft": best["num_draft"], "loop": best["loop"], "tree": best.get("tree"),
+                   **({"fork": best["fork"]} if best.get("fork") else {}),
                    "mean_accepted_length": best["mean_accepted_length"],
                    "AR_1": best["acceptance_rates"][0] if best["acceptance_rates"] else 0.0}
     return out
@@ -212,8 +214,8 @@ def plot(results: Dict[str, dict], agreement: Optional[List[float]], path: Path,
     shapes = {}
     for r in results.values():
         if r.get("tree"):
-            shapes.setdefault("-".join(map(str, r["tree"][:1])) if len(set(r["tree"])) == 1
-                              else "-".join(map(str, r["tree"])), []).append(r)
+            shape = "-".join(map(str, r["tree"][:1] if len(set(r["tree"])) == 1 else r["tree"]))
+            shapes.setdefault(shape + (f"/{r['fork']}" if r.get("fork") else ""), []).append(r)
     for shape, rows in shapes.items():
         rows = sorted(rows, key=lambda r: r["num_draft"])
         a2.plot([r["num_draft"] for r in rows], [r["mean_accepted_length"] for r in rows], "^:",
@@ -247,7 +249,8 @@ def main(argv=None) -> None:
     p.add_argument("--loops", default="last,cycle")
     p.add_argument("--tree", nargs="+", default=["off"],
                    help="Tree shapes to evaluate beside (or instead of) chains: off, W or W1,W2,... "
-                        "(e.g. --tree off 4 4,3,2); fixed shapes, greedy.")
+                        "(e.g. --tree off 4 4,3,2 4,1,1/2: /F continues depth 1's alternatives F tokens); "
+                        "fixed shapes, greedy.")
     p.add_argument("--temp", default="0",
                    help="Comma-separated sampling temperatures (default 0: greedy), e.g. 0,0.7: `auto` "
                         "starts a generation from the acceptance measured nearest its temperature.")
@@ -273,7 +276,7 @@ def main(argv=None) -> None:
         for x in args.tree:
             t = parse_tree(x)
             if t == "auto":
-                raise MTPDError("eval-heads measures fixed shapes: --tree off, W or W1,W2,...")
+                raise MTPDError("eval-heads measures fixed shapes: --tree off, W, W1,W2,... or either with /F")
             trees.append(t)
         loops = args.loops.split(",")
         try:
@@ -307,6 +310,7 @@ def main(argv=None) -> None:
             title = f"{heads.num_heads} head(s), {len(prompts)} held-out prompts x {args.max_tokens} tokens, greedy"
             plot(out["decoding"], agreement, Path(args.plot), title, heads.num_heads)
         shape = f" tree={'-'.join(map(str, best['tree']))}" if best.get("tree") else ""
+        shape += f"/{best['fork']}" if best.get("fork") else ""
         print(f"best: D={best['num_draft']} loop={best['loop']}{shape} tau {best['mean_accepted_length']:.2f}",
               file=sys.stderr)
 
