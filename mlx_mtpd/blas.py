@@ -84,5 +84,6 @@ def bind() -> dict:
 
 def describe() -> str:
     if state["library"]:
-        return f"OpenBLAS ({state['library']})"
+        name = "OpenBLAS" if "openblas" in state["library"].lower() else "BLAS"
+        return f"{name} ({state['library']})"
     return f"MLX's bundled BLAS ({state['reason']})"

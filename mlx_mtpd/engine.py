@@ -772,7 +772,7 @@ def _draft_step(st: DraftState, planner: DraftPlanner, kind: str, arg, transform
         planner.observe_catch_up(d, lags, seconds, usual)
     if widths:
         planner.observe("heads", d, a_chain, None)
-        planner.observe_tree(d, widths, a_chain, rank, typical)
+        planner.observe_tree(d, widths, a_chain, rank, typical, accepted=a)
     else:
         planner.observe(kind, d, a, typical, match=0 if heads else arg.match)
     return [(t, rows[i], i < a) for i, t in enumerate(new_tokens)]

@@ -60,6 +60,9 @@ RETIME_ADVANTAGE = 1.5  # while drafting beats plain by this much, plain decodin
 # the better ones were rejected, and its weight.
 RANK_PRIOR = (0.2, 0.1, 0.06)
 RANK_PRIOR_WEIGHT = 2.0
+# A branch below an alternative is expected, before any is seen, to accept what the
+# chain's profile gives after its first token, with the weight of this many tokens
+FORK_PRIOR_WEIGHT = 4.0
 # Catching the heads up after plain decoding (every depth over every position it
 # missed: a head layer's forward each) before it is measured, per position and
 # depth, as a fraction of a plain token (this CPU: 0.004-0.006).
@@ -173,6 +176,9 @@ class DraftPlanner:
         self.tree = tree
         self.rank_counts: List[List[List[float]]] = []  # [position][rank - 2] -> [accepted, reached], decayed
         self.rank_prior: List[List[float]] = []  # measured beforehand, [position][rank - 2]
+        # branches below depth 1's alternatives: [tokens accepted, tokens the chain's profile
+        # expected], decayed; their ratio scales what a fork is expected to add
+        self.fork_counts = [0.0, 0.0]
         self.widths: Optional[Tuple[int, ...]] = None  # the tree of the heads step just planned
 
     def seed(self, acceptance: Optional[List[float]] = None, costs: Optional[dict] = None,
@@ -392,9 +398,10 @@ class DraftPlanner:
         """(tokens per second, widths or None) of the best tree over a d-token
         chain.  Alternatives are added best first: the next one at depth j
         (rank w_j + 1) adds reach_j (1 - AR_j) prod_{r<=w_j}(1 - b_{j,r}) b_{j,w_j+1}
-        expected tokens, so each tree size has its best shape; the size is then
-        chosen by tokens per second against its measured cost (plus `extra`
-        seconds: the heads' catch-up)."""
+        expected tokens, so each tree size has its best shape; each shape with
+        alternatives at depth 1 is also tried with a fork (`fork_gain`); the size
+        is then chosen by tokens per second against its measured cost (plus
+        `extra` seconds: the heads' catch-up)."""
         from .tree import MAX_TREE_SIZE, MAX_WIDTH
 
         base = self.step_cost("heads", d) + extra
@@ -417,7 +424,51 @@ class DraftPlanner:
             cost = self.tree_cost(d, 1 + d + n)  # None: a size not measured
             if cost and e / (cost + extra) > best:
                 best, best_widths = e / (cost + extra), tuple(widths)
+            if widths[0] > 1:
+                rate, shape = self.best_fork(d, widths, e, profile, 1.0 - miss[0], extra)
+                if rate > best:
+                    best, best_widths = rate, shape
         return best, best_widths
+
+    def best_fork(self, d: int, widths: List[int], e: float, profile: List[float], alt_hit: float,
+                  extra: float = 0.0):
+        """(tokens per second, Widths) of the best fork F = 1..d-1 below depth 1's
+        alternatives of the tree `widths` (expecting `e` tokens without a fork;
+        depth 1's alternatives are accepted in `alt_hit` of the chain's misses
+        there), or (0.0, None).  A branch of F tokens is expected to add what
+        the chain's profile gives after its first token, scaled by what
+        branches were seen to accept (`fork_counts`); the branches cost their
+        tree size's measured verification and F head calls."""
+        from .tree import MAX_TREE_SIZE, Widths, tree_size
+
+        best = (0.0, None)
+        a, x = self.fork_counts
+        scale = (a + FORK_PRIOR_WEIGHT) / (x + FORK_PRIOR_WEIGHT)
+        depth = self.head_depth_cost()
+        branch, p = 0.0, 1.0
+        for f in range(1, d):
+            p *= profile[f]
+            branch += p
+            shape = Widths(widths, f)
+            size = tree_size(shape)
+            if size > MAX_TREE_SIZE:
+                break
+            cost = self.tree_cost(d, size)
+            if not cost:
+                continue
+            rate = (e + (1.0 - profile[0]) * alt_hit * scale * branch) / (cost + f * depth + extra)
+            if rate > best[0]:
+                best = (rate, shape)
+        return best
+
+    def head_depth_cost(self) -> float:
+        """Seconds of one more head depth in a step, less the verification of
+        its token: the heads' step-cost slope less the lookup steps' per token."""
+        h1, h2 = self.step_cost("heads", 1), self.step_cost("heads", 2)
+        lo, hi = self.step_cost("lookup", 2), self.step_cost("lookup", 8)
+        if None in (h1, h2, lo, hi):
+            return 0.0
+        return max(h2 - h1 - max(hi - lo, 0.0) / 6, 0.0)
 
     def _best_heads(self, cap: int, trees: bool,
                     lags: Optional[List[int]] = None,
@@ -449,15 +500,27 @@ class DraftPlanner:
 
         return widths_for(self.tree, d)
 
-    def observe_tree(self, d: int, widths, a_chain: int, rank: int, seconds: Optional[float]) -> None:
+    def observe_tree(self, d: int, widths, a_chain: int, rank: int, seconds: Optional[float],
+                     accepted: Optional[int] = None) -> None:
         """A tree step: the alternatives tried at the depth where the chain
-        stopped (each rank up to the accepted one), and the cost per alternative."""
-        from .tree import MAX_WIDTH, tree_size
+        stopped (each rank up to the accepted one), the cost per alternative, and
+        with a fork that went down a branch (`accepted`: tokens accepted in the
+        step), what the branch accepted against what the profile expected."""
+        from .tree import MAX_WIDTH, fork_of, tree_size
 
         for row in self.rank_counts:
             for c in row:
                 c[0] *= self.decay
                 c[1] *= self.decay
+        fork = fork_of(widths)
+        if fork and rank and a_chain == 0 and accepted is not None:
+            profile = self.profile("heads", fork + 1)
+            expected, p = 0.0, 1.0
+            for ar in profile[1:]:
+                p *= ar
+                expected += p
+            self.fork_counts = [self.fork_counts[0] * self.decay + max(accepted - 1, 0),
+                                self.fork_counts[1] * self.decay + expected]
         if a_chain < d and widths[a_chain] > 1:
             while len(self.rank_counts) <= a_chain:
                 self.rank_counts.append([[0.0, 0.0] for _ in range(MAX_WIDTH - 1)])
@@ -472,6 +535,7 @@ class DraftPlanner:
             predicted = self.tree_cost(d, size)
             if predicted:
                 predicted /= self.cost.get(("tree", 0), 1.0)
+                seconds -= fork * self.head_depth_cost()  # the branches' head calls are not verification
                 self._ema(("tree", 0), min(max(seconds / predicted, 0.5), 3.0))
 
     def step_cost(self, kind: str, d: int) -> Optional[float]:

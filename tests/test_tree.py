@@ -173,7 +173,7 @@ def test_smollm_greedy_with_trees(smol):
     hits = 0
     for i, p in enumerate(prompts):
         ref = greedy_tokens(model, p, 24)
-        for d, tree in [(1, (4,)), (2, (3, 2)), (3, (2, 2, 2))][i:] + [(2, "auto")]:
+        for d, tree in [(1, (4,)), (2, (3, 2)), (3, (2, 2, 2))][i:] + [(3, Widths((4, 1, 1), 2)), (2, "auto")]:
             stats = SpecStats()
             planner = None
             if tree == "auto":
@@ -260,6 +260,56 @@ def test_sampled_branch_below_an_alternative_follows_the_backbone():
     assert _chi2_pvalue(counts.reshape(-1), (p0[:, None] * p1).reshape(-1)) > 1e-3
 
 
+def test_fork_drafts_equal_each_branch_drafted_alone():
+    """head_drafts.fork_drafts (the branches below depth 1's alternatives, all
+    through each depth at once) gives each branch what the head depth gives
+    that alternative alone, on a copy of its cache without the chain's entry at
+    the draft position (the same q at every depth, sampled, and the same greedy
+    drafts); the depth caches the chain uses are left as they were."""
+    from mlx_lm.models.cache import KVCache
+    from test_engine import spec_tokens
+
+    from mlx_mtpd import head_drafts
+    from mlx_mtpd.engine import make_logprobs_transform
+
+    model, _ = tiny_model("llama", vocab_size=128, seed=4)
+    prompt = [5, 17, 42, 8, 99, 3, 25, 61]
+    heads = fit_heads(model, [prompt + greedy_tokens(model, prompt, 30)], num_heads=2, ridge=3.0)
+    for i, head in enumerate(heads.heads):  # fit_heads leaves attention out: put it back, at random
+        head.block.self_attn.o_proj.weight = 0.5 * mx.random.normal(head.block.self_attn.o_proj.weight.shape,
+                                                                    key=mx.random.key(i))
+    for transform in (None, make_logprobs_transform(1.0)):
+        st = DraftState(model, heads, 3)
+        spec_tokens(model, prompt, 9, heads, 2, state=st)
+        _, _, streams, alts = head_drafts.draft(st, 3, transform, (4, 1, 1))
+        offsets = [c.offset for c in st.depths.caches]
+        tokens, qs = head_drafts.fork_drafts(st, alts[0], 2, streams, transform)
+        assert len(tokens) == 2 and tokens[0].shape == (3,) and len(qs) == (0 if transform is None else 2)
+        assert [c.offset for c in st.depths.caches] == offsets
+        for j in range(3):
+            hid, tok = streams[1][-1:], alts[0][j : j + 1]
+            for k in (2, 3):
+                real = st.depths.caches[k - 1]
+                alone = KVCache()
+                alone.keys = real.keys[..., : real.offset - 1, :]
+                alone.values = real.values[..., : real.offset - 1, :]
+                alone.offset = real.offset - 1
+                head = st.heads[k - 1]
+                out = head(hid, st.backbone.embed_tokens(tok), alone)
+                out = head.norm(out) if st.feedback_post else out
+                logits = st.project(out[-1:] if st.feedback_post else head.norm(out[-1:]))[0]
+                got = int(tokens[k - 2][j])
+                if transform is None:
+                    choice = mx.argmax(logits)
+                    assert got == int(st.draft_ids[choice] if st.draft_ids is not None else choice), (j, k)
+                else:
+                    q = mx.exp(transform(logits))
+                    if st.draft_ids is not None:
+                        q = mx.zeros((model.args.vocab_size,)).at[st.draft_ids].add(q)
+                    assert mx.allclose(q, qs[k - 2][j], atol=1e-5), (j, k)
+                hid, tok = out, mx.array([got], mx.uint32)
+
+
 def test_planner_grows_a_tree_only_where_it_pays():
     st = type("S", (), {"max_depth": 3, "can_verify": lambda self, d: True, "tree_reason": None,
                         "index": None})()
@@ -285,6 +335,33 @@ def test_planner_grows_a_tree_only_where_it_pays():
                                                                  "lookup": {2: 0.1, 8: 0.106}})
     chain.plan(st, 100)
     assert chain.widths is None
+
+
+def test_planner_forks_where_branches_pay():
+    """Under auto, a fork below depth 1's alternatives where verifying more
+    tokens costs next to nothing (a GPU) and alternatives are often right; none
+    where each verified token costs (this CPU); and the fork shortens once its
+    branches are seen to accept nothing."""
+    from mlx_mtpd.tree import fork_of
+
+    st = type("S", (), {"max_depth": 3, "can_verify": lambda self, d: True, "tree_reason": None,
+                        "index": None})()
+    costs = {"plain": 0.1, "heads": {1: 0.101, 2: 0.102, 3: 0.103}, "lookup": {2: 0.1, 8: 0.1005}}
+    ranks = [[0.5, 0.4, 0.3]] * 3
+    sizes = (3, 4, 5, 6, 8, 10, 12, 16)
+    free = DraftPlanner("auto", "heads", tree="auto").seed(
+        acceptance=[0.6, 0.6, 0.6], ranks=ranks, costs={**costs, "tree": {n: 0.104 for n in sizes}})
+    kind, d, _ = free.plan(st, 100)
+    before = free.widths
+    assert kind == "heads" and fork_of(before) >= 2, (d, before)
+    dear = DraftPlanner("auto", "heads", tree="auto").seed(
+        acceptance=[0.6, 0.6, 0.6], ranks=ranks, costs={**costs, "tree": {n: 0.1 + 0.02 * n for n in sizes}})
+    dear.plan(st, 100)
+    assert not fork_of(dear.widths), dear.widths
+    for _ in range(200):  # branches that never accept: the alternative, then nothing below it
+        free.observe_tree(3, before, 0, 2, None, accepted=1)
+    free.plan(st, 100)
+    assert fork_of(free.widths) < fork_of(before), (before, free.widths, free.fork_counts)
 
 
 def test_tree_state_reports_chains_for_recurrent_models():
