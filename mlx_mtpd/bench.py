@@ -212,6 +212,16 @@ def bench(model, tokenizer, heads, prompts: List, *, max_tokens: int, drafts: Li
             for name in names:
                 said = outs["plain"] if temp > 0 else outs[name]
                 convs[name] = convs[name] + [{"role": "assistant", "content": tokenizer.decode(said)}]
+            if temp > 0:
+                # A chat's caches hold its own answers: here the history is plain mlx-lm's, which
+                # its cache holds, so each setting's state takes it in too, untimed (else the next
+                # turn would prefill plain mlx-lm's answer for the engine alone).
+                for name, st in states.items():
+                    if st is not None:
+                        d, src, tr = setting_of[name]
+                        _run(mtp_generate_step(mx.array(plain_conv.tokens), model, heads, num_draft=d, loop=loop,
+                                               max_tokens=1, draft=src, planner=planners.get(name), tree=tr,
+                                               state=st, kv=kv), set())
         per_prompt.append(row)
         if temp == 0:
             mismatches += [{"prompt": i, "setting": n} for n in names[1:] if outs[n] != outs["plain"]]
