@@ -154,7 +154,7 @@ def measure_costs(model: nn.Module, prompt: List[int], head_set=None, *, repeats
     from .engine import caught_up, mtp_generate_step
     from .planner import DraftPlanner
     from .suffix import Proposal
-    from .tree import min_depth, shape_for
+    from .tree import min_depth, shape_for, tree_size
 
     depth = max(head_depths) if head_set is not None else 0
     # Interleaved rounds (the first one warms up): a machine's speed drifts, and every
@@ -194,9 +194,9 @@ def measure_costs(model: nn.Module, prompt: List[int], head_set=None, *, repeats
             if seconds is not None:
                 samples.setdefault((kind, d), []).append(seconds)
 
-        def observe_tree(self, d, widths, a_chain, rank, seconds):
+        def observe_tree(self, d, widths, a_chain, rank, seconds, accepted=None):
             if seconds is not None:
-                samples.setdefault(("tree", 1 + sum(widths)), []).append(seconds)
+                samples.setdefault(("tree", tree_size(widths)), []).append(seconds)
 
         def observe_plain(self, tokens, seconds):
             samples.setdefault(("plain", 0), []).append(seconds / max(tokens, 1))
