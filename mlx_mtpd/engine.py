@@ -960,7 +960,7 @@ def _tree_step(st: DraftState, d: int, transform, chain: mx.array, qs, streams, 
         for j, branch in enumerate(t.branch_nodes):
             for k, node in enumerate([t.alt_nodes[0][j]] + branch[:-1]):
                 q_of[node] = fork_q[k][j]
-        first_q = mx.stack([q_of[x] for x in tree_drafts.decision_nodes(t)])
+        first_q = mx.stack([q_of[x] for x in t.decision_nodes])
         outs = tree_drafts.accept_tree_sampled(t, verify_in, first_q, transform(logits))
     t_built = time.perf_counter()
     mx.eval(verify_in, *outs)

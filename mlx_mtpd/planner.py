@@ -399,7 +399,7 @@ class DraftPlanner:
         chain.  Alternatives are added best first: the next one at depth j
         (rank w_j + 1) adds reach_j (1 - AR_j) prod_{r<=w_j}(1 - b_{j,r}) b_{j,w_j+1}
         expected tokens, so each tree size has its best shape; each shape with
-        alternatives at depth 1 is also tried with a fork (`fork_gain`); the size
+        alternatives at depth 1 is also tried with a fork (`best_fork`); the size
         is then chosen by tokens per second against its measured cost (plus
         `extra` seconds: the heads' catch-up)."""
         from .tree import MAX_TREE_SIZE, MAX_WIDTH
@@ -413,6 +413,7 @@ class DraftPlanner:
         e = self.expected_tree(profile, widths, table)
         best, best_widths = e / base, None
         miss = [1.0] * d  # prod (1 - b) over the ranks tried at depth j
+        fork_price = None  # what best_fork needs, found once
         for n in range(1, MAX_TREE_SIZE - d):
             gain, j = max(((reach[j] * (1.0 - profile[j]) * miss[j] * table[j][widths[j] - 1], j)
                            for j in range(d) if widths[j] < MAX_WIDTH), default=(0.0, -1))
@@ -425,30 +426,28 @@ class DraftPlanner:
             if cost and e / (cost + extra) > best:
                 best, best_widths = e / (cost + extra), tuple(widths)
             if widths[0] > 1:
-                rate, shape = self.best_fork(d, widths, e, profile, 1.0 - miss[0], extra)
+                if fork_price is None:
+                    a, x = self.fork_counts
+                    fork_price = ((a + FORK_PRIOR_WEIGHT) / (x + FORK_PRIOR_WEIGHT), self.head_depth_cost())
+                rate, shape = self.best_fork(d, widths, e, profile, 1.0 - miss[0], *fork_price, extra)
                 if rate > best:
                     best, best_widths = rate, shape
         return best, best_widths
 
     def best_fork(self, d: int, widths: List[int], e: float, profile: List[float], alt_hit: float,
-                  extra: float = 0.0):
+                  scale: float, depth: float, extra: float = 0.0):
         """(tokens per second, Widths) of the best fork F = 1..d-1 below depth 1's
         alternatives of the tree `widths` (expecting `e` tokens without a fork;
         depth 1's alternatives are accepted in `alt_hit` of the chain's misses
         there), or (0.0, None).  A branch of F tokens is expected to add what
-        the chain's profile gives after its first token, scaled by what
-        branches were seen to accept (`fork_counts`); the branches cost their
-        tree size's measured verification and F head calls."""
+        the chain's profile gives after its first token, times `scale` (what
+        branches were seen to accept against that: `fork_counts`); the branches
+        cost their tree size's measured verification and F head calls of
+        `depth` seconds each."""
         from .tree import MAX_TREE_SIZE, Widths, tree_size
 
         best = (0.0, None)
-        a, x = self.fork_counts
-        scale = (a + FORK_PRIOR_WEIGHT) / (x + FORK_PRIOR_WEIGHT)
-        depth = self.head_depth_cost()
-        branch, p = 0.0, 1.0
-        for f in range(1, d):
-            p *= profile[f]
-            branch += p
+        for f, branch in enumerate(self.after_first(profile), start=1):
             shape = Widths(widths, f)
             size = tree_size(shape)
             if size > MAX_TREE_SIZE:
@@ -460,6 +459,18 @@ class DraftPlanner:
             if rate > best[0]:
                 best = (rate, shape)
         return best
+
+    @staticmethod
+    def after_first(profile: List[float]) -> List[float]:
+        """Expected tokens accepted in a branch of 1, 2, ... tokens below an
+        accepted alternative: what the chain's profile gives from its second
+        position on."""
+        out, e, p = [], 0.0, 1.0
+        for ar in profile[1:]:
+            p *= ar
+            e += p
+            out.append(e)
+        return out
 
     def head_depth_cost(self) -> float:
         """Seconds of one more head depth in a step, less the verification of
@@ -514,11 +525,7 @@ class DraftPlanner:
                 c[1] *= self.decay
         fork = fork_of(widths)
         if fork and rank and a_chain == 0 and accepted is not None:
-            profile = self.profile("heads", fork + 1)
-            expected, p = 0.0, 1.0
-            for ar in profile[1:]:
-                p *= ar
-                expected += p
+            expected = self.after_first(self.profile("heads", fork + 1))[-1]
             self.fork_counts = [self.fork_counts[0] * self.decay + max(accepted - 1, 0),
                                 self.fork_counts[1] * self.decay + expected]
         if a_chain < d and widths[a_chain] > 1:
@@ -535,7 +542,8 @@ class DraftPlanner:
             predicted = self.tree_cost(d, size)
             if predicted:
                 predicted /= self.cost.get(("tree", 0), 1.0)
-                seconds -= fork * self.head_depth_cost()  # the branches' head calls are not verification
+                if fork:  # the branches' head calls are not verification
+                    seconds -= fork * self.head_depth_cost()
                 self._ema(("tree", 0), min(max(seconds / predicted, 0.5), 3.0))
 
     def step_cost(self, kind: str, d: int) -> Optional[float]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -216,6 +217,7 @@ class Tree:
     def num_alts(self) -> int:
         return self.size - 1 - self.d
 
+    @cached_property
     def children(self) -> List[List[int]]:
         """Each node's children, the one drafted from q first (the chain's next
         draft, or a branch's), then the alternatives best first."""
@@ -223,6 +225,11 @@ class Tree:
         for node in range(1, self.size):
             kids[self.parent[node]].append(node)
         return kids
+
+    @cached_property
+    def decision_nodes(self) -> List[int]:
+        """The nodes with children, in order: where the walk chooses."""
+        return [x for x, k in enumerate(self.children) if k]
 
     def mask(self, prefix: int) -> mx.array:
         """(size, prefix + size) bool: every node sees the cached prefix, itself
@@ -336,13 +343,12 @@ def accept_tree_sampled(tree: Tree, tokens: mx.array, first_q: mx.array, logp: m
     alternative, whatever the tests above them drew.
 
     `tokens` (size,): the nodes; `first_q` (R, vocab): the q of the first child
-    of each node with children, in node order (`decision_nodes`).  Returns
+    of each node with children, in node order (`Tree.decision_nodes`).  Returns
     (ok (R,), alt_ok (R, m) with the sequential tests folded in, fallback (R,)
     the token after all rejections at each such node, bonus (size,) a sample of
     p at every node); the host walks them (`walk`).
     """
-    kids = tree.children()
-    rows = decision_nodes(tree)
+    kids, rows = tree.children, tree.decision_nodes
     p = mx.exp(logp)
     bonus = mx.random.categorical(logp)
     if not rows:
@@ -379,16 +385,10 @@ def accept_tree_sampled(tree: Tree, tokens: mx.array, first_q: mx.array, logp: m
     return ok, alt_ok, fallback, bonus
 
 
-def decision_nodes(tree: Tree) -> List[int]:
-    """The nodes with children, in order: where the walk chooses."""
-    return [x for x, k in enumerate(tree.children()) if k]
-
-
 def greedy_outcome(tree: Tree, tokens: List[int], target: List[int]):
     """`walk`'s inputs for greedy decoding: a child is accepted when it is the
     backbone's argmax at its parent; the fallback and the bonus are the argmax."""
-    kids = tree.children()
-    rows = decision_nodes(tree)
+    kids, rows = tree.children, tree.decision_nodes
     ok = [tokens[kids[x][0]] == target[x] for x in rows]
     alt_ok = [[tokens[k] == target[x] for k in kids[x][1:]] for x in rows]
     return ok, alt_ok, [target[x] for x in rows], target
@@ -401,8 +401,8 @@ def walk(tree: Tree, tokens: List[int], ok: List[bool], alt_ok: List[List[bool]]
     the step (at a leaf, the bonus token).  Returns (tokens to emit, the nodes
     to keep (from 0, ascending), chain drafts accepted, the rank (2 = the first
     alternative) of the alternative where the path left the chain, or 0)."""
-    kids = tree.children()
-    row = {x: r for r, x in enumerate(decision_nodes(tree))}
+    kids = tree.children
+    row = {x: r for r, x in enumerate(tree.decision_nodes)}
     x, path, out = 0, [0], []
     while True:
         if not kids[x]:

@@ -238,7 +238,7 @@ def test_sampled_branch_below_an_alternative_follows_the_backbone():
     q0 = rng.dirichlet(np.ones(V))  # the heads: unlike the backbone
     qb = rng.dirichlet(np.ones(V) * 0.5, size=V)  # the branch's q given the alternative
     t = Tree.caterpillar(1, Widths((2,), 1))  # root -> [c, alt]; alt -> [b]
-    assert t.children() == [[1, 2], [], [3], []]
+    assert t.children == [[1, 2], [], [3], []]
     mx.random.seed(11)
     counts = np.zeros((V, V))
     went_down = 0
